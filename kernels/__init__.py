@@ -1,0 +1,1 @@
+"""Fused ops used by moefuse rewrites: one package per op, each with a pure-jnp reference."""

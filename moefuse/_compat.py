@@ -1,0 +1,155 @@
+"""The one module that touches JAX internals.
+
+Everything else in moefuse works with what this module exposes: jaxpr types, primitive-name
+sets, binding an equation again, tracing a Python function to a closed jaxpr, the sub-jaxprs
+of higher-order primitives, and source locations. JAX renames (pjit -> jit, remat2 ->
+checkpoint, ClosedJaxpr changes) are absorbed here::
+
+    closed = trace_to_closed_jaxpr(fn, [aval_of(x) for x in leaves])
+    for eqn in closed.jaxpr.eqns:
+        outs = bind_eqn(eqn, [env[v] for v in eqn.invars])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.extend.core as jex
+from jax._src import core as _core
+from jax._src import source_info_util as _siu
+from jax._src.interpreters import partial_eval as _pe
+
+ClosedJaxpr = jex.ClosedJaxpr
+Jaxpr = jex.Jaxpr
+JaxprEqn = jex.JaxprEqn
+Literal = jex.Literal
+Var = jex.Var
+DropVar = jex.DropVar
+
+# Primitive names, as different JAX versions spell them.
+JIT_NAMES = frozenset({"pjit", "jit", "closed_call", "core_call"})
+REMAT_NAMES = frozenset({"remat2", "checkpoint", "remat"})
+CUSTOM_JVP_NAMES = frozenset({"custom_jvp_call", "custom_jvp_call_jaxpr"})
+CUSTOM_VJP_NAMES = frozenset({"custom_vjp_call", "custom_vjp_call_jaxpr"})
+SHARD_MAP_NAMES = frozenset({"shard_map"})
+# Params of custom rules that must not be rewritten: only the primal body is.
+_RULE_PARAMS = frozenset({"jvp_jaxpr_fun", "jvp_jaxpr_thunk", "fwd_jaxpr_thunk", "bwd"})
+
+
+def is_literal(atom: Any) -> bool:
+    return isinstance(atom, Literal)
+
+
+def is_dropvar(atom: Any) -> bool:
+    return isinstance(atom, DropVar)
+
+
+def aval_of(x: Any) -> Any:
+    """Abstract value of an array, tracer or ShapeDtypeStruct (weak types kept)."""
+    return jax.typeof(x)
+
+
+def trace_to_closed_jaxpr(fn: Callable[..., Sequence[Any]], in_avals: Sequence[Any]) -> ClosedJaxpr:
+    """Trace `fn` (flat arrays in, flat list out) at abstract values into a ClosedJaxpr."""
+    from jax._src import api_util
+    from jax._src import linear_util as lu
+
+    dbg = api_util.debug_info("moefuse", fn, tuple(in_avals), {})
+    wrapped = lu.wrap_init(lambda *a: list(fn(*a)), debug_info=dbg)
+    jaxpr, _, consts = _pe.trace_to_jaxpr_dynamic(wrapped, list(in_avals))[:3]
+    return ClosedJaxpr(jaxpr, consts)
+
+
+def open_jaxpr_without_consts(closed: ClosedJaxpr) -> Jaxpr:
+    """The open Jaxpr of `closed`, for params that hold an open jaxpr (remat, shard_map)."""
+    if closed.consts:
+        raise RewriteUnsupported(
+            f"rewritten body captured {len(closed.consts)} constant(s); this primitive holds an open jaxpr"
+        )
+    return closed.jaxpr
+
+
+class RewriteUnsupported(Exception):
+    """Raised when a rewrite cannot be expressed; the site is then declined."""
+
+
+def bind_eqn(eqn: JaxprEqn, invals: Sequence[Any], params: dict[str, Any] | None = None) -> list[Any]:
+    """Bind `eqn`'s primitive again on `invals` (optionally with replaced params)."""
+    params = eqn.params if params is None else params
+    got = eqn.primitive.get_bind_params(params)
+    subfuns, bind_params = got if isinstance(got, tuple) else ((), got)  # older JAX: (subfuns, params)
+    name_stack = _siu.current_name_stack() + eqn.source_info.name_stack
+    with _siu.user_context(eqn.source_info.traceback, name_stack=name_stack), eqn.ctx.manager:
+        out = eqn.primitive.bind(*subfuns, *invals, **bind_params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def sub_jaxprs(eqn: JaxprEqn) -> Iterator[tuple[str, int | None, ClosedJaxpr | Jaxpr]]:
+    """(param name, index in a tuple param or None, jaxpr) for each body of `eqn` to rewrite.
+
+    Custom differentiation rules are skipped: only primal bodies are rewritten, the rule of the
+    original stays valid because a fused op computes the same function.
+    """
+    for key, val in eqn.params.items():
+        if key in _RULE_PARAMS:
+            continue
+        if isinstance(val, (ClosedJaxpr, Jaxpr)):
+            yield key, None, val
+        elif isinstance(val, tuple) and val and all(isinstance(v, (ClosedJaxpr, Jaxpr)) for v in val):
+            for i, v in enumerate(val):
+                yield key, i, v
+
+
+def with_sub_jaxprs(eqn: JaxprEqn, replaced: dict[tuple[str, int | None], ClosedJaxpr]) -> dict[str, Any]:
+    """Params of `eqn` with some bodies replaced by new closed jaxprs (same type as before)."""
+    params = dict(eqn.params)
+    for (key, idx), new in replaced.items():
+        old = eqn.params[key] if idx is None else eqn.params[key][idx]
+        val = new if isinstance(old, ClosedJaxpr) else open_jaxpr_without_consts(new)
+        if idx is None:
+            params[key] = val
+        else:
+            items = list(params[key])
+            items[idx] = val
+            params[key] = tuple(items)
+    return params
+
+
+def as_closed(j: ClosedJaxpr | Jaxpr) -> ClosedJaxpr:
+    return j if isinstance(j, ClosedJaxpr) else ClosedJaxpr(j, ())
+
+
+@contextlib.contextmanager
+def body_trace_context(eqn: JaxprEqn) -> Iterator[None]:
+    """Context needed to trace a replacement body of `eqn` (axis names for shard_map)."""
+    if eqn.primitive.name in SHARD_MAP_NAMES:
+        mesh = eqn.params["mesh"]
+        with _core.extend_axis_env_nd(tuple(mesh.shape.items())):
+            yield
+    else:
+        yield
+
+
+def eqn_location(eqn: JaxprEqn) -> tuple[str, int, str]:
+    """(file, line, function) of the user frame that created `eqn` ("?", 0, "") if unknown."""
+    frame = _siu.user_frame(eqn.source_info.traceback)
+    if frame is None:
+        return "?", 0, ""
+    return frame.file_name, frame.start_line, frame.function_name
+
+
+def eqn_scope(eqn: JaxprEqn) -> str:
+    """The name stack of `eqn` (Flax module path, named scopes), "" when empty."""
+    return str(eqn.source_info.name_stack)
+
+
+def relpath(path: str) -> str:
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return path if rel.startswith("..") else rel

@@ -1,0 +1,288 @@
+"""Idiom raising: recognise common multi-op spellings in a `View` as one meaning.
+
+Each recogniser takes a view and an atom and returns what the idiom binds, or None::
+
+    if (sm := softmax(view, probs)) is not None:
+        x, axis = sm.operand, sm.axis
+    sigmoid(view, s)                 # -> operand of lax.logistic
+    take_along_axis(view, w)         # -> (array, indices) for x[..., idx] along the last axis
+    take(view, g)                    # -> (vector, indices) for vec[idx]
+    one_hot(view, m)                 # -> (indices, n)
+    argsort(view, order)             # -> (keys, axis)
+    reduction(view, r, "sum")        # -> (operand, axes), keepdims spellings included
+
+Softmax is recognised inline (`exp(x - max) / sum`, with or without `stop_gradient`), as a
+`custom_jvp` function whose body is that, and as `exp(log_softmax(x))`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from moefuse import _compat as C
+from moefuse.view import View
+
+_REDUCE_OPS = {"sum": "reduce_sum", "max": "reduce_max", "min": "reduce_min", "or": "reduce_or"}
+
+
+def _shape(atom: Any) -> tuple[int, ...]:
+    return tuple(atom.aval.shape)
+
+
+def unexpand(view: View, atom: Any) -> tuple[Any, dict[int, int]]:
+    """Strip broadcasts/reshapes that only add size-1 or broadcast dims.
+
+    Returns (base, dims) where dims maps each base dimension to its dimension in `atom`.
+    """
+    atom = view.canon(atom)
+    mapping = {d: d for d in range(len(_shape(atom)))}
+    while True:
+        eqn = view.producer(atom)
+        if eqn is None:
+            return atom, mapping
+        src = view.canon(eqn.invars[0]) if eqn.invars else None
+        name = eqn.primitive.name
+        if name == "broadcast_in_dim" and src is not None:
+            inner = {i: eqn.params["broadcast_dimensions"][i] for i in range(len(_shape(src)))}
+        elif name == "reshape" and src is not None and eqn.params.get("dimensions") is None:
+            inner = _reshape_unit_map(_shape(src), _shape(eqn.outvars[0]))
+            if inner is None:
+                return atom, mapping
+        else:
+            return atom, mapping
+        mapping = {i: mapping[o] for i, o in inner.items() if o in mapping}
+        atom = src
+
+
+def _reshape_unit_map(src: tuple[int, ...], out: tuple[int, ...]) -> dict[int, int] | None:
+    """Dim map for a reshape that only inserts/removes size-1 dims, else None."""
+    s = [i for i, n in enumerate(src) if n != 1]
+    o = [i for i, n in enumerate(out) if n != 1]
+    if [src[i] for i in s] != [out[i] for i in o]:
+        return None
+    return dict(zip(s, o))
+
+
+def reduction(view: View, atom: Any, kind: str) -> tuple[Any, tuple[int, ...]] | None:
+    """(operand, axes) if `atom` is reduce_<kind>(operand, axes), possibly re-expanded (keepdims).
+
+    When re-expanded, the result must broadcast back onto the operand with the reduced axes in
+    place (so `x / reduction` divides each row by its own total).
+    """
+    base, dims = unexpand(view, atom)
+    eqn = view.producer(base)
+    if eqn is None or eqn.primitive.name != _REDUCE_OPS[kind]:
+        return None
+    operand = view.canon(eqn.invars[0])
+    axes = tuple(sorted(eqn.params["axes"]))
+    kept = [d for d in range(len(_shape(operand))) if d not in axes]
+    out_shape = _shape(atom)
+    if atom is base or view.canon(atom) is base:
+        return operand, axes
+    if len(out_shape) != len(_shape(operand)):
+        return None
+    for b, od in enumerate(kept):
+        if dims.get(b) != od:
+            return None
+    for d in axes:
+        if out_shape[d] not in (1, _shape(operand)[d]):
+            return None
+    return operand, axes
+
+
+@dataclasses.dataclass(frozen=True)
+class Softmax:
+    operand: Any
+    axis: int
+
+
+def softmax(view: View, atom: Any) -> Softmax | None:
+    """`exp(x - max(x)) / sum(...)` over one axis, inline or as a custom_jvp / log_softmax form."""
+    atom = view.canon(atom)
+    name = view.op(atom)
+    if name in C.CUSTOM_JVP_NAMES:
+        return _softmax_custom_jvp(view, atom)
+    if name == "exp":
+        (inner,) = view.args(atom)
+        ls = log_softmax(view, inner)
+        return None if ls is None else Softmax(ls.operand, ls.axis)
+    if name != "div":
+        return None
+    num, den = view.args(atom)
+    red = reduction(view, den, "sum")
+    if red is None or view.canon(red[0]) is not num or len(red[1]) != 1:
+        return None
+    axis = red[1][0]
+    got = _exp_shifted(view, num, axis)
+    return None if got is None else Softmax(got, axis)
+
+
+def _exp_shifted(view: View, e: Any, axis: int) -> Any | None:
+    """x for `e = exp(x - stop_gradient(max(x, axis)))` (the -inf clamp optional)."""
+    if view.op(e) != "exp":
+        return None
+    (shifted,) = view.args(e)
+    if view.op(shifted) != "sub":
+        return None
+    x, m = view.args(shifted)
+    m = view.canon(m, through_stop_gradient=True)
+    base, dims = unexpand(view, m)
+    base = view.canon(base, through_stop_gradient=True)
+    if view.op(base) == "max":  # max(-inf, reduce_max(x)) guards all -inf rows
+        a, b = view.args(base)
+        base = b if view.scalar(a) == float("-inf") else a if view.scalar(b) == float("-inf") else None
+        if base is None:
+            return None
+    red = reduction(view, base, "max")
+    if red is None or red[0] is not view.canon(x) or red[1] != (axis,):
+        return None
+    kept = [d for d in range(len(_shape(x))) if d != axis]
+    if any(dims.get(b) != od for b, od in enumerate(kept)):
+        return None
+    return x
+
+
+def log_softmax(view: View, atom: Any) -> Softmax | None:
+    """`(x - max) - log(sum(exp(x - max)))` as jax.nn.log_softmax spells it."""
+    atom = view.canon(atom)
+    if view.op(atom) != "sub":
+        return None
+    shifted, logsum = view.args(atom)
+    base, _ = unexpand(view, logsum)
+    if view.op(base) == "log":
+        inner = view.args(base)[0]
+    elif view.op(logsum) == "log":
+        inner = view.args(logsum)[0]
+    else:
+        return None
+    red = reduction(view, inner, "sum")
+    if red is None or len(red[1]) != 1:
+        return None
+    e = red[0]
+    if view.op(e) != "exp" or view.canon(view.args(e)[0]) is not view.canon(shifted):
+        return None
+    x = _exp_shifted(view, e, red[1][0])
+    return None if x is None else Softmax(x, red[1][0])
+
+
+def _softmax_custom_jvp(view: View, atom: Any) -> Softmax | None:
+    eqn = view.producer(atom)
+    body = C.as_closed(eqn.params["call_jaxpr"])
+    if len(body.jaxpr.outvars) != 1 or eqn.params.get("num_consts", 0):
+        return None
+    inner = View(body)
+    sm = softmax(inner, body.jaxpr.outvars[0])
+    if sm is None or sm.operand not in body.jaxpr.invars:
+        return None
+    return Softmax(view.canon(eqn.invars[body.jaxpr.invars.index(sm.operand)]), sm.axis)
+
+
+def sigmoid(view: View, atom: Any) -> Any | None:
+    """Operand of `lax.logistic` (jax.nn.sigmoid)."""
+    return view.args(atom)[0] if view.op(atom) == "logistic" else None
+
+
+def take_along_axis(view: View, atom: Any) -> tuple[Any, Any] | None:
+    """(arr, idx) if atom[..., j] == arr[..., idx[..., j]] along the last axis."""
+    eqn = view.producer(atom)
+    if eqn is None or eqn.primitive.name != "gather":
+        return None
+    arr, ind = (view.canon(v) for v in eqn.invars)
+    dn = eqn.params["dimension_numbers"]
+    r = len(_shape(arr))
+    if tuple(eqn.params["slice_sizes"]) != (1,) * r or tuple(dn.offset_dims) != ():
+        return None
+    lead = tuple(range(r - 1))
+    if (
+        tuple(dn.collapsed_slice_dims) == (r - 1,)
+        and tuple(dn.start_index_map) == (r - 1,)
+        and tuple(dn.operand_batching_dims) == lead
+        and tuple(dn.start_indices_batching_dims) == lead
+    ):
+        idx, _ = unexpand(view, ind)
+        return (arr, idx) if _shape(idx) == _shape(atom) else None
+    if (
+        tuple(dn.collapsed_slice_dims) == tuple(range(r))
+        and tuple(dn.start_index_map) == tuple(range(r))
+        and not dn.operand_batching_dims
+    ):
+        return _take_along_concat(view, arr, ind, _shape(atom))
+    return None
+
+
+def _take_along_concat(view: View, arr: Any, ind: Any, out_shape: tuple[int, ...]) -> tuple[Any, Any] | None:
+    """Old spelling: indices = concat([iota_0, ..., iota_{r-2}, idx], -1)."""
+    eqn = view.producer(ind)
+    if eqn is None or eqn.primitive.name != "concatenate":
+        return None
+    parts = [view.canon(v) for v in eqn.invars]
+    r = len(_shape(arr))
+    if len(parts) != r:
+        return None
+    for d, part in enumerate(parts[:-1]):
+        if not _is_iota_along(view, part, d, out_shape):
+            return None
+    idx, _ = unexpand(view, parts[-1])
+    return (arr, idx) if _shape(idx) == out_shape else None
+
+
+def _is_iota_along(view: View, atom: Any, dim: int, out_shape: tuple[int, ...]) -> bool:
+    """Whether atom (shape out_shape + (1,)) holds the index of dimension `dim` everywhere."""
+    base, dims = unexpand(view, atom)
+    eqn = view.producer(base)
+    if eqn is None or eqn.primitive.name != "iota":
+        return False
+    bshape = _shape(base)
+    it_dim = eqn.params["dimension"]
+    if bshape[it_dim] != out_shape[dim] or dims.get(it_dim) != dim:
+        return False
+    return all(n == 1 for i, n in enumerate(bshape) if i != it_dim)
+
+
+def take(view: View, atom: Any) -> tuple[Any, Any] | None:
+    """(vec, idx) if atom == vec[idx] for a 1-D vec (jnp.take, fancy indexing)."""
+    eqn = view.producer(atom)
+    if eqn is None or eqn.primitive.name != "gather":
+        return None
+    vec, ind = (view.canon(v) for v in eqn.invars)
+    dn = eqn.params["dimension_numbers"]
+    if len(_shape(vec)) != 1 or tuple(eqn.params["slice_sizes"]) != (1,):
+        return None
+    if tuple(dn.collapsed_slice_dims) != (0,) or tuple(dn.start_index_map) != (0,) or dn.offset_dims:
+        return None
+    idx, _ = unexpand(view, ind)
+    return (vec, idx) if _shape(idx) == _shape(atom) else None
+
+
+def one_hot(view: View, atom: Any) -> tuple[Any, int] | None:
+    """(ids, n) if atom[..., j] == (ids[...] == j) for j < n (bool or any numeric dtype)."""
+    atom = view.canon(atom)
+    if view.op(atom) == "convert_element_type":
+        atom = view.args(atom)[0]
+    if view.op(atom) != "eq":
+        return None
+    out_shape = _shape(atom)
+    a, b = view.args(atom)
+    for ids_side, iota_side in ((a, b), (b, a)):
+        if _is_iota_along(view, iota_side, len(out_shape) - 1, out_shape[:-1] + (out_shape[-1],)):
+            ids, dims = unexpand(view, ids_side)
+            if _shape(ids) == out_shape[:-1] and all(dims.get(i) == i for i in range(len(out_shape) - 1)):
+                return ids, out_shape[-1]
+    return None
+
+
+def argsort(view: View, atom: Any) -> tuple[Any, int] | None:
+    """(keys, axis) if atom is the permutation that stably sorts keys ascending along axis."""
+    eqn = view.producer(atom)
+    if eqn is None or eqn.primitive.name != "sort" or eqn.params.get("num_keys") != 1:
+        return None
+    if len(eqn.invars) != 2 or view.out_index(atom) != 1:
+        return None
+    axis = eqn.params["dimension"]
+    keys, payload = (view.canon(v) for v in eqn.invars)
+    if not _is_iota_along(view, payload, axis, _shape(payload)) and not (
+        view.op(payload) == "iota" and view.params(payload)["dimension"] == axis
+    ):
+        return None
+    return keys, axis

@@ -1,0 +1,91 @@
+"""The Plan: pure data describing what moefuse fused, declined and why.
+
+A Plan drives the rewrite, the CLI and the tests::
+
+    plan = moefuse.plan(model, x)
+    for site in plan.fused:
+        print(site.op, site.location, site.kernel, site.params)
+    for d in plan.declined:
+        print(d.location, d.reason)
+    print(plan)          # a readable table
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """One region that is replaced by a fused op."""
+
+    op: str  # fused op name, e.g. "route"
+    location: str  # "file:line" of the anchor equation in user code
+    kernel: str  # chosen implementation, e.g. "xla"
+    params: dict[str, Any]  # bound parameters (k, num_experts, score, ...)
+    scope: str = ""  # Flax module path / name stack, "" when none
+    source: str = ""  # the source line at `location`, stripped
+    path: str = ""  # where in the program: "" top level, else e.g. "scan/body"
+
+    def to_json(self) -> dict[str, Any]:
+        return _jsonable(dataclasses.asdict(self))
+
+
+@dataclasses.dataclass(frozen=True)
+class Decline:
+    """A candidate region that was not rewritten, with the reason in plain words."""
+
+    op: str
+    location: str
+    reason: str
+    scope: str = ""
+    source: str = ""
+    path: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return _jsonable(dataclasses.asdict(self))
+
+
+@dataclasses.dataclass
+class Plan:
+    """Fused sites and declined candidates of one traced program."""
+
+    fused: list[Site] = dataclasses.field(default_factory=list)
+    declined: list[Decline] = dataclasses.field(default_factory=list)
+    platform: str = "cpu"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "platform": self.platform,
+            "fused": [s.to_json() for s in self.fused],
+            "declined": [d.to_json() for d in self.declined],
+        }
+
+    def __str__(self) -> str:
+        lines = [f"moefuse plan (platform {self.platform}): "
+                 f"{len(self.fused)} fused, {len(self.declined)} declined"]
+        for s in self.fused:
+            where = f"{s.location}" + (f" [{s.scope}]" if s.scope else "")
+            where += f" in {s.path}" if s.path else ""
+            lines.append(f"  FUSED    {s.op:<8} {where}  kernel={s.kernel}")
+            lines.append(f"           {_fmt_params(s.params)}")
+            if s.source:
+                lines.append(f"           | {s.source}")
+        for d in self.declined:
+            where = f"{d.location}" + (f" [{d.scope}]" if d.scope else "")
+            where += f" in {d.path}" if d.path else ""
+            lines.append(f"  DECLINED {d.op:<8} {where}")
+            lines.append(f"           reason: {d.reason}")
+            if d.source:
+                lines.append(f"           | {d.source}")
+        return "\n".join(lines)
+
+
+def _fmt_params(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in params.items())
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))

@@ -1,0 +1,54 @@
+"""Output comparison for `moefuse.jit(..., verify=True)`.
+
+Integer outputs (expert ids) must be equal exactly; floating outputs within the dtype's
+tolerance, NaN where the original has NaN::
+
+    check_outputs(expected_tree, got_tree)   # raises VerificationError with a diff summary
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+# (rtol, atol) per floating dtype: a few ulps of accumulated rounding, never looser.
+TOLERANCES = {
+    "float64": (1e-12, 1e-12),
+    "float32": (1e-5, 1e-6),
+    "bfloat16": (1.6e-2, 1e-3),
+    "float16": (2e-3, 1e-4),
+}
+
+
+class VerificationError(AssertionError):
+    """The fused program's outputs differ from the original's."""
+
+
+def check_outputs(expected: Any, got: Any) -> None:
+    exp_leaves, exp_tree = jax.tree_util.tree_flatten(expected)
+    got_leaves, got_tree = jax.tree_util.tree_flatten(got)
+    if exp_tree != got_tree:
+        raise VerificationError(f"output structure differs: {exp_tree} vs {got_tree}")
+    problems = []
+    for i, (e, g) in enumerate(zip(exp_leaves, got_leaves)):
+        e, g = np.asarray(e), np.asarray(g)
+        if e.shape != g.shape or e.dtype != g.dtype:
+            problems.append(f"output {i}: {g.dtype}{list(g.shape)} instead of {e.dtype}{list(e.shape)}")
+            continue
+        if not np.issubdtype(e.dtype, np.inexact) and e.dtype.name not in TOLERANCES:
+            bad = e != g
+            if bad.any():
+                problems.append(f"output {i} ({e.dtype}): {int(bad.sum())} of {e.size} elements differ "
+                                f"(first at {np.argwhere(bad)[0].tolist()}: {e[bad][0]} vs {g[bad][0]})")
+            continue
+        rtol, atol = TOLERANCES.get(e.dtype.name, (1e-5, 1e-6))
+        e64, g64 = e.astype(np.float64), g.astype(np.float64)
+        close = np.isclose(g64, e64, rtol=rtol, atol=atol, equal_nan=True)
+        if not close.all():
+            err = np.nanmax(np.abs(np.where(close, 0.0, g64 - e64)))
+            problems.append(f"output {i} ({e.dtype}): {int((~close).sum())} of {e.size} elements outside "
+                            f"rtol={rtol} atol={atol}, max abs diff {err:.3g}")
+    if problems:
+        raise VerificationError("moefuse verify failed:\n  " + "\n  ".join(problems))

@@ -1,0 +1,417 @@
+"""Router pattern: score -> (group-limited) top-k -> weights, fused into `route`.
+
+Anchors on `top_k` over the last axis and reads backwards (what was selected on) and
+forwards (how the weights were made). Recognised families:
+
+  1. softmax -> top-k (-> renormalise)                   Mixtral, Qwen3-MoE, Switch
+  2. top-k on logits -> softmax over the k               Gemma-style, GPT-OSS
+  3. sigmoid (+ selection-only bias) -> top-k -> gather scores -> renorm -> x scale   DeepSeek-V3
+  4. 3 with group-limited selection (top-2-sum or max group score)   DeepSeek-V3, Ling-2.6
+  5. x per-expert scale gathered by id (Gemma4); router bias on the logits
+
+Example::
+
+    def router(x, w, b):
+        s = jax.nn.sigmoid(x @ w)
+        _, ids = jax.lax.top_k(s + b, 8)
+        wts = jnp.take_along_axis(s, ids, -1)
+        return wts / wts.sum(-1, keepdims=True) * 2.5, ids
+    moefuse.plan(router, x, w, b).fused[0].params["score"]   # "sigmoid"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable
+from typing import Any
+
+from moefuse import _compat as C
+from moefuse import idioms
+from moefuse.match import NoMatch, Proposal
+from moefuse.view import View
+
+OP = "route"
+SUPPORTED = (
+    (OP, "softmax → top-k (→ renorm)", "inline / custom_jvp / exp∘log_softmax softmax; `/ sum` renorm (+eps)",
+     "k, num_experts, renorm"),
+    (OP, "top-k → softmax over k", "`lax.top_k(logits)` then softmax of the values", "k, num_experts"),
+    (OP, "sigmoid (+bias) → top-k → gather → renorm → ×scale",
+     "`take_along_axis` / fancy-index gather; bias added for selection only", "k, selection_bias, post steps"),
+    (OP, "group-limited selection", "group score top-2 sum or max; mask by scatter / one_hot sum; "
+     "`where` / masked fill", "n_group, topk_group, group_score, group_fill"),
+    (OP, "× per-expert scale by id", "`scale[ids]` / `jnp.take`", "expert_scale"),
+)
+
+
+def max_experts() -> int:
+    """Largest expert count treated as a router (larger top-k is vocabulary sampling)."""
+    return int(os.environ.get("MOEFUSE_MAX_EXPERTS", "2048"))
+
+
+@dataclasses.dataclass
+class _Found:
+    """What the backward/forward reading bound, before building the proposal."""
+
+    logits: Any
+    scores: Any  # s: score(logits); equal to logits for score "none"
+    score: str
+    order: str
+    bias: Any = None
+    group: tuple[int, int, str, float] | None = None  # n_group, topk_group, group_score, fill
+    weights: Any = None  # var holding the raw k weights (before post steps)
+    weights_from: str = "selection"
+    post: list[tuple] = dataclasses.field(default_factory=list)
+    expert_scale: Any = None
+    out_weights: Any = None
+
+
+class RouterPattern:
+    op = OP
+
+    def anchors(self, view: View) -> Iterable[int]:
+        return [i for i, e in enumerate(view.jaxpr.eqns) if e.primitive.name == "top_k"]
+
+    def match(self, view: View, anchor: int) -> Proposal | NoMatch:
+        try:
+            found = _read_router(view, anchor)
+        except _Reject as r:
+            return NoMatch(anchor, str(r), OP)
+        return _proposal(view, anchor, found, expose=False)
+
+
+ROUTER = RouterPattern()
+
+
+class _Reject(Exception):
+    pass
+
+
+def _shape(atom: Any) -> tuple[int, ...]:
+    return tuple(atom.aval.shape)
+
+
+def _read_router(view: View, anchor: int) -> _Found:
+    eqn = view.jaxpr.eqns[anchor]
+    sel_in = eqn.invars[0]
+    vals, ids = eqn.outvars
+    shape = _shape(sel_in)
+    rank = len(shape)
+    axis = eqn.params.get("axis", rank - 1)
+    if axis not in (rank - 1, -1):
+        raise _Reject(f"top_k over axis {axis}, not the last (expert) axis")
+    k, num_e = eqn.params["k"], shape[-1]
+    if num_e > max_experts():
+        raise _Reject(f"top-{k} over {num_e} candidates: more than any MoE router "
+                      f"(limit {max_experts()}, MOEFUSE_MAX_EXPERTS); looks like vocabulary sampling")
+    if C.is_dropvar(ids) or not (view.users(ids) or view.is_output(ids)):
+        raise _Reject("the top-k indices are unused: no routing decision")
+
+    sel = view.canon(sel_in, through_stop_gradient=not _used(view, vals))
+    group = _group_limited(view, sel)
+    if group is not None:
+        sel, group = group[0], group[1:]
+    bias = None
+    base = sel
+    if view.op(sel) == "add":
+        a, b = view.args(sel)
+        for s_side, b_side in ((a, b), (b, a)):
+            vec = _row_vector(view, b_side, num_e)
+            if vec is not None:
+                base, bias = s_side, vec
+                break
+    if (sm := idioms.softmax(view, base)) is not None:
+        if sm.axis != len(_shape(base)) - 1:
+            raise _Reject(f"softmax over axis {sm.axis}, not the expert axis")
+        found = _Found(logits=sm.operand, scores=base, score="softmax", order="score_then_topk")
+    elif (x := idioms.sigmoid(view, base)) is not None:
+        found = _Found(logits=x, scores=base, score="sigmoid", order="score_then_topk")
+    elif view.op(base) in ("exp", "div", "mul") and bias is None and group is None:
+        raise _Reject(f"scores come from `{view.op(base)}` in a spelling moefuse does not recognise "
+                      "as softmax or sigmoid (ids could differ from a fused kernel's)")
+    else:
+        found = _Found(logits=base, scores=base, score="none", order="score_then_topk")
+    found.bias, found.group = bias, group
+    _check_gate(view, found.logits)
+    _read_weights(view, found, vals, ids, k)
+    _read_post(view, found, ids, num_e)
+    return found
+
+
+def _used(view: View, var: Any) -> bool:
+    return not C.is_dropvar(var) and bool(view.users(var) or view.is_output(var))
+
+
+def _row_vector(view: View, atom: Any, n: int) -> Any | None:
+    """The [n] vector v if atom is v broadcast along the last axis, else None."""
+    base, dims = idioms.unexpand(view, atom)
+    if _shape(base) == (n,) and dims.get(0) == len(_shape(atom)) - 1:
+        return base
+    return None
+
+
+def _check_gate(view: View, logits: Any) -> None:
+    """Router logits are tokens times a [D, E] gate matrix (optionally + bias, cast)."""
+    x = logits
+    for _ in range(8):
+        name = view.op(x)
+        if name == "convert_element_type":
+            x = view.args(x)[0]
+        elif name == "add":
+            a, b = view.args(x)
+            x = a if len(_shape(b)) <= len(_shape(a)) else b
+        elif name in ("mul", "div") and any(view.scalar(v) is not None for v in view.args(x)):
+            x = next(v for v in view.args(x) if view.scalar(v) is None)
+        else:
+            break
+    eqn = view.producer(x)
+    if eqn is None or eqn.primitive.name != "dot_general":
+        raise _Reject(f"logits come from `{view.op(x)}`, not a gate matmul (tokens x [D, E] weights)")
+    (_, _), (lb, rb) = eqn.params["dimension_numbers"]
+    lhs, rhs = eqn.invars
+    if lb or rb:
+        raise _Reject("logits come from a batched matmul of two activations (attention-like), "
+                      "not a gate matrix")
+    if len(_shape(rhs)) != 2 and len(_shape(lhs)) != 2:
+        raise _Reject("logits come from a matmul with no 2-D gate matrix")
+
+
+def _read_weights(view: View, f: _Found, vals: Any, ids: Any, k: int) -> None:
+    gathered = [
+        u.outvars[0] for u in view.jaxpr.eqns
+        if u.primitive.name == "gather"
+        and (ta := idioms.take_along_axis(view, u.outvars[0])) is not None
+        and view.canon(ta[1]) is view.canon(ids) and view.canon(ta[0]) is view.canon(f.scores)
+    ]
+    vals_used = _used(view, vals)
+    if f.score == "none" and vals_used and f.bias is None and f.group is None:
+        sm_users = [u for u in view.users(vals) if idioms.softmax(view, u.outvars[0]) is not None]
+        if sm_users:
+            sm = idioms.softmax(view, sm_users[0].outvars[0])
+            if sm.axis != len(_shape(vals)) - 1:
+                raise _Reject("softmax over the top-k values is not over the k axis")
+            f.order, f.score, f.weights = "topk_then_score", "softmax", view.canon(sm_users[0].outvars[0])
+            return
+    if vals_used and gathered:
+        raise _Reject("both the top-k values and the scores gathered at the ids are used")
+    if vals_used:
+        if f.bias is not None:
+            raise _Reject("the weights are the top-k values of the *biased* scores "
+                          "(a selection bias is normally left out of the weights)")
+        f.weights, f.weights_from = view.canon(vals), "selection"
+    elif gathered:
+        f.weights, f.weights_from = view.canon(gathered[0]), "scores"
+    else:
+        raise _Reject("no routing weights: the top-k values are unused and no scores are gathered at the ids")
+    if f.score == "none" and f.bias is None and f.group is None:
+        raise _Reject("top-k of raw logits used as weights without a softmax: not a recognised router")
+
+
+def _read_post(view: View, f: _Found, ids: Any, num_e: int) -> None:
+    """Follow renorm / scale / per-expert-scale steps on the weights, in order."""
+    w = f.weights
+    k_axis = len(_shape(w)) - 1
+    while not view.is_output(w):
+        users = view.users(w)
+        step = _renorm_step(view, w, users, k_axis)
+        if step is None and len(users) == 1:
+            step = _scale_step(view, w, users[0], ids, num_e, f)
+        if step is None:
+            for u in users:
+                if u.primitive.name == "reduce_sum" and tuple(u.params["axes"]) != (k_axis,):
+                    raise _Reject(f"the weights are summed over axis {tuple(u.params['axes'])}, not the k axis "
+                                  f"({k_axis}): not a renormalisation moefuse can fuse")
+            break
+        f.post.append(step[0])
+        w = step[1]
+    f.out_weights = w
+
+
+def _renorm_step(view: View, w: Any, users: list, k_axis: int) -> tuple[tuple, Any] | None:
+    divs = [u for u in users if u.primitive.name == "div" and view.canon(u.invars[0]) is w]
+    if len(divs) != 1:
+        return None
+    den = view.canon(divs[0].invars[1])
+    eps = 0.0
+    red = idioms.reduction(view, den, "sum")
+    if red is None:
+        base, _ = idioms.unexpand(view, den)
+        if view.op(den) == "add" or view.op(base) == "add":
+            add_node = den if view.op(den) == "add" else base
+            a, b = view.args(add_node)
+            for r_side, e_side in ((a, b), (b, a)):
+                eps_val = view.scalar(e_side)
+                inner = r_side if add_node is den else r_side
+                if eps_val is not None:
+                    red = idioms.reduction(view, inner, "sum")
+                    if red is None and add_node is base:
+                        red = idioms.reduction(view, r_side, "sum")
+                    eps = eps_val
+                    break
+    if red is None or view.canon(red[0]) is not w:
+        return None
+    if red[1] != (k_axis,):
+        raise _Reject(f"the weights are renormalised over axis {red[1]}, not the k axis ({k_axis})")
+    others = [u for u in users if u is not divs[0]]
+    if any(u.primitive.name != "reduce_sum" for u in others) or len(others) != 1:
+        return None
+    return ("renorm", eps), view.canon(divs[0].outvars[0])
+
+
+def _scale_step(view: View, w: Any, u: Any, ids: Any, num_e: int, f: _Found) -> tuple[tuple, Any] | None:
+    if u.primitive.name != "mul":
+        return None
+    a, b = (view.canon(v) for v in u.invars)
+    other = b if a is w else a
+    c = view.scalar(other)
+    if c is not None:
+        return ("scale", c), view.canon(u.outvars[0])
+    got = idioms.take(view, other)
+    if got is not None and view.canon(got[1]) is view.canon(ids) and _shape(got[0]) == (num_e,):
+        if f.expert_scale is not None:
+            return None
+        f.expert_scale = got[0]
+        return ("expert_scale",), view.canon(u.outvars[0])
+    return None
+
+
+def _group_limited(view: View, sel: Any) -> tuple[Any, int, int, str, float] | None:
+    """(x, n_group, topk_group, group_score, fill) if sel masks x to the best groups."""
+    if view.op(sel) != "select_n" or len(view.args(sel)) != 3:
+        return None
+    pred, on_false, on_true = view.args(sel)
+    member = _membership(view, pred)
+    if member is None:
+        return None
+    mask, positive = member
+    x, fill_atom = (on_true, on_false) if positive else (on_false, on_true)
+    fill = view.scalar(fill_atom)
+    if fill is None:
+        raise _Reject("experts of dropped groups are filled with a non-constant value")
+    grouped = _expand_groups(view, mask, _shape(x))
+    if grouped is None:
+        return None
+    gi, n_group = grouped
+    got = _group_choice(view, gi, x, n_group)
+    if got is None:
+        raise _Reject("group mask found, but the group scores are not top-2 sums or maxima of the "
+                      "same selection scores")
+    topk_group, group_score = got
+    return x, n_group, topk_group, group_score, fill
+
+
+def _membership(view: View, pred: Any) -> tuple[Any, bool] | None:
+    """(mask, positive): pred is mask != 0 (positive) or mask == 0 (negative)."""
+    name = view.op(pred)
+    if name == "not":
+        got = _membership(view, view.args(pred)[0])
+        return None if got is None else (got[0], not got[1])
+    if name == "convert_element_type":
+        return view.args(pred)[0], True
+    if name in ("ne", "gt", "eq"):
+        a, b = view.args(pred)
+        if view.scalar(b) == 0.0:
+            return a, name != "eq"
+        return None
+    if pred.aval.dtype == bool:
+        return pred, True
+    return None
+
+
+def _expand_groups(view: View, mask: Any, shape: tuple[int, ...]) -> tuple[Any, int] | None:
+    """(chosen-group ids, n_group) if mask[.., e] says whether expert e's group was chosen."""
+    eqn = view.producer(mask)
+    if eqn is None or eqn.primitive.name != "reshape":
+        return None
+    grouped = view.canon(eqn.invars[0])
+    gshape = _shape(grouped)
+    if len(gshape) != len(shape) + 1 or gshape[:-2] != shape[:-1] or gshape[-2] * gshape[-1] != shape[-1]:
+        return None
+    n_group = gshape[-2]
+    base, dims = idioms.unexpand(view, grouped)
+    if _shape(base) != gshape[:-1] or any(dims.get(d) != d for d in range(len(gshape) - 1)):
+        return None
+    gi = _chosen_groups(view, base, n_group)
+    return None if gi is None else (gi, n_group)
+
+
+def _chosen_groups(view: View, gm: Any, n_group: int) -> Any | None:
+    """ids if gm[.., g] is 1 exactly for the groups g in ids (scatter or one_hot-sum spellings)."""
+    name = view.op(gm)
+    if name == "convert_element_type":
+        return _chosen_groups(view, view.args(gm)[0], n_group)
+    if name in ("reduce_sum", "reduce_max", "reduce_or"):
+        (oh,) = view.args(gm)
+        if tuple(view.params(gm)["axes"]) != (len(_shape(oh)) - 2,):
+            return None
+        got = idioms.one_hot(view, oh)
+        return got[0] if got is not None and got[1] == n_group else None
+    if name in ("scatter", "scatter-add", "scatter_add"):
+        eqn = view.producer(gm)
+        operand, indices, updates = (view.canon(v) for v in eqn.invars[:3])
+        if view.scalar(operand) != 0.0 or view.scalar(updates) != 1.0:
+            return None
+        got = idioms._take_along_concat(view, operand, indices, _shape(updates))  # noqa: SLF001
+        return got[1] if got is not None else None
+    return None
+
+
+def _group_choice(view: View, gi: Any, x: Any, n_group: int) -> tuple[int, str] | None:
+    eqn = view.producer(gi)
+    if eqn is None or eqn.primitive.name != "top_k" or view.out_index(gi) != 1:
+        return None
+    gscores = view.canon(eqn.invars[0])
+    topk_group = eqn.params["k"]
+    name = view.op(gscores)
+    if name == "reduce_max":
+        (src,) = view.args(gscores)
+        kind = "max"
+    elif name == "reduce_sum":
+        (src,) = view.args(gscores)
+        t = view.producer(src)
+        if t is None or t.primitive.name != "top_k" or t.params["k"] != 2 or view.out_index(src) != 0:
+            return None
+        src, kind = view.canon(t.invars[0]), "top2_sum"
+    else:
+        return None
+    if tuple(view.params(gscores)["axes"]) != (len(_shape(src)) - 1,):
+        return None
+    r = view.producer(src)
+    if r is None or r.primitive.name != "reshape" or view.canon(r.invars[0]) is not view.canon(x):
+        return None
+    if _shape(src)[-2] != n_group:
+        return None
+    return topk_group, kind
+
+
+def _proposal(view: View, anchor: int, f: _Found, expose: bool) -> Proposal:
+    from moefuse.kernels.route import RouteParams, route
+
+    eqn = view.jaxpr.eqns[anchor]
+    ids = eqn.outvars[1]
+    num_e = _shape(eqn.invars[0])[-1]
+    n_group, topk_group, group_score, fill = f.group if f.group else (1, 1, "top2_sum", float("-inf"))
+    params = RouteParams(
+        num_experts=num_e, k=eqn.params["k"], score=f.score, order=f.order,
+        selection_bias=f.bias is not None, n_group=n_group, topk_group=topk_group,
+        group_score=group_score, group_fill=fill, weights_from=f.weights_from,
+        post=tuple(f.post), expose_scores=expose,
+    )
+    inputs = [f.logits] + ([f.bias] if f.bias is not None else []) + (
+        [f.expert_scale] if f.expert_scale is not None else [])
+    outputs = [f.out_weights, ids] + ([f.scores] if expose else [])
+    has_bias, has_scale = f.bias is not None, f.expert_scale is not None
+
+    def emit(kernel: str, logits: Any, *rest: Any) -> list[Any]:
+        rest_l = list(rest)
+        bias = rest_l.pop(0) if has_bias else None
+        scale = rest_l.pop(0) if has_scale else None
+        return list(route(logits, params, bias=bias, expert_scale=scale, impl=kernel))
+
+    def widen(leaks: list[Any]) -> Proposal | None:
+        if expose or f.score == "none" or any(v is not f.scores for v in leaks):
+            return None
+        return _proposal(view, anchor, f, expose=True)
+
+    return Proposal(op=OP, anchor=anchor, inputs=inputs, outputs=outputs, params=params.describe(),
+                    emit=emit, expose=widen)
