@@ -134,6 +134,8 @@ def _exp_shifted(view: View, e: Any, axis: int) -> Any | None:
         base = b if view.scalar(a) == float("-inf") else a if view.scalar(b) == float("-inf") else None
         if base is None:
             return None
+    if _first_of_sorted(view, base, x, axis):
+        return x  # max of top_k values (sorted descending) taken as their first column
     red = reduction(view, base, "max")
     if red is None or red[0] is not view.canon(x) or red[1] != (axis,):
         return None
@@ -141,6 +143,22 @@ def _exp_shifted(view: View, e: Any, axis: int) -> Any | None:
     if any(dims.get(b) != od for b, od in enumerate(kept)):
         return None
     return x
+
+
+def _first_of_sorted(view: View, m: Any, x: Any, axis: int) -> bool:
+    """Whether m == x[..., 0:1] along `axis` and x is top_k values (sorted, so that is the max)."""
+    eqn = view.producer(m)
+    if eqn is None or eqn.primitive.name != "slice" or view.canon(eqn.invars[0]) is not view.canon(x):
+        return False
+    rank = len(_shape(x))
+    full = tuple(0 if d == axis else None for d in range(rank))
+    starts, limits = eqn.params["start_indices"], eqn.params["limit_indices"]
+    if any(st != 1 for st in eqn.params.get("strides") or ()) or limits[axis] != 1:
+        return False
+    if any(full[d] is None and (starts[d], limits[d]) != (0, _shape(x)[d]) for d in range(rank)):
+        return False
+    t = view.producer(x)
+    return t is not None and t.primitive.name == "top_k" and view.out_index(x) == 0 and axis == rank - 1
 
 
 def log_softmax(view: View, atom: Any) -> Softmax | None:

@@ -45,7 +45,7 @@ class Level:
 
     closed: C.ClosedJaxpr  # the jaxpr to evaluate (jit-inlined when it has matches)
     matches: list[Match]
-    subs: dict[int, dict[tuple[str, int | None], Level]]  # eqn index -> rebuilt bodies
+    subs: dict[int, dict[tuple[str, int | None], Level]]  # eqn index -> bodies (rebuilt if changed)
     declined: list[Decline]
     changed: bool
     order: list[Any] | None = None  # evaluation schedule when matches exist
@@ -94,7 +94,7 @@ def analyse(closed: C.ClosedJaxpr, platform: str, path: str = "") -> Level:
     subs = _analyse_bodies(base, platform, path, claimed if matches else set())
     changed = bool(matches) or any(sub.changed for b in subs.values() for sub in b.values())
     if not changed and not _testing.retracing_all():
-        return Level(closed, [], {}, declined, False)
+        return Level(closed, [], subs, declined, False)
     return Level(base, matches, subs, declined, True, order)
 
 
@@ -218,9 +218,8 @@ def _analyse_bodies(closed: C.ClosedJaxpr, platform: str, path: str, skip: set[i
         for key, idx, body in C.sub_jaxprs(eqn):
             name = eqn.primitive.name + ("" if key in ("jaxpr", "call_jaxpr") else f".{key}")
             name += "" if idx is None else f"[{idx}]"
-            sub = analyse(C.as_closed(body), platform, f"{path}/{name}" if path else name)
-            if sub.changed:
-                subs.setdefault(i, {})[(key, idx)] = sub
+            subs.setdefault(i, {})[(key, idx)] = analyse(
+                C.as_closed(body), platform, f"{path}/{name}" if path else name)
     return subs
 
 
@@ -267,8 +266,9 @@ def evaluate(level: Level, args: Sequence[Any]) -> list[Any]:
             continue
         eqn = jaxpr.eqns[n]
         invals = [_read(env, v) for v in eqn.invars]
-        if n in level.subs:
-            params = C.with_sub_jaxprs(eqn, {k: _rebuild(sub, eqn) for k, sub in level.subs[n].items()})
+        bodies = {k: sub for k, sub in level.subs.get(n, {}).items() if sub.changed}
+        if bodies:
+            params = C.with_sub_jaxprs(eqn, {k: _rebuild(sub, eqn) for k, sub in bodies.items()})
             outs = C.bind_eqn(eqn, invals, params)
         else:
             outs = C.bind_eqn(eqn, invals)

@@ -117,7 +117,8 @@ def _read_router(view: View, anchor: int) -> _Found:
         a, b = view.args(sel)
         for s_side, b_side in ((a, b), (b, a)):
             vec = _row_vector(view, b_side, num_e)
-            if vec is not None:
+            scored = idioms.softmax(view, s_side) is not None or idioms.sigmoid(view, s_side) is not None
+            if vec is not None and scored:  # a bias on raw logits is part of the logits
                 base, bias = s_side, vec
                 break
     if (sm := idioms.softmax(view, base)) is not None:
@@ -133,7 +134,7 @@ def _read_router(view: View, anchor: int) -> _Found:
         found = _Found(logits=base, scores=base, score="none", order="score_then_topk")
     found.bias, found.group = bias, group
     _check_gate(view, found.logits)
-    _read_weights(view, found, vals, ids, k)
+    _read_weights(view, found, anchor, vals, ids)
     _read_post(view, found, ids, num_e)
     return found
 
@@ -176,7 +177,10 @@ def _check_gate(view: View, logits: Any) -> None:
         raise _Reject("logits come from a matmul with no 2-D gate matrix")
 
 
-def _read_weights(view: View, f: _Found, vals: Any, ids: Any, k: int) -> None:
+_SOFTMAX_ROOTS = frozenset({"div", "exp"}) | C.CUSTOM_JVP_NAMES
+
+
+def _read_weights(view: View, f: _Found, anchor: int, vals: Any, ids: Any) -> None:
     gathered = [
         u.outvars[0] for u in view.jaxpr.eqns
         if u.primitive.name == "gather"
@@ -185,13 +189,24 @@ def _read_weights(view: View, f: _Found, vals: Any, ids: Any, k: int) -> None:
     ]
     vals_used = _used(view, vals)
     if f.score == "none" and vals_used and f.bias is None and f.group is None:
-        sm_users = [u for u in view.users(vals) if idioms.softmax(view, u.outvars[0]) is not None]
-        if sm_users:
-            sm = idioms.softmax(view, sm_users[0].outvars[0])
-            if sm.axis != len(_shape(vals)) - 1:
-                raise _Reject("softmax over the top-k values is not over the k axis")
-            f.order, f.score, f.weights = "topk_then_score", "softmax", view.canon(sm_users[0].outvars[0])
-            return
+        for u in view.jaxpr.eqns[anchor + 1:]:
+            sm = idioms.softmax(view, u.outvars[0]) if u.primitive.name in _SOFTMAX_ROOTS else None
+            if sm is not None and view.op(sm.operand) == "convert_element_type" and view.canon(
+                    view.args(sm.operand)[0]) is view.canon(vals):
+                raise _Reject("softmax over the top-k values runs in another dtype than the logits "
+                              f"({vals.aval.dtype} -> {sm.operand.aval.dtype}); route keeps the logits' dtype")
+            if sm is not None and view.canon(sm.operand) is view.canon(vals):
+                if sm.axis != len(_shape(vals)) - 1:
+                    raise _Reject("softmax over the top-k values is not over the k axis")
+                f.order, f.score, f.weights = "topk_then_score", "softmax", view.canon(u.outvars[0])
+                return
+    if not view.is_output(ids):
+        for u in view.jaxpr.eqns[anchor + 1:]:
+            ta = idioms.take_along_axis(view, u.outvars[0]) if u.primitive.name == "gather" else None
+            if ta is not None and view.canon(ta[1]) is view.canon(ids) and view.canon(ta[0]) is not view.canon(
+                    f.scores) and _shape(ta[0]) == _shape(f.scores):
+                raise _Reject(f"the ids pick entries of another {list(_shape(ta[0]))} distribution "
+                              "(distillation or sampling), not experts")
     if vals_used and gathered:
         raise _Reject("both the top-k values and the scores gathered at the ids are used")
     if vals_used:
@@ -201,61 +216,100 @@ def _read_weights(view: View, f: _Found, vals: Any, ids: Any, k: int) -> None:
         f.weights, f.weights_from = view.canon(vals), "selection"
     elif gathered:
         f.weights, f.weights_from = view.canon(gathered[0]), "scores"
+    elif _one_hot_gather(view, anchor, ids, f.scores):
+        raise _Reject("the scores are gathered by a one-hot contraction (sum(one_hot(ids) * s)); "
+                      "NaN or inf scores of unselected experts would spread there but not in a fused gather")
     else:
         raise _Reject("no routing weights: the top-k values are unused and no scores are gathered at the ids")
     if f.score == "none" and f.bias is None and f.group is None:
         raise _Reject("top-k of raw logits used as weights without a softmax: not a recognised router")
 
 
+def _one_hot_gather(view: View, anchor: int, ids: Any, scores: Any) -> bool:
+    """Whether some sum(one_hot(ids) * scores, -1) follows the anchor."""
+    for u in view.jaxpr.eqns[anchor + 1:]:
+        if u.primitive.name != "mul":
+            continue
+        a, b = (view.canon(v) for v in u.invars)
+        for oh_side, s_side in ((a, b), (b, a)):
+            oh = idioms.one_hot(view, oh_side)
+            if oh is not None and view.canon(oh[0]) is view.canon(ids):
+                if idioms.unexpand(view, s_side)[0] is view.canon(scores):
+                    return True
+    return False
+
+
 def _read_post(view: View, f: _Found, ids: Any, num_e: int) -> None:
     """Follow renorm / scale / per-expert-scale steps on the weights, in order."""
     w = f.weights
     k_axis = len(_shape(w)) - 1
-    while not view.is_output(w):
+    while True:
         users = view.users(w)
+        if view.is_output(w):
+            _check_no_partial_renorm(view, w, users, k_axis)
+            break
         step = _renorm_step(view, w, users, k_axis)
         if step is None and len(users) == 1:
-            step = _scale_step(view, w, users[0], ids, num_e, f)
+            one = _scale_step(view, w, users[0], ids, num_e, f)
+            step = None if one is None else ([one[0]], one[1])
         if step is None:
-            for u in users:
-                if u.primitive.name == "reduce_sum" and tuple(u.params["axes"]) != (k_axis,):
-                    raise _Reject(f"the weights are summed over axis {tuple(u.params['axes'])}, not the k axis "
-                                  f"({k_axis}): not a renormalisation moefuse can fuse")
+            _check_no_partial_renorm(view, w, users, k_axis)
             break
-        f.post.append(step[0])
+        f.post.extend(step[0])
         w = step[1]
     f.out_weights = w
 
 
-def _renorm_step(view: View, w: Any, users: list, k_axis: int) -> tuple[tuple, Any] | None:
-    divs = [u for u in users if u.primitive.name == "div" and view.canon(u.invars[0]) is w]
-    if len(divs) != 1:
+def _check_no_partial_renorm(view: View, w: Any, users: list, k_axis: int) -> None:
+    """Reject weights that are renormalised but also used un-normalised, or summed oddly."""
+    for u in users:
+        if u.primitive.name != "reduce_sum":
+            continue
+        if tuple(u.params["axes"]) != (k_axis,):
+            raise _Reject(f"the weights are summed over axis {tuple(u.params['axes'])}, not the k axis "
+                          f"({k_axis}): not a renormalisation moefuse can fuse")
+        if len(users) > 2 or view.is_output(w):
+            raise _Reject("the top-k weights are renormalised but also used un-normalised elsewhere")
+
+
+def _renorm_step(view: View, w: Any, users: list, k_axis: int) -> tuple[list[tuple], Any] | None:
+    """w / (sum(w) + eps), also spelled (w * c) / (sum(w) + eps): -> renorm (then scale) steps."""
+    sums = [u for u in users if u.primitive.name == "reduce_sum"]
+    rest = [u for u in users if u.primitive.name != "reduce_sum"]
+    if len(sums) != 1 or len(rest) != 1:
         return None
-    den = view.canon(divs[0].invars[1])
+    steps: list[tuple] = []
+    num_eqn = rest[0]
+    if num_eqn.primitive.name == "mul":
+        c = next((view.scalar(v) for v in num_eqn.invars if view.canon(v) is not w), None)
+        nxt = view.users(num_eqn.outvars[0])
+        if c is None or len(nxt) != 1 or nxt[0].primitive.name != "div":
+            return None
+        steps.append(("scale", c))
+        num, num_eqn = view.canon(num_eqn.outvars[0]), nxt[0]
+    else:
+        num = w
+    if num_eqn.primitive.name != "div" or view.canon(num_eqn.invars[0]) is not num:
+        return None
+    den = view.canon(num_eqn.invars[1])
     eps = 0.0
     red = idioms.reduction(view, den, "sum")
     if red is None:
         base, _ = idioms.unexpand(view, den)
-        if view.op(den) == "add" or view.op(base) == "add":
-            add_node = den if view.op(den) == "add" else base
-            a, b = view.args(add_node)
-            for r_side, e_side in ((a, b), (b, a)):
-                eps_val = view.scalar(e_side)
-                inner = r_side if add_node is den else r_side
-                if eps_val is not None:
-                    red = idioms.reduction(view, inner, "sum")
-                    if red is None and add_node is base:
-                        red = idioms.reduction(view, r_side, "sum")
-                    eps = eps_val
-                    break
+        add_node = den if view.op(den) == "add" else base if view.op(base) == "add" else None
+        if add_node is None:
+            return None
+        a, b = view.args(add_node)
+        for r_side, e_side in ((a, b), (b, a)):
+            if view.scalar(e_side) is not None:
+                red = idioms.reduction(view, r_side, "sum")
+                eps = view.scalar(e_side)
+                break
     if red is None or view.canon(red[0]) is not w:
         return None
     if red[1] != (k_axis,):
         raise _Reject(f"the weights are renormalised over axis {red[1]}, not the k axis ({k_axis})")
-    others = [u for u in users if u is not divs[0]]
-    if any(u.primitive.name != "reduce_sum" for u in others) or len(others) != 1:
-        return None
-    return ("renorm", eps), view.canon(divs[0].outvars[0])
+    return [("renorm", eps), *steps], view.canon(num_eqn.outvars[0])
 
 
 def _scale_step(view: View, w: Any, u: Any, ids: Any, num_e: int, f: _Found) -> tuple[tuple, Any] | None:
@@ -356,6 +410,33 @@ def _chosen_groups(view: View, gm: Any, n_group: int) -> Any | None:
     return None
 
 
+def _top2_input(view: View, vals: Any, cols: tuple[int, ...] = (0, 1)) -> Any | None:
+    """x if vals (or its columns `cols`) are the values of top_k(x, 2) over the last axis."""
+    t = view.producer(vals)
+    if t is None or t.primitive.name != "top_k" or t.params["k"] != 2 or view.out_index(vals) != 0:
+        return None
+    return view.canon(t.invars[0]) if sorted(cols) == [0, 1] else None
+
+
+def _sum_of_columns(view: View, atom: Any) -> tuple[Any, tuple[int, ...]]:
+    """(vals, (i, j)) if atom = vals[..., i] + vals[..., j] (slices of the last axis)."""
+    cols, srcs = [], []
+    for part in view.args(atom):
+        eqn = view.producer(part)
+        if eqn is not None and eqn.primitive.name == "squeeze":
+            eqn = view.producer(eqn.invars[0])
+        if eqn is None or eqn.primitive.name != "slice" or any(st != 1 for st in eqn.params.get("strides") or ()):
+            return None, ()
+        lo, hi = eqn.params["start_indices"][-1], eqn.params["limit_indices"][-1]
+        if hi - lo != 1:
+            return None, ()
+        cols.append(lo)
+        srcs.append(view.canon(eqn.invars[0]))
+    if len(srcs) != 2 or srcs[0] is not srcs[1]:
+        return None, ()
+    return srcs[0], tuple(cols)
+
+
 def _group_choice(view: View, gi: Any, x: Any, n_group: int) -> tuple[int, str] | None:
     eqn = view.producer(gi)
     if eqn is None or eqn.primitive.name != "top_k" or view.out_index(gi) != 1:
@@ -366,15 +447,15 @@ def _group_choice(view: View, gi: Any, x: Any, n_group: int) -> tuple[int, str] 
     if name == "reduce_max":
         (src,) = view.args(gscores)
         kind = "max"
-    elif name == "reduce_sum":
-        (src,) = view.args(gscores)
-        t = view.producer(src)
-        if t is None or t.primitive.name != "top_k" or t.params["k"] != 2 or view.out_index(src) != 0:
-            return None
-        src, kind = view.canon(t.invars[0]), "top2_sum"
+    elif name == "reduce_sum" and tuple(view.params(gscores)["axes"]) == (len(_shape(gscores)),):
+        src = _top2_input(view, view.args(gscores)[0])
+        kind = "top2_sum"
+    elif name == "add":
+        src = _top2_input(view, *_sum_of_columns(view, gscores))
+        kind = "top2_sum"
     else:
         return None
-    if tuple(view.params(gscores)["axes"]) != (len(_shape(src)) - 1,):
+    if src is None:
         return None
     r = view.producer(src)
     if r is None or r.primitive.name != "reshape" or view.canon(r.invars[0]) is not view.canon(x):
