@@ -126,11 +126,24 @@ def as_closed(j: ClosedJaxpr | Jaxpr) -> ClosedJaxpr:
 @contextlib.contextmanager
 def body_trace_context(eqn: JaxprEqn) -> Iterator[None]:
     """Context needed to trace a replacement body of `eqn` (axis names for shard_map)."""
-    if eqn.primitive.name in SHARD_MAP_NAMES:
-        mesh = eqn.params["mesh"]
-        with _core.extend_axis_env_nd(tuple(mesh.shape.items())):
-            yield
-    else:
+    if eqn.primitive.name not in SHARD_MAP_NAMES:
+        yield
+        return
+    from jax._src import config as _config
+    from jax._src import shard_map as _sm
+
+    mesh = eqn.params["mesh"]
+    manual = eqn.params.get("newly_manual_axes", frozenset(mesh.axis_names))
+    check = eqn.params.get("check_vma", eqn.params.get("check_rep", True))
+    with contextlib.ExitStack() as stack:
+        if hasattr(_sm, "_extend_axis_env"):
+            stack.enter_context(_sm._extend_axis_env(mesh, manual))
+        else:
+            stack.enter_context(_core.extend_axis_env_nd(tuple(mesh.shape.items())))
+        if hasattr(_sm, "_as_manual_mesh") and hasattr(_sm, "use_abstract_mesh"):
+            stack.enter_context(_sm.use_abstract_mesh(_sm._as_manual_mesh(mesh, manual)))
+        if hasattr(_config, "_check_vma"):
+            stack.enter_context(_config._check_vma(check))
         yield
 
 
