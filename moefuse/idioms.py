@@ -111,7 +111,7 @@ def softmax(view: View, atom: Any) -> Softmax | None:
         return None
     num, den = view.args(atom)
     red = reduction(view, den, "sum")
-    if red is None or view.canon(red[0]) is not num or len(red[1]) != 1:
+    if red is None or not view.same(red[0], num) or len(red[1]) != 1:
         return None
     axis = red[1][0]
     got = _exp_shifted(view, num, axis)
@@ -137,7 +137,7 @@ def _exp_shifted(view: View, e: Any, axis: int) -> Any | None:
     if _first_of_sorted(view, base, x, axis):
         return x  # max of top_k values (sorted descending) taken as their first column
     red = reduction(view, base, "max")
-    if red is None or red[0] is not view.canon(x) or red[1] != (axis,):
+    if red is None or not view.same(red[0], x) or red[1] != (axis,):
         return None
     kept = [d for d in range(len(_shape(x))) if d != axis]
     if any(dims.get(b) != od for b, od in enumerate(kept)):

@@ -64,8 +64,9 @@ class Plan:
         }
 
     def __str__(self) -> str:
-        lines = [f"moefuse plan (platform {self.platform}): "
-                 f"{len(self.fused)} fused, {len(self.declined)} declined"]
+        lines = [
+            f"moefuse plan (platform {self.platform}): {len(self.fused)} fused, {len(self.declined)} declined"
+        ]
         for s in self.fused:
             where = f"{s.location}" + (f" [{s.scope}]" if s.scope else "")
             where += f" in {s.path}" if s.path else ""

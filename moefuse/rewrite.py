@@ -85,11 +85,7 @@ def analyse(closed: C.ClosedJaxpr, platform: str, path: str = "") -> Level:
             else:
                 declined.append(got)
                 log.debug("declined %s at %s: %s", got.op, got.location, got.reason)
-    order = None
-    if matches:
-        order, cycle_site = _schedule(view, matches)
-        if cycle_site is not None:  # pragma: no cover - guarded per match in _try
-            raise AssertionError(f"unschedulable match {cycle_site}")
+    order = _schedule(view, matches) if matches else None
     base = flat if matches else closed
     subs = _analyse_bodies(base, platform, path, claimed if matches else set())
     changed = bool(matches) or any(sub.changed for b in subs.values() for sub in b.values())
@@ -98,7 +94,9 @@ def analyse(closed: C.ClosedJaxpr, platform: str, path: str = "") -> Level:
     return Level(base, matches, subs, declined, True, order)
 
 
-def _try(view: View, pattern: Any, anchor: int, platform: str, path: str, claimed: set[int]) -> Match | Decline:
+def _try(
+    view: View, pattern: Any, anchor: int, platform: str, path: str, claimed: set[int]
+) -> Match | Decline:
     eqn = view.jaxpr.eqns[anchor]
     got = pattern.match(view, anchor)
     if isinstance(got, NoMatch):
@@ -116,8 +114,8 @@ def _try(view: View, pattern: Any, anchor: int, platform: str, path: str, claime
         reason = "overlaps a region already fused"
     if reason is None:
         reason = _type_problem(prop)
-    if reason is None and _schedule(view, [Match(prop, region, "", None)])[1] is not None:
-        reason = "the region's outputs feed back into its own inputs"
+    if reason is None and not _convex(view, region):
+        reason = "the region's outputs feed back into its own inputs through the rest of the program"
     kernel, note = select(prop.op, platform)
     if reason is None and kernel is None:
         reason = note
@@ -137,6 +135,32 @@ def _try(view: View, pattern: Any, anchor: int, platform: str, path: str, claime
     return Match(prop, region, kernel, site)
 
 
+def _convex(view: View, region: set[int]) -> bool:
+    """No path leaves `region` and comes back into it (so it can run as one op)."""
+    last = max(region)
+    stack = [
+        j
+        for i in region
+        for v in view.jaxpr.eqns[i].outvars
+        if not C.is_dropvar(v)
+        for j in view.raw_users(v)
+        if j not in region and j < last
+    ]
+    seen: set[int] = set()
+    while stack:
+        j = stack.pop()
+        if j in seen:
+            continue
+        seen.add(j)
+        for v in view.jaxpr.eqns[j].outvars:
+            for u in [] if C.is_dropvar(v) else view.raw_users(v):
+                if u in region:
+                    return False
+                if u < last:
+                    stack.append(u)
+    return True
+
+
 def _type_problem(prop: Proposal) -> str | None:
     """The fused op must produce exactly the original outputs' shapes and dtypes."""
     try:
@@ -146,7 +170,9 @@ def _type_problem(prop: Proposal) -> str | None:
     for got, var in zip(outs, prop.outputs):
         want = var.aval
         if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
-            return f"fused op would give {got.dtype}{list(got.shape)} where the program has {want.str_short()}"
+            return (
+                f"fused op would give {got.dtype}{list(got.shape)} where the program has {want.str_short()}"
+            )
     return None
 
 
@@ -172,22 +198,20 @@ def _source_line(file: str, line: int) -> str:
     return linecache.getline(file, line).strip() if line else ""
 
 
-def _schedule(view: View, matches: list[Match]) -> tuple[list[Any], Match | None]:
+def _schedule(view: View, matches: list[Match]) -> list[Any]:
     """Topological order of units (equation indices and matches), original order preferred.
 
-    A match is one unit; returns (order, None), or ([], match) when a match would form a cycle.
+    Each match is one unit ("m", n); every other equation is ("e", index). Matches are convex
+    (checked in `_try`), so the graph has no cycle.
     """
-    owner: dict[int, int] = {}
-    for m_i, m in enumerate(matches):
-        for i in m.region:
-            owner[i] = m_i
+    owner = {i: m_i for m_i, m in enumerate(matches) for i in m.region}
     graph = nx.DiGraph()
     unit_of: dict[Any, Any] = {}
     keys: dict[Any, int] = {}
     for i, eqn in enumerate(view.jaxpr.eqns):
         unit = ("m", owner[i]) if i in owner else ("e", i)
         graph.add_node(unit)
-        keys[unit] = min(keys.get(unit, i), i)
+        keys.setdefault(unit, i)
         for v in eqn.outvars:
             unit_of[v] = unit
     for i, eqn in enumerate(view.jaxpr.eqns):
@@ -201,13 +225,7 @@ def _schedule(view: View, matches: list[Match]) -> tuple[list[Any], Match | None
             src = None if C.is_literal(v) else unit_of.get(v)
             if src is not None and src != ("m", m_i):
                 graph.add_edge(src, ("m", m_i))
-    try:
-        order = list(nx.lexicographical_topological_sort(graph, key=lambda u: keys[u]))
-    except nx.NetworkXUnfeasible:
-        cyc = nx.find_cycle(graph)
-        bad = next(u for edge in cyc for u in edge[:2] if u[0] == "m")
-        return [], matches[bad[1]]
-    return order, None
+    return list(nx.lexicographical_topological_sort(graph, key=lambda u: keys[u]))
 
 
 def _analyse_bodies(closed: C.ClosedJaxpr, platform: str, path: str, skip: set[int]) -> dict:
@@ -219,7 +237,8 @@ def _analyse_bodies(closed: C.ClosedJaxpr, platform: str, path: str, skip: set[i
             name = eqn.primitive.name + ("" if key in ("jaxpr", "call_jaxpr") else f".{key}")
             name += "" if idx is None else f"[{idx}]"
             subs.setdefault(i, {})[(key, idx)] = analyse(
-                C.as_closed(body), platform, f"{path}/{name}" if path else name)
+                C.as_closed(body), platform, f"{path}/{name}" if path else name
+            )
     return subs
 
 

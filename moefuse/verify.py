@@ -40,15 +40,19 @@ def check_outputs(expected: Any, got: Any) -> None:
         if not np.issubdtype(e.dtype, np.inexact) and e.dtype.name not in TOLERANCES:
             bad = e != g
             if bad.any():
-                problems.append(f"output {i} ({e.dtype}): {int(bad.sum())} of {e.size} elements differ "
-                                f"(first at {np.argwhere(bad)[0].tolist()}: {e[bad][0]} vs {g[bad][0]})")
+                problems.append(
+                    f"output {i} ({e.dtype}): {int(bad.sum())} of {e.size} elements differ "
+                    f"(first at {np.argwhere(bad)[0].tolist()}: {e[bad][0]} vs {g[bad][0]})"
+                )
             continue
         rtol, atol = TOLERANCES.get(e.dtype.name, (1e-5, 1e-6))
         e64, g64 = e.astype(np.float64), g.astype(np.float64)
         close = np.isclose(g64, e64, rtol=rtol, atol=atol, equal_nan=True)
         if not close.all():
             err = np.nanmax(np.abs(np.where(close, 0.0, g64 - e64)))
-            problems.append(f"output {i} ({e.dtype}): {int((~close).sum())} of {e.size} elements outside "
-                            f"rtol={rtol} atol={atol}, max abs diff {err:.3g}")
+            problems.append(
+                f"output {i} ({e.dtype}): {int((~close).sum())} of {e.size} elements outside "
+                f"rtol={rtol} atol={atol}, max abs diff {err:.3g}"
+            )
     if problems:
         raise VerificationError("moefuse verify failed:\n  " + "\n  ".join(problems))

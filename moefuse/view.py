@@ -119,6 +119,27 @@ class View:
                 out.append(eqn)
         return out
 
+    def same(self, a: Any, b: Any, depth: int = 16) -> bool:
+        """Whether a and b are the same value: one var, or equal computations on the same inputs."""
+        a, b = self.canon(a), self.canon(b)
+        if a is b:
+            return True
+        if C.is_literal(a) or C.is_literal(b):
+            va, vb = self.value(a), self.value(b)
+            return va is not None and vb is not None and va.shape == vb.shape and bool((va == vb).all())
+        ea, eb = self.raw_producer(a), self.raw_producer(b)
+        if depth == 0 or ea is None or eb is None or ea[1] != eb[1]:
+            return False
+        (ea, _), (eb, _) = ea, eb
+        if ea.primitive is not eb.primitive or ea.effects or len(ea.invars) != len(eb.invars):
+            return False
+        try:
+            if ea.params != eb.params:
+                return False
+        except Exception:  # noqa: BLE001 - params that cannot be compared are not equal
+            return False
+        return all(self.same(x, y, depth - 1) for x, y in zip(ea.invars, eb.invars))
+
     def is_output(self, var: Any) -> bool:
         """Whether `var` (or a no-op alias of it) is an output of the jaxpr."""
         return any(self.canon(v) is var for v in self.outvars)

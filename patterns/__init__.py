@@ -1,7 +1,7 @@
 """What Mixture-of-Experts code looks like: one module per stage, each a `moefuse.match.Pattern`.
 
-    from moefuse.patterns import PATTERNS, supported_table
-    print(supported_table())
+from moefuse.patterns import PATTERNS, supported_table
+print(supported_table())
 """
 
 from moefuse.patterns.router import ROUTER

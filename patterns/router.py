@@ -33,13 +33,25 @@ from moefuse.view import View
 
 OP = "route"
 SUPPORTED = (
-    (OP, "softmax → top-k (→ renorm)", "inline / custom_jvp / exp∘log_softmax softmax; `/ sum` renorm (+eps)",
-     "k, num_experts, renorm"),
+    (
+        OP,
+        "softmax → top-k (→ renorm)",
+        "inline / custom_jvp / exp∘log_softmax softmax; `/ sum` renorm (+eps)",
+        "k, num_experts, renorm",
+    ),
     (OP, "top-k → softmax over k", "`lax.top_k(logits)` then softmax of the values", "k, num_experts"),
-    (OP, "sigmoid (+bias) → top-k → gather → renorm → ×scale",
-     "`take_along_axis` / fancy-index gather; bias added for selection only", "k, selection_bias, post steps"),
-    (OP, "group-limited selection", "group score top-2 sum or max; mask by scatter / one_hot sum; "
-     "`where` / masked fill", "n_group, topk_group, group_score, group_fill"),
+    (
+        OP,
+        "sigmoid (+bias) → top-k → gather → renorm → ×scale",
+        "`take_along_axis` / fancy-index gather; bias added for selection only",
+        "k, selection_bias, post steps",
+    ),
+    (
+        OP,
+        "group-limited selection",
+        "group score top-2 sum or max; mask by scatter / one_hot sum; `where` / masked fill",
+        "n_group, topk_group, group_score, group_fill",
+    ),
     (OP, "× per-expert scale by id", "`scale[ids]` / `jnp.take`", "expert_scale"),
 )
 
@@ -102,8 +114,10 @@ def _read_router(view: View, anchor: int) -> _Found:
         raise _Reject(f"top_k over axis {axis}, not the last (expert) axis")
     k, num_e = eqn.params["k"], shape[-1]
     if num_e > max_experts():
-        raise _Reject(f"top-{k} over {num_e} candidates: more than any MoE router "
-                      f"(limit {max_experts()}, MOEFUSE_MAX_EXPERTS); looks like vocabulary sampling")
+        raise _Reject(
+            f"top-{k} over {num_e} candidates: more than any MoE router "
+            f"(limit {max_experts()}, MOEFUSE_MAX_EXPERTS); looks like vocabulary sampling"
+        )
     if C.is_dropvar(ids) or not (view.users(ids) or view.is_output(ids)):
         raise _Reject("the top-k indices are unused: no routing decision")
 
@@ -128,8 +142,10 @@ def _read_router(view: View, anchor: int) -> _Found:
     elif (x := idioms.sigmoid(view, base)) is not None:
         found = _Found(logits=x, scores=base, score="sigmoid", order="score_then_topk")
     elif view.op(base) in ("exp", "div", "mul") and bias is None and group is None:
-        raise _Reject(f"scores come from `{view.op(base)}` in a spelling moefuse does not recognise "
-                      "as softmax or sigmoid (ids could differ from a fused kernel's)")
+        raise _Reject(
+            f"scores come from `{view.op(base)}` in a spelling moefuse does not recognise "
+            "as softmax or sigmoid (ids could differ from a fused kernel's)"
+        )
     else:
         found = _Found(logits=base, scores=base, score="none", order="score_then_topk")
     found.bias, found.group = bias, group
@@ -171,8 +187,9 @@ def _check_gate(view: View, logits: Any) -> None:
     (_, _), (lb, rb) = eqn.params["dimension_numbers"]
     lhs, rhs = eqn.invars
     if lb or rb:
-        raise _Reject("logits come from a batched matmul of two activations (attention-like), "
-                      "not a gate matrix")
+        raise _Reject(
+            "logits come from a batched matmul of two activations (attention-like), not a gate matrix"
+        )
     if len(_shape(rhs)) != 2 and len(_shape(lhs)) != 2:
         raise _Reject("logits come from a matmul with no 2-D gate matrix")
 
@@ -182,43 +199,60 @@ _SOFTMAX_ROOTS = frozenset({"div", "exp"}) | C.CUSTOM_JVP_NAMES
 
 def _read_weights(view: View, f: _Found, anchor: int, vals: Any, ids: Any) -> None:
     gathered = [
-        u.outvars[0] for u in view.jaxpr.eqns
+        u.outvars[0]
+        for u in view.jaxpr.eqns
         if u.primitive.name == "gather"
         and (ta := idioms.take_along_axis(view, u.outvars[0])) is not None
-        and view.canon(ta[1]) is view.canon(ids) and view.canon(ta[0]) is view.canon(f.scores)
+        and view.canon(ta[1]) is view.canon(ids)
+        and view.canon(ta[0]) is view.canon(f.scores)
     ]
     vals_used = _used(view, vals)
     if f.score == "none" and vals_used and f.bias is None and f.group is None:
-        for u in view.jaxpr.eqns[anchor + 1:]:
+        for u in view.jaxpr.eqns[anchor + 1 :]:
             sm = idioms.softmax(view, u.outvars[0]) if u.primitive.name in _SOFTMAX_ROOTS else None
-            if sm is not None and view.op(sm.operand) == "convert_element_type" and view.canon(
-                    view.args(sm.operand)[0]) is view.canon(vals):
-                raise _Reject("softmax over the top-k values runs in another dtype than the logits "
-                              f"({vals.aval.dtype} -> {sm.operand.aval.dtype}); route keeps the logits' dtype")
+            if (
+                sm is not None
+                and view.op(sm.operand) == "convert_element_type"
+                and view.canon(view.args(sm.operand)[0]) is view.canon(vals)
+            ):
+                raise _Reject(
+                    "softmax over the top-k values runs in another dtype than the logits "
+                    f"({vals.aval.dtype} -> {sm.operand.aval.dtype}); route keeps the logits' dtype"
+                )
             if sm is not None and view.canon(sm.operand) is view.canon(vals):
                 if sm.axis != len(_shape(vals)) - 1:
                     raise _Reject("softmax over the top-k values is not over the k axis")
                 f.order, f.score, f.weights = "topk_then_score", "softmax", view.canon(u.outvars[0])
                 return
     if not view.is_output(ids):
-        for u in view.jaxpr.eqns[anchor + 1:]:
+        for u in view.jaxpr.eqns[anchor + 1 :]:
             ta = idioms.take_along_axis(view, u.outvars[0]) if u.primitive.name == "gather" else None
-            if ta is not None and view.canon(ta[1]) is view.canon(ids) and view.canon(ta[0]) is not view.canon(
-                    f.scores) and _shape(ta[0]) == _shape(f.scores):
-                raise _Reject(f"the ids pick entries of another {list(_shape(ta[0]))} distribution "
-                              "(distillation or sampling), not experts")
+            if (
+                ta is not None
+                and view.canon(ta[1]) is view.canon(ids)
+                and view.canon(ta[0]) is not view.canon(f.scores)
+                and _shape(ta[0]) == _shape(f.scores)
+            ):
+                raise _Reject(
+                    f"the ids pick entries of another {list(_shape(ta[0]))} distribution "
+                    "(distillation or sampling), not experts"
+                )
     if vals_used and gathered:
         raise _Reject("both the top-k values and the scores gathered at the ids are used")
     if vals_used:
         if f.bias is not None:
-            raise _Reject("the weights are the top-k values of the *biased* scores "
-                          "(a selection bias is normally left out of the weights)")
+            raise _Reject(
+                "the weights are the top-k values of the *biased* scores "
+                "(a selection bias is normally left out of the weights)"
+            )
         f.weights, f.weights_from = view.canon(vals), "selection"
     elif gathered:
         f.weights, f.weights_from = view.canon(gathered[0]), "scores"
     elif _one_hot_gather(view, anchor, ids, f.scores):
-        raise _Reject("the scores are gathered by a one-hot contraction (sum(one_hot(ids) * s)); "
-                      "NaN or inf scores of unselected experts would spread there but not in a fused gather")
+        raise _Reject(
+            "the scores are gathered by a one-hot contraction (sum(one_hot(ids) * s)); "
+            "NaN or inf scores of unselected experts would spread there but not in a fused gather"
+        )
     else:
         raise _Reject("no routing weights: the top-k values are unused and no scores are gathered at the ids")
     if f.score == "none" and f.bias is None and f.group is None:
@@ -227,7 +261,7 @@ def _read_weights(view: View, f: _Found, anchor: int, vals: Any, ids: Any) -> No
 
 def _one_hot_gather(view: View, anchor: int, ids: Any, scores: Any) -> bool:
     """Whether some sum(one_hot(ids) * scores, -1) follows the anchor."""
-    for u in view.jaxpr.eqns[anchor + 1:]:
+    for u in view.jaxpr.eqns[anchor + 1 :]:
         if u.primitive.name != "mul":
             continue
         a, b = (view.canon(v) for v in u.invars)
@@ -266,8 +300,10 @@ def _check_no_partial_renorm(view: View, w: Any, users: list, k_axis: int) -> No
         if u.primitive.name != "reduce_sum":
             continue
         if tuple(u.params["axes"]) != (k_axis,):
-            raise _Reject(f"the weights are summed over axis {tuple(u.params['axes'])}, not the k axis "
-                          f"({k_axis}): not a renormalisation moefuse can fuse")
+            raise _Reject(
+                f"the weights are summed over axis {tuple(u.params['axes'])}, not the k axis "
+                f"({k_axis}): not a renormalisation moefuse can fuse"
+            )
         if len(users) > 2 or view.is_output(w):
             raise _Reject("the top-k weights are renormalised but also used un-normalised elsewhere")
 
@@ -348,8 +384,9 @@ def _group_limited(view: View, sel: Any) -> tuple[Any, int, int, str, float] | N
     gi, n_group = grouped
     got = _group_choice(view, gi, x, n_group)
     if got is None:
-        raise _Reject("group mask found, but the group scores are not top-2 sums or maxima of the "
-                      "same selection scores")
+        raise _Reject(
+            "group mask found, but the group scores are not top-2 sums or maxima of the same selection scores"
+        )
     topk_group, group_score = got
     return x, n_group, topk_group, group_score, fill
 
@@ -425,7 +462,11 @@ def _sum_of_columns(view: View, atom: Any) -> tuple[Any, tuple[int, ...]]:
         eqn = view.producer(part)
         if eqn is not None and eqn.primitive.name == "squeeze":
             eqn = view.producer(eqn.invars[0])
-        if eqn is None or eqn.primitive.name != "slice" or any(st != 1 for st in eqn.params.get("strides") or ()):
+        if (
+            eqn is None
+            or eqn.primitive.name != "slice"
+            or any(st != 1 for st in eqn.params.get("strides") or ())
+        ):
             return None, ()
         lo, hi = eqn.params["start_indices"][-1], eqn.params["limit_indices"][-1]
         if hi - lo != 1:
@@ -473,13 +514,24 @@ def _proposal(view: View, anchor: int, f: _Found, expose: bool) -> Proposal:
     num_e = _shape(eqn.invars[0])[-1]
     n_group, topk_group, group_score, fill = f.group if f.group else (1, 1, "top2_sum", float("-inf"))
     params = RouteParams(
-        num_experts=num_e, k=eqn.params["k"], score=f.score, order=f.order,
-        selection_bias=f.bias is not None, n_group=n_group, topk_group=topk_group,
-        group_score=group_score, group_fill=fill, weights_from=f.weights_from,
-        post=tuple(f.post), expose_scores=expose,
+        num_experts=num_e,
+        k=eqn.params["k"],
+        score=f.score,
+        order=f.order,
+        selection_bias=f.bias is not None,
+        n_group=n_group,
+        topk_group=topk_group,
+        group_score=group_score,
+        group_fill=fill,
+        weights_from=f.weights_from,
+        post=tuple(f.post),
+        expose_scores=expose,
     )
-    inputs = [f.logits] + ([f.bias] if f.bias is not None else []) + (
-        [f.expert_scale] if f.expert_scale is not None else [])
+    inputs = (
+        [f.logits]
+        + ([f.bias] if f.bias is not None else [])
+        + ([f.expert_scale] if f.expert_scale is not None else [])
+    )
     outputs = [f.out_weights, ids] + ([f.scores] if expose else [])
     has_bias, has_scale = f.bias is not None, f.expert_scale is not None
 
@@ -494,5 +546,12 @@ def _proposal(view: View, anchor: int, f: _Found, expose: bool) -> Proposal:
             return None
         return _proposal(view, anchor, f, expose=True)
 
-    return Proposal(op=OP, anchor=anchor, inputs=inputs, outputs=outputs, params=params.describe(),
-                    emit=emit, expose=widen)
+    return Proposal(
+        op=OP,
+        anchor=anchor,
+        inputs=inputs,
+        outputs=outputs,
+        params=params.describe(),
+        emit=emit,
+        expose=widen,
+    )

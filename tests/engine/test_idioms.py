@@ -1,0 +1,137 @@
+"""Unit tests of the canonical view and idiom raising, on jaxprs of small spellings."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import lax
+
+from moefuse import idioms
+from moefuse.rewrite import inline_jits
+from moefuse.view import View
+
+X = jnp.ones((4, 8), jnp.float32)
+
+
+def view_of(fn, *args) -> tuple[View, list]:
+    closed = inline_jits(jax.make_jaxpr(fn)(*args))
+    return View(closed), closed.jaxpr.outvars
+
+
+@jax.custom_jvp
+def custom_softmax(x):
+    e = jnp.exp(x - lax.stop_gradient(x.max(-1, keepdims=True)))
+    return e / e.sum(-1, keepdims=True)
+
+
+custom_softmax.defjvp(lambda p, t: (custom_softmax(p[0]), t[0]))
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        lambda x: jax.nn.softmax(x, axis=-1),
+        lambda x: jax.nn.softmax(x, axis=1),
+        lambda x: (
+            jnp.exp(x - x.max(-1, keepdims=True))
+            / jnp.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)
+        ),
+        lambda x: jnp.exp(jax.nn.log_softmax(x, axis=-1)),
+        custom_softmax,
+    ],
+    ids=["jax.nn", "axis=1", "inline", "exp_log_softmax", "custom_jvp"],
+)
+def test_softmax_spellings_raise_to_one_idiom(spelling):
+    view, (out,) = view_of(spelling, X)
+    sm = idioms.softmax(view, out)
+    assert sm is not None and sm.axis == 1
+    assert view.op(sm.operand) == "input"
+
+
+def test_softmax_over_other_axis_binds_that_axis():
+    view, (out,) = view_of(lambda x: jax.nn.softmax(x, axis=0), X)
+    assert idioms.softmax(view, out).axis == 0
+
+
+@pytest.mark.parametrize(
+    "not_softmax",
+    [
+        lambda x: jnp.exp(x) / jnp.exp(x).sum(0, keepdims=True).sum(1, keepdims=True),
+        lambda x: jnp.exp(x - x.max(-1, keepdims=True)) / jnp.exp(x).sum(-1, keepdims=True),
+        lambda x: jax.nn.sigmoid(x),
+        lambda x: x / x.sum(-1, keepdims=True),
+    ],
+    ids=["total_sum", "mismatched_exp", "sigmoid", "plain_normalise"],
+)
+def test_softmax_near_misses_are_not_raised(not_softmax):
+    view, (out,) = view_of(not_softmax, X)
+    assert idioms.softmax(view, out) is None
+
+
+def test_sigmoid_and_log_softmax():
+    view, outs = view_of(lambda x: (jax.nn.sigmoid(x), jax.nn.log_softmax(x)), X)
+    assert view.op(idioms.sigmoid(view, outs[0])) == "input"
+    assert idioms.log_softmax(view, outs[1]).axis == 1
+
+
+def test_take_along_axis_both_spellings_and_take():
+    ids = jnp.zeros((4, 2), jnp.int32)
+    vec = jnp.ones((8,))
+
+    def fn(x, ids, vec):
+        i = lax.top_k(x, 2)[1]
+        a = jnp.take_along_axis(x, i, axis=-1)
+        b = x[jnp.arange(4)[:, None], i]
+        c = jnp.take(vec, i)
+        d = vec[i]
+        return a, b, c, d
+
+    view, outs = view_of(fn, X, ids, vec)
+    for out in outs[:2]:
+        arr, idx = idioms.take_along_axis(view, out)
+        assert view.op(arr) == "input" and view.op(idx) == "top_k"
+    for out in outs[2:]:
+        v, idx = idioms.take(view, out)
+        assert view.op(v) == "input" and view.op(idx) == "top_k"
+
+
+def test_one_hot_and_argsort():
+    ids = jnp.zeros((4, 2), jnp.int32)
+    view, outs = view_of(lambda i, x: (jax.nn.one_hot(i, 8), jnp.argsort(x, axis=-1)), ids, X)
+    got_ids, n = idioms.one_hot(view, outs[0])
+    assert n == 8 and view.op(got_ids) == "input"
+    keys, axis = idioms.argsort(view, outs[1])
+    assert axis == 1 and view.op(keys) == "input"
+
+
+def test_reduction_keepdims_must_broadcast_back_along_the_reduced_axis():
+    sq = jnp.ones((8, 8))
+    view, outs = view_of(
+        lambda x: (x.sum(-1, keepdims=True), jnp.broadcast_to(x.sum(-1)[None, :], (8, 8))), sq
+    )
+    assert idioms.reduction(view, outs[0], "sum")[1] == (1,)
+    # the row sums laid along the wrong dimension are not "sum over axis 1, kept"
+    assert idioms.reduction(view, outs[1], "sum") is None
+
+
+def test_view_folds_noops_and_index_normalisation():
+    def fn(x):
+        v, i = lax.top_k(x, 2)
+        i2 = jnp.where(i < 0, i + 8, i)  # what jnp indexing emits
+        y = lax.stop_gradient(x.astype(jnp.float32).reshape(4, 8))
+        return i2, y
+
+    view, (i2, y) = view_of(fn, X)
+    assert view.op(i2) == "top_k" and view.out_index(i2) == 1
+    assert view.op(y) == "stop_gradient"
+    assert view.op(y, through_stop_gradient=True) == "input"
+
+
+def test_view_scalar_of_literals_and_splats():
+    view, outs = view_of(lambda x: (x * 2.5, jnp.full((4, 8), -jnp.inf) + x), X)
+    mul = view.producer(outs[0])
+    assert view.scalar(mul.invars[1]) == 2.5
+    add = view.producer(outs[1])
+    assert view.scalar(add.invars[0]) == float("-inf")
+    assert view.scalar(add.invars[1]) is None
