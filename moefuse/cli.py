@@ -35,7 +35,6 @@ import contextlib
 import importlib
 import importlib.util
 import json
-import math
 import os
 import re
 import sys
@@ -171,7 +170,7 @@ def _explain(target: str, *, as_json: bool, with_jaxpr: bool) -> str:
         data = plan.to_json()
         if jaxpr is not None:
             data["jaxpr"] = str(jaxpr)
-        return json.dumps(strict_json(data), indent=2, allow_nan=False)
+        return json.dumps(data, indent=2, allow_nan=False)
     text = str(plan)
     if jaxpr is not None:
         text += "\n\nrewritten jaxpr:\n" + str(jaxpr)
@@ -288,18 +287,6 @@ def _patterns() -> str:
 
 # --------------------------------------------------------------------------------------------
 # helpers
-
-
-def strict_json(obj: Any) -> Any:
-    """`obj` with non-finite floats as the strings "inf", "-inf", "nan": standard JSON has no
-    Infinity or NaN (e.g. a route's group_fill of -inf), and tools like jq reject them."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {k: strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [strict_json(v) for v in obj]
-    return obj
 
 
 def _one_line(e: BaseException, limit: int = 300) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 
@@ -85,8 +86,31 @@ class Plan:
 
 
 def _fmt_params(params: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in params.items())
+    """Compact `key=value` list; False/None/empty values are left out (they are the defaults)."""
+    return " ".join(f"{k}={_fmt_value(v)}" for k, v in params.items() if v not in (False, None, (), []))
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        if all(isinstance(x, (list, tuple)) and x and isinstance(x[0], str) for x in v):
+            return ",".join(f"{x[0]}({','.join(_fmt_value(a) for a in x[1:])})" for x in v)
+        return "[" + ",".join(_fmt_value(x) for x in v) + "]"
+    return str(v)
 
 
 def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
+    return strict_json(json.loads(json.dumps(obj, default=str)))
+
+
+def strict_json(obj: Any) -> Any:
+    """`obj` with non-finite floats as the strings "inf", "-inf", "nan": standard JSON has no
+    Infinity or NaN (e.g. a route's group_fill of -inf), and tools like jq reject them."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj

@@ -1,0 +1,63 @@
+"""XLA composite of the fused `route` op: the CPU implementation and the fallback on every platform.
+
+It selects on values computed with exactly the reference's formulas (so expert ids, tie order
+included, are bitwise those of the reference) and differs only where that cannot matter: the
+group mask is built by comparing the kept group ids with an iota and applied in the grouped
+layout (no one-hot, no repeat), and nothing is computed that the outputs do not need.
+
+Example (DeepSeek-V3 without groups: sigmoid, correction bias, renormalised, x2.5)::
+
+    import jax.numpy as jnp
+    from moefuse.kernels.route.params import RouteParams
+    from moefuse.kernels.route.xla import route_xla
+
+    p = RouteParams(num_experts=16, k=4, score="sigmoid", selection_bias=True,
+                    weights_from="scores", post=(("renorm", 1e-20), ("scale", 2.5)))
+    weights, ids = route_xla(jnp.zeros((3, 16)), p, bias=jnp.zeros(16))
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .params import RouteParams
+from .reference import apply_post, validate_inputs
+
+
+def _keep_best_groups(sel: jax.Array, params: RouteParams) -> jax.Array:
+    g = params.n_group
+    grouped = sel.reshape(*sel.shape[:-1], g, params.num_experts // g)
+    if params.group_score == "top2_sum":
+        group_scores = jnp.sum(lax.top_k(grouped, 2)[0], axis=-1)
+    else:
+        group_scores = jnp.max(grouped, axis=-1)
+    _, best = lax.top_k(group_scores, params.topk_group)  # [..., topk_group]
+    keep = jnp.any(best[..., :, None] == jnp.arange(g, dtype=best.dtype), axis=-2)  # [..., g]
+    return jnp.where(keep[..., None], grouped, jnp.asarray(params.group_fill, sel.dtype)).reshape(sel.shape)
+
+
+def route_xla(logits: jax.Array, params: RouteParams, bias: jax.Array | None = None,
+              expert_scale: jax.Array | None = None) -> tuple[jax.Array, ...]:
+    """Same contract as `route_reference`: (weights [..., k], ids int32 [..., k][, scores [..., E]])."""
+    logits = jnp.asarray(logits)
+    validate_inputs(logits, params, bias, expert_scale)
+    if params.order == "topk_then_score":
+        top_logits, ids = lax.top_k(logits, params.k)
+        w = jax.nn.softmax(top_logits, axis=-1)  # over the k selected logits only
+        scores = jax.nn.softmax(logits, axis=-1) if params.expose_scores else None
+    else:
+        if params.score == "softmax":
+            scores = jax.nn.softmax(logits, axis=-1)
+        elif params.score == "sigmoid":
+            scores = jax.nn.sigmoid(logits)
+        else:
+            scores = logits
+        sel = scores + bias if params.selection_bias else scores
+        if params.n_group > 1:
+            sel = _keep_best_groups(sel, params)
+        top_sel, ids = lax.top_k(sel, params.k)
+        w = top_sel if params.weights_from == "selection" else jnp.take_along_axis(scores, ids, axis=-1)
+    w = apply_post(w, ids, params, expert_scale)
+    return (w, ids, scores) if params.expose_scores else (w, ids)
