@@ -69,20 +69,20 @@ class Plan:
             f"moefuse plan (platform {self.platform}): {len(self.fused)} fused, {len(self.declined)} declined"
         ]
         for s in self.fused:
-            where = f"{s.location}" + (f" [{s.scope}]" if s.scope else "")
-            where += f" in {s.path}" if s.path else ""
-            lines.append(f"  FUSED    {s.op:<8} {where}  kernel={s.kernel}")
-            lines.append(f"           {_fmt_params(s.params)}")
-            if s.source:
-                lines.append(f"           | {s.source}")
+            lines += _entry("FUSED   ", s, f"kernel={s.kernel}", _fmt_params(s.params))
         for d in self.declined:
-            where = f"{d.location}" + (f" [{d.scope}]" if d.scope else "")
-            where += f" in {d.path}" if d.path else ""
-            lines.append(f"  DECLINED {d.op:<8} {where}")
-            lines.append(f"           reason: {d.reason}")
-            if d.source:
-                lines.append(f"           | {d.source}")
+            lines += _entry("DECLINED", d, "", f"reason: {d.reason}")
         return "\n".join(lines)
+
+
+def _entry(kind: str, item: Site | Decline, tail: str, detail: str) -> list[str]:
+    where = (
+        item.location + (f" [{item.scope}]" if item.scope else "") + (f" in {item.path}" if item.path else "")
+    )
+    lines = [f"  {kind} {item.op:<8} {where}" + (f"  {tail}" if tail else ""), f"           {detail}"]
+    if item.source:
+        lines.append(f"           | {item.source}")
+    return lines
 
 
 def _fmt_params(params: dict[str, Any]) -> str:

@@ -50,8 +50,14 @@ def _route_bwd(params: RouteParams, impl: str, residuals, cotangents):
 _route.defvjp(_route_fwd, _route_bwd)
 
 
-def route(logits: jax.Array, params: RouteParams, *, bias: jax.Array | None = None,
-          expert_scale: jax.Array | None = None, impl: str = "xla") -> tuple[jax.Array, ...]:
+def route(
+    logits: jax.Array,
+    params: RouteParams,
+    *,
+    bias: jax.Array | None = None,
+    expert_scale: jax.Array | None = None,
+    impl: str = "xla",
+) -> tuple[jax.Array, ...]:
     """Route logits [..., E] to params.k experts.
 
     Returns (weights [..., k], ids int32 [..., k]), plus scores [..., E] when params.expose_scores.

@@ -16,15 +16,20 @@ Example (Mixtral: softmax, top-2, renormalised)::
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from .params import RouteParams
 
+GroupLimit = Callable[[jax.Array, RouteParams], jax.Array]
 
-def validate_inputs(logits: jax.Array, params: RouteParams, bias: jax.Array | None,
-                    expert_scale: jax.Array | None) -> None:
+
+def validate_inputs(
+    logits: jax.Array, params: RouteParams, bias: jax.Array | None, expert_scale: jax.Array | None
+) -> None:
     """Raise TypeError / ValueError when the inputs do not fit `params`."""
     e = params.num_experts
     if not jnp.issubdtype(logits.dtype, jnp.floating):
@@ -32,10 +37,14 @@ def validate_inputs(logits: jax.Array, params: RouteParams, bias: jax.Array | No
     if logits.ndim < 1 or logits.shape[-1] != e:
         raise ValueError(f"route: logits last dim must be num_experts={e}, got shape {logits.shape}")
     if params.n_group > 1 and params.group_score == "top2_sum" and e // params.n_group < 2:
-        raise ValueError(f"route: group_score='top2_sum' needs at least 2 experts per group, got "
-                         f"num_experts={e}, n_group={params.n_group}")
-    for name, arr, wanted in (("bias", bias, params.selection_bias),
-                              ("expert_scale", expert_scale, params.uses_expert_scale)):
+        raise ValueError(
+            f"route: group_score='top2_sum' needs at least 2 experts per group, got "
+            f"num_experts={e}, n_group={params.n_group}"
+        )
+    for name, arr, wanted in (
+        ("bias", bias, params.selection_bias),
+        ("expert_scale", expert_scale, params.uses_expert_scale),
+    ):
         if arr is None:
             if wanted:
                 raise ValueError(f"route: params need {name} (shape [{e}]) but none was given")
@@ -56,8 +65,9 @@ def _score(logits: jax.Array, score: str) -> jax.Array:
     return logits
 
 
-def apply_post(w: jax.Array, ids: jax.Array, params: RouteParams,
-               expert_scale: jax.Array | None) -> jax.Array:
+def apply_post(
+    w: jax.Array, ids: jax.Array, params: RouteParams, expert_scale: jax.Array | None
+) -> jax.Array:
     """The `post` steps of params, in order, on weights w [..., k] of experts ids [..., k]."""
     for step in params.post:
         if step[0] == "renorm":
@@ -85,13 +95,29 @@ def _group_limit(sel: jax.Array, params: RouteParams) -> jax.Array:
     return jnp.where(expert_mask, sel, jnp.asarray(params.group_fill, sel.dtype))
 
 
-def route_reference(logits: jax.Array, params: RouteParams, bias: jax.Array | None = None,
-                    expert_scale: jax.Array | None = None) -> tuple[jax.Array, ...]:
+def route_reference(
+    logits: jax.Array,
+    params: RouteParams,
+    bias: jax.Array | None = None,
+    expert_scale: jax.Array | None = None,
+) -> tuple[jax.Array, ...]:
     """Route logits [..., E] to k experts: returns (weights [..., k], ids int32 [..., k]),
     plus scores [..., E] when params.expose_scores. Semantics: see `RouteParams`.
 
     For order='topk_then_score' the exposed scores are softmax(logits) over all E experts.
     """
+    return route_steps(logits, params, bias, expert_scale, group_limit=_group_limit)
+
+
+def route_steps(
+    logits: jax.Array,
+    params: RouteParams,
+    bias: jax.Array | None,
+    expert_scale: jax.Array | None,
+    *,
+    group_limit: GroupLimit,
+) -> tuple[jax.Array, ...]:
+    """The route computation with a pluggable group mask (the one place implementations differ)."""
     logits = jnp.asarray(logits)
     validate_inputs(logits, params, bias, expert_scale)
     s = None
@@ -104,7 +130,7 @@ def route_reference(logits: jax.Array, params: RouteParams, bias: jax.Array | No
         s = _score(logits, params.score)
         sel = s + bias if params.selection_bias else s
         if params.n_group > 1:
-            sel = _group_limit(sel, params)
+            sel = group_limit(sel, params)
         top_sel, ids = lax.top_k(sel, params.k)
         w = top_sel if params.weights_from == "selection" else jnp.take_along_axis(s, ids, axis=-1)
     w = apply_post(w, ids, params, expert_scale)

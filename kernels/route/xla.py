@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .params import RouteParams
-from .reference import apply_post, validate_inputs
+from .reference import route_steps
 
 
 def _keep_best_groups(sel: jax.Array, params: RouteParams) -> jax.Array:
@@ -38,26 +38,11 @@ def _keep_best_groups(sel: jax.Array, params: RouteParams) -> jax.Array:
     return jnp.where(keep[..., None], grouped, jnp.asarray(params.group_fill, sel.dtype)).reshape(sel.shape)
 
 
-def route_xla(logits: jax.Array, params: RouteParams, bias: jax.Array | None = None,
-              expert_scale: jax.Array | None = None) -> tuple[jax.Array, ...]:
+def route_xla(
+    logits: jax.Array,
+    params: RouteParams,
+    bias: jax.Array | None = None,
+    expert_scale: jax.Array | None = None,
+) -> tuple[jax.Array, ...]:
     """Same contract as `route_reference`: (weights [..., k], ids int32 [..., k][, scores [..., E]])."""
-    logits = jnp.asarray(logits)
-    validate_inputs(logits, params, bias, expert_scale)
-    if params.order == "topk_then_score":
-        top_logits, ids = lax.top_k(logits, params.k)
-        w = jax.nn.softmax(top_logits, axis=-1)  # over the k selected logits only
-        scores = jax.nn.softmax(logits, axis=-1) if params.expose_scores else None
-    else:
-        if params.score == "softmax":
-            scores = jax.nn.softmax(logits, axis=-1)
-        elif params.score == "sigmoid":
-            scores = jax.nn.sigmoid(logits)
-        else:
-            scores = logits
-        sel = scores + bias if params.selection_bias else scores
-        if params.n_group > 1:
-            sel = _keep_best_groups(sel, params)
-        top_sel, ids = lax.top_k(sel, params.k)
-        w = top_sel if params.weights_from == "selection" else jnp.take_along_axis(scores, ids, axis=-1)
-    w = apply_post(w, ids, params, expert_scale)
-    return (w, ids, scores) if params.expose_scores else (w, ids)
+    return route_steps(logits, params, bias, expert_scale, group_limit=_keep_best_groups)
