@@ -52,6 +52,7 @@ class LingConfig:
 
 DEFAULT_CONFIG = LingConfig()
 
+
 def init_params(key: jax.Array, cfg: LingConfig) -> Params:
     """Random weights: a list of per-layer dicts (bf16 experts, fp32 router gate and bias)."""
     h, i, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
@@ -63,22 +64,24 @@ def init_params(key: jax.Array, cfg: LingConfig) -> Params:
     layers = []
     for key_l in jax.random.split(key, cfg.num_layers):
         ks = jax.random.split(key_l, 8)
-        layers.append({
-            "norm": jnp.ones((h,), cfg.dtype),
-            "gate": dense(ks[0], (h, e), h, jnp.float32),  # router stays fp32
-            # trained models end up with a small per-expert correction bias
-            "e_score_correction_bias": 0.01 * jax.random.normal(ks[1], (e,), jnp.float32),
-            "experts": {
-                "gate_proj": dense(ks[2], (e, h, i), h),
-                "up_proj": dense(ks[3], (e, h, i), h),
-                "down_proj": dense(ks[4], (e, i, h), i),
-            },
-            "shared_expert": {
-                "gate_proj": dense(ks[5], (h, shared_i), h),
-                "up_proj": dense(ks[6], (h, shared_i), h),
-                "down_proj": dense(ks[7], (shared_i, h), shared_i),
-            },
-        })
+        layers.append(
+            {
+                "norm": jnp.ones((h,), cfg.dtype),
+                "gate": dense(ks[0], (h, e), h, jnp.float32),  # router stays fp32
+                # trained models end up with a small per-expert correction bias
+                "e_score_correction_bias": 0.01 * jax.random.normal(ks[1], (e,), jnp.float32),
+                "experts": {
+                    "gate_proj": dense(ks[2], (e, h, i), h),
+                    "up_proj": dense(ks[3], (e, h, i), h),
+                    "down_proj": dense(ks[4], (e, i, h), i),
+                },
+                "shared_expert": {
+                    "gate_proj": dense(ks[5], (h, shared_i), h),
+                    "up_proj": dense(ks[6], (h, shared_i), h),
+                    "down_proj": dense(ks[7], (shared_i, h), shared_i),
+                },
+            }
+        )
     return {"layers": layers}
 
 
@@ -128,8 +131,9 @@ def moe_block(cfg: LingConfig, p: Params, hidden: jax.Array) -> tuple[jax.Array,
     gate = jnp.einsum("th,ehi->tei", x, w["gate_proj"])
     up = jnp.einsum("th,ehi->tei", x, w["up_proj"])
     expert_out = jnp.einsum("tei,eih->teh", jax.nn.silu(gate) * up, w["down_proj"])
-    combine = jnp.sum(jax.nn.one_hot(topk_idx, cfg.num_experts, dtype=jnp.float32) * topk_weight[..., None],
-                      axis=1)
+    combine = jnp.sum(
+        jax.nn.one_hot(topk_idx, cfg.num_experts, dtype=jnp.float32) * topk_weight[..., None], axis=1
+    )
     routed = jnp.einsum("teh,te->th", expert_out, combine.astype(x.dtype))
 
     s = p["shared_expert"]

@@ -1,11 +1,11 @@
 """moefuse: find Mixture-of-Experts subgraphs in JAX programs and run them as fused ops.
 
-    import moefuse
+import moefuse
 
-    @moefuse.jit
-    def forward(params, x): ...          # unmodified model code
+@moefuse.jit
+def forward(params, x): ...          # unmodified model code
 
-    print(moefuse.plan(forward, params, x))
+print(moefuse.plan(forward, params, x))
 """
 
 from moefuse.api import fuse, jit, plan, rewritten_jaxpr

@@ -36,8 +36,9 @@ REMAT_NAMES = frozenset({"remat2", "checkpoint", "remat"})
 CUSTOM_JVP_NAMES = frozenset({"custom_jvp_call", "custom_jvp_call_jaxpr"})
 CUSTOM_VJP_NAMES = frozenset({"custom_vjp_call", "custom_vjp_call_jaxpr"})
 SHARD_MAP_NAMES = frozenset({"shard_map"})
-# Params of custom rules that must not be rewritten: only the primal body is.
-_RULE_PARAMS = frozenset({"jvp_jaxpr_fun", "jvp_jaxpr_thunk", "fwd_jaxpr_thunk", "bwd"})
+# Params that are not program bodies to rewrite: custom differentiation rules (only the primal
+# body is rewritten) and scatter's element combiner.
+_RULE_PARAMS = frozenset({"jvp_jaxpr_fun", "jvp_jaxpr_thunk", "fwd_jaxpr_thunk", "bwd", "update_jaxpr"})
 
 
 def is_literal(atom: Any) -> bool:

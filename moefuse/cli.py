@@ -107,13 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     explain.add_argument("target", metavar="TARGET", help="path/to/file.py:callable or pkg.module:callable")
-    explain.add_argument("--json", action="store_true", help="print the Plan as JSON (with --jaxpr: "
-                         "the rewritten jaxpr under the key 'jaxpr')")
+    explain.add_argument(
+        "--json",
+        action="store_true",
+        help="print the Plan as JSON (with --jaxpr: the rewritten jaxpr under the key 'jaxpr')",
+    )
     explain.add_argument("--jaxpr", action="store_true", help="also print the rewritten jaxpr")
     explain.add_argument("--traceback", action="store_true", help="on failure, print the full traceback")
 
-    patterns = sub.add_parser("patterns", help="print the table of supported MoE patterns",
-                              description="Print the table of MoE patterns moefuse detects and fuses.")
+    patterns = sub.add_parser(
+        "patterns",
+        help="print the table of supported MoE patterns",
+        description="Print the table of MoE patterns moefuse detects and fuses.",
+    )
     patterns.add_argument("--traceback", action="store_true", help="on failure, print the full traceback")
     return parser
 
@@ -190,14 +196,19 @@ def _call_factory(target: str, factory: Callable[[], Any]) -> tuple[Callable[...
     fun, args = result[0], result[1]
     kwargs = result[2] if len(result) == 3 else {}
     if not callable(fun):
-        raise CliError(f"{target}() must return {expected} whose fun is callable, "
-                       f"got fun of type {type(fun).__name__}")
+        raise CliError(
+            f"{target}() must return {expected} whose fun is callable, got fun of type {type(fun).__name__}"
+        )
     if not isinstance(args, tuple | list):
-        raise CliError(f"{target}() must return {expected} whose args is a tuple or list, "
-                       f"got args of type {type(args).__name__}")
+        raise CliError(
+            f"{target}() must return {expected} whose args is a tuple or list, "
+            f"got args of type {type(args).__name__}"
+        )
     if not isinstance(kwargs, dict):
-        raise CliError(f"{target}() must return {expected} whose kwargs is a dict, "
-                       f"got kwargs of type {type(kwargs).__name__}")
+        raise CliError(
+            f"{target}() must return {expected} whose kwargs is a dict, "
+            f"got kwargs of type {type(kwargs).__name__}"
+        )
     return fun, tuple(args), kwargs
 
 
@@ -206,8 +217,9 @@ def _target_context(target: str) -> Iterator[Callable[[], Any]]:
     """Resolve TARGET to its callable, with the target's folder on sys.path meanwhile."""
     where, sep, attr = target.rpartition(":")
     if not sep or not where or not attr:
-        raise CliError(f"bad TARGET {target!r}: expected path/to/file.py:callable or "
-                       f"pkg.module:callable", EXIT_USAGE)
+        raise CliError(
+            f"bad TARGET {target!r}: expected path/to/file.py:callable or pkg.module:callable", EXIT_USAGE
+        )
     if not _ATTR_RE.fullmatch(attr):
         raise CliError(f"bad TARGET {target!r}: {attr!r} is not a Python name", EXIT_USAGE)
 
@@ -219,8 +231,9 @@ def _target_context(target: str) -> Iterator[Callable[[], Any]]:
         search_dir = str(path.resolve().parent)
     else:
         if not _ATTR_RE.fullmatch(where):
-            raise CliError(f"bad TARGET {target!r}: {where!r} is neither a .py file nor a module name",
-                           EXIT_USAGE)
+            raise CliError(
+                f"bad TARGET {target!r}: {where!r} is neither a .py file nor a module name", EXIT_USAGE
+            )
         search_dir = os.getcwd()
 
     saved = list(sys.path)
@@ -260,8 +273,9 @@ def _import_module(name: str) -> Any:
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
         if e.name is not None and (name == e.name or name.startswith(e.name + ".")):
-            raise CliError(f"module not found: {name} (is it installed, or in the current folder?)",
-                           EXIT_USAGE) from e
+            raise CliError(
+                f"module not found: {name} (is it installed, or in the current folder?)", EXIT_USAGE
+            ) from e
         raise CliError(f"importing {name} failed: {_one_line(e)}", EXIT_USAGE) from e
     except Exception as e:
         raise CliError(f"importing {name} failed: {_one_line(e)}", EXIT_USAGE) from e

@@ -259,18 +259,22 @@ def _is_iota_along(view: View, atom: Any, dim: int, out_shape: tuple[int, ...]) 
 
 
 def take(view: View, atom: Any) -> tuple[Any, Any] | None:
-    """(vec, idx) if atom == vec[idx] for a 1-D vec (jnp.take, fancy indexing)."""
+    """(arr, idx) if atom == arr[idx] along axis 0 (jnp.take, fancy indexing; any trailing dims)."""
     eqn = view.producer(atom)
     if eqn is None or eqn.primitive.name != "gather":
         return None
-    vec, ind = (view.canon(v) for v in eqn.invars)
+    arr, ind = (view.canon(v) for v in eqn.invars)
     dn = eqn.params["dimension_numbers"]
-    if len(_shape(vec)) != 1 or tuple(eqn.params["slice_sizes"]) != (1,):
+    shape = _shape(arr)
+    if tuple(eqn.params["slice_sizes"]) != (1, *shape[1:]) or dn.operand_batching_dims:
         return None
-    if tuple(dn.collapsed_slice_dims) != (0,) or tuple(dn.start_index_map) != (0,) or dn.offset_dims:
+    if tuple(dn.collapsed_slice_dims) != (0,) or tuple(dn.start_index_map) != (0,):
         return None
     idx, _ = unexpand(view, ind)
-    return (vec, idx) if _shape(idx) == _shape(atom) else None
+    lead = len(_shape(idx))
+    if tuple(dn.offset_dims) != tuple(range(lead, lead + len(shape) - 1)):
+        return None
+    return (arr, idx) if _shape(atom) == _shape(idx) + shape[1:] else None
 
 
 def one_hot(view: View, atom: Any) -> tuple[Any, int] | None:
@@ -304,3 +308,32 @@ def argsort(view: View, atom: Any) -> tuple[Any, int] | None:
     ):
         return None
     return keys, axis
+
+
+def bincount(view: View, atom: Any) -> tuple[Any, int] | None:
+    """(ids, n) if atom[e] == number of entries of the 1-D ids equal to e, for e < n.
+
+    Spellings: scatter-add of ones into zeros (jnp.bincount, `.at[ids].add(1)`), segment_sum of
+    ones, and `one_hot(ids, n).sum(0)`.
+    """
+    atom = view.canon(atom)
+    if view.op(atom) == "convert_element_type":
+        atom = view.args(atom)[0]
+    if len(_shape(atom)) != 1:
+        return None
+    n = _shape(atom)[0]
+    name = view.op(atom)
+    if name in ("scatter-add", "scatter_add"):
+        eqn = view.producer(atom)
+        operand, indices, updates = (view.canon(v) for v in eqn.invars[:3])
+        dn = eqn.params["dimension_numbers"]
+        if view.scalar(operand) != 0 or view.scalar(updates) != 1 or dn.update_window_dims:
+            return None
+        if tuple(dn.inserted_window_dims) != (0,) or tuple(dn.scatter_dims_to_operand_dims) != (0,):
+            return None
+        ids, _ = unexpand(view, indices)
+        return (ids, n) if len(_shape(ids)) == 1 and view.is_nonneg_index(ids) else None
+    if name == "reduce_sum" and tuple(view.params(atom)["axes"]) == (0,):
+        got = one_hot(view, view.args(atom)[0])
+        return (got[0], n) if got is not None and got[1] == n and len(_shape(got[0])) == 1 else None
+    return None

@@ -85,6 +85,7 @@ def analyse(closed: C.ClosedJaxpr, platform: str, path: str = "") -> Level:
             else:
                 declined.append(got)
                 log.debug("declined %s at %s: %s", got.op, got.location, got.reason)
+    matches.sort(key=lambda m: m.proposal.anchor)  # the Plan lists sites in program order
     order = _schedule(view, matches) if matches else None
     base = flat if matches else closed
     subs = _analyse_bodies(base, platform, path, claimed if matches else set())
@@ -98,7 +99,16 @@ def _try(
     view: View, pattern: Any, anchor: int, platform: str, path: str, claimed: set[int]
 ) -> Match | Decline:
     eqn = view.jaxpr.eqns[anchor]
-    got = pattern.match(view, anchor)
+    try:
+        got = pattern.match(view, anchor)
+    except Exception as e:  # noqa: BLE001 - a pattern bug must never break the user's program
+        log.debug("pattern %s failed at equation %d", pattern.op, anchor, exc_info=True)
+        return _decline(
+            pattern.op,
+            eqn,
+            f"internal error in the {pattern.op} pattern, left unfused ({type(e).__name__}: {e})",
+            path,
+        )
     if isinstance(got, NoMatch):
         return _decline(got.op, eqn, got.reason, path)
     prop: Proposal = got

@@ -27,6 +27,11 @@ TABLE: tuple[KernelRow, ...] = (
     KernelRow("route", "gpu", "pallas_gpu", False, "Pallas GPU route kernel not built yet"),
     KernelRow("route", "gpu", "xla", True, "XLA composite"),
     KernelRow("route", "cpu", "xla", True, "XLA composite"),
+    KernelRow("moe", "tpu", "pallas_tpu", False, "Pallas TPU MoE kernel not built yet"),
+    KernelRow("moe", "tpu", "xla", True, "sorted block schedule (XLA)"),
+    KernelRow("moe", "gpu", "pallas_gpu", False, "Pallas GPU MoE kernel not built yet"),
+    KernelRow("moe", "gpu", "xla", True, "sorted block schedule (XLA)"),
+    KernelRow("moe", "cpu", "xla", True, "sorted block schedule (XLA)"),
 )
 
 

@@ -78,6 +78,10 @@ class View:
                 atom = src
             elif name == "select_n" and (idx := self._normalised_index(eqn)) is not None:
                 atom = idx
+            elif name == "select_n" and (q := self._floor_div_of_nonneg(eqn)) is not None:
+                atom = q
+            elif name == "max" and self._clip_at_zero_of_nonneg(eqn) is not None:
+                atom = self._clip_at_zero_of_nonneg(eqn)
             else:
                 return atom
 
@@ -186,9 +190,33 @@ class View:
             return self.is_nonneg_index(eqn.invars[self.out_index(atom)])
         if name in ("broadcast_in_dim", "reshape", "squeeze", "expand_dims", "slice", "transpose"):
             return self.is_nonneg_index(eqn.invars[0])
+        if name == "div":
+            n = self.scalar(eqn.invars[1])
+            return n is not None and n > 0 and self.is_nonneg_index(eqn.invars[0])
         if name == "concatenate":
             return all(self.is_nonneg_index(v) for v in eqn.invars)
         return False
+
+    def _floor_div_of_nonneg(self, eqn: C.JaxprEqn) -> Any | None:
+        """For jnp's integer floor division `a // n` of a >= 0 by a literal n > 0: the plain `div`."""
+        if len(eqn.invars) != 3:
+            return None
+        _, q, q_minus_1 = eqn.invars
+        qe, me = self.raw_producer(q), self.raw_producer(q_minus_1)
+        if qe is None or me is None or qe[0].primitive.name != "div" or me[0].primitive.name != "sub":
+            return None
+        if me[0].invars[0] is not q or self.scalar(me[0].invars[1]) != 1:
+            return None
+        n = self.scalar(qe[0].invars[1])
+        return q if n is not None and n > 0 and self.is_nonneg_index(qe[0].invars[0]) else None
+
+    def _clip_at_zero_of_nonneg(self, eqn: C.JaxprEqn) -> Any | None:
+        """For max(0, a) with a >= 0 provably (jnp.bincount's clip): a."""
+        a, b = eqn.invars
+        for zero, x in ((a, b), (b, a)):
+            if self.scalar(zero) == 0 and not C.is_literal(x) and self.is_nonneg_index(x):
+                return x
+        return None
 
     def _normalised_index(self, eqn: C.JaxprEqn) -> Any | None:
         """For `select_n(i < 0, i, i + n)` with i >= 0 provably, return i."""

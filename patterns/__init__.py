@@ -1,18 +1,23 @@
 """What Mixture-of-Experts code looks like: one module per stage, each a `moefuse.match.Pattern`.
 
-from moefuse.patterns import PATTERNS, supported_table
-print(supported_table())
+    from moefuse.patterns import PATTERNS, supported_table
+    print(supported_table())
+
+Patterns run in order; a later pattern may take an earlier one's outputs as its inputs (the MoE
+block takes the router's weights and ids).
 """
 
+from moefuse.patterns.moe_block import MOE
+from moefuse.patterns.moe_block import SUPPORTED as _MOE_SUPPORTED
 from moefuse.patterns.router import ROUTER
 from moefuse.patterns.router import SUPPORTED as _ROUTER_SUPPORTED
 
-PATTERNS = (ROUTER,)
+PATTERNS = (ROUTER, MOE)
 
 
 def supported_table() -> str:
     """The supported-patterns table (Markdown), as shown in the README."""
     rows = ["| op | family | recognised spellings | bound parameters |", "|---|---|---|---|"]
-    for op, family, spellings, params in _ROUTER_SUPPORTED:
+    for op, family, spellings, params in _ROUTER_SUPPORTED + _MOE_SUPPORTED:
         rows.append(f"| `{op}` | {family} | {spellings} | {params} |")
     return "\n".join(rows)

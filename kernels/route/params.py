@@ -78,4 +78,6 @@ class RouteParams:
         """The parameters as plain data, for Plan.params."""
         d = dataclasses.asdict(self)
         d["post"] = [list(s) for s in self.post]
+        if self.n_group == 1:  # no groups: how groups would be scored and filled does not matter
+            del d["group_score"], d["group_fill"]
         return d

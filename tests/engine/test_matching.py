@@ -145,3 +145,15 @@ def test_kernel_selection_table_has_the_pallas_slots():
     assert kernel == "xla" and "pallas_tpu" in note
     assert {r.kernel for r in TABLE} >= {"pallas_tpu", "pallas_gpu", "xla"}
     assert select("nonexistent", "cpu")[0] is None
+
+
+def test_a_crashing_pattern_declines_instead_of_breaking_the_program(monkeypatch):
+    from moefuse.patterns.router import ROUTER
+
+    def boom(view, anchor):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(ROUTER, "match", boom)
+    plan = moefuse.plan(mixtral, X, W)
+    assert plan.fused == [] and "internal error" in plan.declined[0].reason
+    np.testing.assert_array_equal(moefuse.jit(mixtral)(X, W)[1], jax.jit(mixtral)(X, W)[1])

@@ -1,0 +1,233 @@
+"""Pure-jnp reference of the fused `moe_ffn` op: the definition every backend is tested against.
+
+Written for clarity, not speed: every expert runs on every token (dense, E times the routed work),
+then each assignment picks its expert's output with a gather (never a multiply by a one-hot mask, so
+an inf or NaN in an expert a token was not routed to cannot leak into its output). Its VJP is the
+dense one as well; the XLA implementation has its own routed backward.
+
+Example (Mixtral-style SwiGLU experts, top-2 of 8)::
+
+    import jax.numpy as jnp
+    from moefuse.kernels.moe.params import MoeParams
+    from moefuse.kernels.moe.reference import moe_ffn_reference
+
+    p = MoeParams(num_experts=8, k=2, activation="swiglu")
+    x, w = jnp.ones((4, 16)), jnp.full((4, 2), 0.5)
+    ids = jnp.array([[0, 1], [2, 3], [4, 5], [6, 7]], jnp.int32)
+    w_gate = w_up = jnp.ones((8, 16, 32)) * 0.01
+    out = moe_ffn_reference(x, w, ids, (w_gate, w_up), jnp.ones((8, 32, 16)) * 0.01, p)  # [4, 16]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .params import MoeParams
+
+ExpertWeights = dict[str, jax.Array]  # keys: w_in, w_up (unfused GLU only), w_down, b_in, b_up, b_down
+
+
+def _err(msg: str) -> str:
+    return f"moe_ffn: {msg}"
+
+
+def _shape(a: Any) -> tuple[int, ...]:
+    return tuple(jnp.shape(a))
+
+
+def _check_float(name: str, a: Any) -> None:
+    if not jnp.issubdtype(jnp.result_type(a), jnp.floating):
+        raise TypeError(_err(f"{name} must be floating point, got {jnp.result_type(a)}"))
+
+
+def expert_weights(
+    w_in: Any, w_down: Any, b_in: Any, b_down: Any, params: MoeParams
+) -> ExpertWeights:
+    """Validate the expert weights against params and return them as a flat dict.
+
+    w_in: [E, D, F] for plain MLPs; for GLU activations a pair (w_gate, w_up) of [E, D, F], or one
+    [E, D, 2F] array when params.fused_gate_up. b_in follows w_in ([E, F], pair, or [E, 2F]); b_down
+    is [E, D]. Biases are required iff params.has_expert_bias.
+    """
+    e = params.num_experts
+    unfused_glu = params.is_glu and not params.fused_gate_up
+    if unfused_glu:
+        if not (isinstance(w_in, tuple | list) and len(w_in) == 2):
+            raise TypeError(_err(f"activation {params.activation!r} without fused_gate_up needs w_in = "
+                                 "(w_gate, w_up), two [E, D, F] arrays"))
+        w = {"w_in": w_in[0], "w_up": w_in[1]}
+    else:
+        if isinstance(w_in, tuple | list):
+            raise TypeError(_err("w_in must be one array here (a (w_gate, w_up) pair is only for GLU "
+                                 "activations with fused_gate_up=False)"))
+        w = {"w_in": w_in}
+    w["w_down"] = w_down
+    for name, a in w.items():
+        _check_float(name, a)
+    s_in, s_down = _shape(w["w_in"]), _shape(w_down)
+    if len(s_in) != 3 or s_in[0] != e:
+        f_name = "2F" if params.fused_gate_up else "F"
+        raise ValueError(_err(f"w_in must be [E={e}, D, {f_name}], got {s_in}"))
+    if len(s_down) != 3 or s_down[0] != e:
+        raise ValueError(_err(f"w_down must be [E={e}, F, D], got {s_down}"))
+    d, f = s_down[2], s_down[1]
+    want_in = (e, d, 2 * f) if params.fused_gate_up else (e, d, f)
+    if s_in != want_in:
+        raise ValueError(_err(f"w_in must have shape {want_in} to match w_down {s_down}, got {s_in}"))
+    if unfused_glu and _shape(w["w_up"]) != want_in:
+        raise ValueError(_err(f"w_up must have shape {want_in}, got {_shape(w['w_up'])}"))
+    if not params.has_expert_bias:
+        if b_in is not None or b_down is not None:
+            raise ValueError(_err("biases were given but params.has_expert_bias is False"))
+        return w
+    if b_in is None or b_down is None:
+        raise ValueError(_err("params.has_expert_bias needs both b_in and b_down"))
+    if unfused_glu:
+        if not (isinstance(b_in, tuple | list) and len(b_in) == 2):
+            raise TypeError(_err("b_in must be a pair (b_gate, b_up) like w_in"))
+        b = {"b_in": b_in[0], "b_up": b_in[1]}
+    else:
+        if isinstance(b_in, tuple | list):
+            raise TypeError(_err("b_in must be one array, like w_in"))
+        b = {"b_in": b_in}
+    b["b_down"] = b_down
+    for name, a in b.items():
+        _check_float(name, a)
+        want = (e, d) if name == "b_down" else (e, want_in[2])
+        if _shape(a) != want:
+            raise ValueError(_err(f"{name} must have shape {want}, got {_shape(a)}"))
+    return {**w, **b}
+
+
+def validate_inputs(x: Any, weights: Any, ids: Any, ew: ExpertWeights, params: MoeParams) -> None:
+    """Raise TypeError / ValueError when x, weights, ids do not fit params and the expert weights."""
+    _check_float("x", x)
+    _check_float("weights", weights)
+    if jnp.result_type(ids) != jnp.int32:
+        raise TypeError(_err(f"ids must be int32, got {jnp.result_type(ids)}"))
+    sx, sw, si = _shape(x), _shape(weights), _shape(ids)
+    if len(sx) != 2:
+        raise ValueError(_err(f"x must be [T, D], got shape {sx}"))
+    t, d = sx
+    if si != (t, params.k):
+        raise ValueError(_err(f"ids must be [T={t}, k={params.k}], got {si}"))
+    if sw != (t, params.k):
+        raise ValueError(_err(f"weights must be [T={t}, k={params.k}], got {sw}"))
+    if _shape(ew["w_down"])[2] != d:
+        raise ValueError(_err(f"expert weights are for D={_shape(ew['w_down'])[2]}, x has D={d}"))
+    if params.capacity is not None and t % params.capacity_groups:
+        raise ValueError(_err(f"T={t} is not divisible by capacity_groups={params.capacity_groups}"))
+
+
+def compute_dtype(params: MoeParams, x: jax.Array) -> jnp.dtype:
+    return jnp.dtype(params.compute_dtype) if params.compute_dtype else jnp.dtype(x.dtype)
+
+
+def combine_dtype(params: MoeParams, cdt: jnp.dtype, weights: jax.Array) -> jnp.dtype:
+    return jnp.dtype(params.weights_dtype) if params.weights_dtype else jnp.result_type(cdt, weights.dtype)
+
+
+def split_gate_up(a: jax.Array, params: MoeParams) -> tuple[jax.Array, jax.Array]:
+    """Split a fused [..., 2F] gate/up projection into (gate, up) per params.gate_up_layout."""
+    if params.gate_up_layout == "interleaved":
+        return a[..., 0::2], a[..., 1::2]
+    f = a.shape[-1] // 2
+    return a[..., :f], a[..., f:]
+
+
+def activation(params: MoeParams, gate: jax.Array, up: jax.Array | None = None) -> jax.Array:
+    """The expert activation: act(gate, up) for GLU activations, act(gate) for plain MLPs."""
+    act = params.activation
+    if act == "swiglu":
+        return jax.nn.silu(gate) * up
+    if act == "geglu":
+        return jax.nn.gelu(gate, approximate=params.gelu_approximate) * up
+    if act == "swiglu_oai":
+        limit = params.swiglu_limit
+        gate = jnp.minimum(gate, limit)
+        up = jnp.clip(up, -limit, limit)
+        return (up + 1) * (gate * jax.nn.sigmoid(gate * params.swiglu_alpha))
+    if act == "gelu":
+        return jax.nn.gelu(gate, approximate=params.gelu_approximate)
+    if act == "relu":
+        return jax.nn.relu(gate)
+    return jax.nn.silu(gate)
+
+
+def expert_ffn(v: jax.Array, w: ExpertWeights, params: MoeParams) -> jax.Array:
+    """One expert's FFN on rows v [..., D]; w holds that expert's weights (no expert axis)."""
+    a = v @ w["w_in"]
+    if "b_in" in w:
+        a = a + w["b_in"]
+    if params.is_glu:
+        if params.fused_gate_up:
+            gate, up = split_gate_up(a, params)
+        else:
+            gate, up = a, v @ w["w_up"]
+            if "b_up" in w:
+                up = up + w["b_up"]
+        h = activation(params, gate, up)
+    else:
+        h = activation(params, a)
+    y = h @ w["w_down"]
+    return y + w["b_down"] if "b_down" in w else y
+
+
+def live_mask_reference(ids: jax.Array, params: MoeParams) -> jax.Array:
+    """live[t, j]: the assignment has an expert in range and, with a capacity, was not dropped."""
+    e = params.num_experts
+    in_range = (ids >= 0) & (ids < e)
+    if params.capacity is None:
+        return in_range
+    t, k = ids.shape
+    g = params.capacity_groups
+    onehot = jax.nn.one_hot(ids, e, dtype=jnp.int32)  # [T, k, E]; out-of-range ids are all-zero rows
+    grouped = onehot.reshape(g, t // g, k, e)
+    if params.capacity_order == "slot_major":  # priority (j, t): cumsum over slots-then-tokens
+        prio = jnp.swapaxes(grouped, 1, 2).reshape(g, k * (t // g), e)
+        pos = (jnp.cumsum(prio, axis=1) - prio).reshape(g, k, t // g, e)
+        pos = jnp.swapaxes(pos, 1, 2)
+    else:  # priority (t, j)
+        prio = grouped.reshape(g, (t // g) * k, e)
+        pos = (jnp.cumsum(prio, axis=1) - prio).reshape(g, t // g, k, e)
+    # position of each assignment among the live assignments to its expert before it
+    pos = jnp.sum(pos.reshape(t, k, e) * onehot, axis=-1)
+    return in_range & (pos < params.capacity)
+
+
+def moe_ffn_reference(
+    x: jax.Array,
+    weights: jax.Array,
+    ids: jax.Array,
+    w_in: Any,
+    w_down: jax.Array,
+    params: MoeParams,
+    b_in: Any = None,
+    b_down: jax.Array | None = None,
+) -> jax.Array:
+    """out [T, D] in x's dtype; semantics: see `MoeParams`. Argument layouts: see `expert_weights`."""
+    ew = expert_weights(w_in, w_down, b_in, b_down, params)
+    validate_inputs(x, weights, ids, ew, params)
+    return routed_ffn_reference(x, weights, ids, ew, params)
+
+
+def routed_ffn_reference(
+    x: jax.Array, weights: jax.Array, ids: jax.Array, ew: ExpertWeights, params: MoeParams
+) -> jax.Array:
+    """`moe_ffn_reference` on validated inputs, with the expert weights as `expert_weights` returns."""
+    cdt = compute_dtype(params, x)
+    wdt = combine_dtype(params, cdt, weights)
+    ew = {name: a.astype(cdt) for name, a in ew.items()}
+    # every expert on every token: y_all[e, t] = FFN_e(x[t])
+    y_all = jax.vmap(lambda w: expert_ffn(x.astype(cdt), w, params))(ew)  # [E, T, D]
+    live = live_mask_reference(ids, params)
+    safe_ids = jnp.where(live, ids, 0)
+    tokens = lax.broadcasted_iota(jnp.int32, ids.shape, 0)
+    y = y_all[safe_ids, tokens]  # [T, k, D]: each assignment's expert output
+    contrib = weights.astype(wdt)[..., None] * y.astype(wdt)
+    contrib = jnp.where(live[..., None], contrib, jnp.zeros((), wdt))
+    return jnp.sum(contrib, axis=1).astype(x.dtype)

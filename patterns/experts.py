@@ -1,0 +1,511 @@
+"""Expert-FFN recognition: which values are `act(x @ W_gate[e]) * (x @ W_up[e]) @ W_down[e]`.
+
+Works on labelled dimensions: every recognised value carries a tuple of labels ("T" for token
+dims, "E" experts, "F" the expert hidden dim, "D" the model dim), tracked through
+`dot_general` and `transpose`, so any einsum spelling and dim order is understood::
+
+    ffn = dense_expert_outputs(view, o, num_experts)   # o holds FFN_e(x[t]) for every (t, e)
+    ffn.x, ffn.w_gate, ffn.w_up, ffn.w_down, ffn.activation, ffn.labels   # labels e.g. ("T","E","D")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from moefuse import _compat as C
+from moefuse import idioms
+from moefuse.rewrite import inline_jits
+from moefuse.view import View
+
+SQRT_2_OVER_PI = 0.7978845834732056
+GELU_TANH_C = 0.044714998453855515
+INV_SQRT2 = 0.7071067690849304
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertFfn:
+    x: Any  # tokens [T, D]
+    w_gate: Any  # [E, D, F]-like stacked weight (its own dim order, see w_*_dims)
+    w_up: Any | None  # None for a plain (non-gated) MLP
+    w_down: Any
+    activation: str  # "swiglu", "geglu", "geglu_tanh", "gelu", "gelu_tanh", "relu", "silu"
+    labels: tuple[str, ...]  # labels of the expert-output value
+    w_gate_dims: tuple[str, ...]
+    w_up_dims: tuple[str, ...] | None
+    w_down_dims: tuple[str, ...]
+    gate_cols: tuple[int, int] | None = None  # F range of w_gate's F dim (fused gate_up weights)
+    up_cols: tuple[int, int] | None = None
+
+
+def _shape(a: Any) -> tuple[int, ...]:
+    return tuple(a.aval.shape)
+
+
+def _through_transpose(view: View, atom: Any) -> tuple[Any, tuple[int, ...]]:
+    """(base, perm) with atom == transpose(base, perm) (identity perm when not transposed)."""
+    atom = view.canon(atom)
+    eqn = view.producer(atom)
+    if eqn is not None and eqn.primitive.name == "transpose":
+        return view.canon(eqn.invars[0]), tuple(eqn.params["permutation"])
+    return atom, tuple(range(len(_shape(atom))))
+
+
+def _dot(view: View, atom: Any) -> tuple[Any, Any, tuple, tuple, tuple, tuple] | None:
+    eqn = view.producer(atom)
+    if eqn is None or eqn.primitive.name != "dot_general":
+        return None
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    lhs, rhs = (view.canon(v) for v in eqn.invars)
+    return lhs, rhs, tuple(lc), tuple(rc), tuple(lb), tuple(rb)
+
+
+def _dot_labels(lhs_l, rhs_l, lc, rc, lb, rb) -> tuple[str, ...]:
+    free_l = [lab for i, lab in enumerate(lhs_l) if i not in lc and i not in lb]
+    free_r = [lab for i, lab in enumerate(rhs_l) if i not in rc and i not in rb]
+    return tuple([lhs_l[i] for i in lb] + free_l + free_r)
+
+
+def dense_expert_outputs(view: View, out: Any, num_experts: int) -> ExpertFfn | None:
+    """Recognise `out` as the down projection of every expert on every token."""
+    base, perm = _through_transpose(view, out)
+    if view.op(base) == "convert_element_type":  # outputs upcast before the combine
+        base, perm2 = _through_transpose(view, view.args(base)[0])
+        perm = tuple(perm2[p] for p in perm)
+    got = _dot(view, base)
+    if got is None:
+        return None
+    lhs, rhs, lc, rc, lb, rb = got
+    for act_side, w_side, ac, wc, ab, wb in ((lhs, rhs, lc, rc, lb, rb), (rhs, lhs, rc, lc, rb, lb)):
+        if len(_shape(w_side)) != 3 or len(wb) != 1 or len(wc) != 1 or _shape(w_side)[wb[0]] != num_experts:
+            continue
+        inner = _activation(view, act_side)
+        if inner is None:
+            continue
+        act, gate, up = inner
+        g = _up_projection(view, gate, num_experts)
+        if g is None:
+            continue
+        x, w_gate, g_labels, wg_dims, g_cols = g
+        u = None if up is None else _up_projection(view, up, num_experts)
+        if up is not None and (u is None or u[0] is not x or u[2] != g_labels):
+            continue
+        if (g_cols is None) != (u is None or u[4] is None):
+            continue  # both halves of one fused weight, or two separate weights
+        # the activation's E and F dims must be the ones the down projection batches / contracts
+        if len(ab) != 1 or len(ac) != 1 or g_labels[ab[0]] != "E" or g_labels[ac[0]] != "F":
+            continue
+        wd_dims = ["?"] * 3
+        wd_dims[wb[0]], wd_dims[wc[0]] = "E", "F"
+        wd_dims[next(i for i in range(3) if i not in (wb[0], wc[0]))] = "D"
+        if w_side is lhs:
+            labels = _dot_labels(tuple(wd_dims), g_labels, wc, ac, wb, ab)
+        else:
+            labels = _dot_labels(g_labels, tuple(wd_dims), ac, wc, ab, wb)
+        labels = tuple(labels[p] for p in perm)
+        return ExpertFfn(
+            x=x,
+            w_gate=w_gate,
+            w_up=None if u is None else u[1],
+            w_down=w_side,
+            activation=act,
+            labels=labels,
+            w_gate_dims=wg_dims,
+            w_up_dims=None if u is None else u[3],
+            w_down_dims=tuple(wd_dims),
+            gate_cols=g_cols,
+            up_cols=None if u is None else u[4],
+        )
+    return None
+
+
+def _up_projection(view: View, atom: Any, num_experts: int) -> tuple[Any, Any, tuple, tuple, Any] | None:
+    """(x, W, labels of atom, labels of W, F column range or None) for atom = x[T, D] . W[E, D, F].
+
+    A slice along F of such a product (gate and up halves of a fused [E, D, 2F] weight) is
+    returned with the column range it keeps.
+    """
+    atom = view.canon(atom)
+    eqn = view.producer(atom)
+    if (
+        eqn is not None
+        and eqn.primitive.name == "slice"
+        and not any(st != 1 for st in eqn.params.get("strides") or ())
+    ):
+        inner = _up_projection(view, eqn.invars[0], num_experts)
+        if inner is None or inner[4] is not None:
+            return None
+        starts, limits = eqn.params["start_indices"], eqn.params["limit_indices"]
+        shape = _shape(eqn.invars[0])
+        cut = [d for d in range(len(shape)) if (starts[d], limits[d]) != (0, shape[d])]
+        if len(cut) != 1 or inner[2][cut[0]] != "F":
+            return None
+        return (*inner[:4], (int(starts[cut[0]]), int(limits[cut[0]])))
+    if eqn is not None and eqn.primitive.name == "split":
+        inner = _up_projection(view, eqn.invars[0], num_experts)
+        axis, sizes = eqn.params["axis"], eqn.params["sizes"]
+        if inner is None or inner[4] is not None or inner[2][axis] != "F":
+            return None
+        part = view.out_index(atom)
+        return (*inner[:4], (int(sum(sizes[:part])), int(sum(sizes[: part + 1]))))
+    base, perm = _through_transpose(view, atom)
+    got = _dot(view, base)
+    if got is None:
+        return None
+    lhs, rhs, lc, rc, lb, rb = got
+    if lb or rb or len(lc) != 1:
+        return None
+    for x_side, w_side, xc, wc in ((lhs, rhs, lc, rc), (rhs, lhs, rc, lc)):
+        if len(_shape(x_side)) != 2 or len(_shape(w_side)) != 3:
+            continue
+        free = [i for i in range(3) if i != wc[0]]
+        e_dims = [i for i in free if _shape(w_side)[i] == num_experts]
+        if not e_dims:
+            continue
+        e_dim = e_dims[0]
+        f_dim = next(i for i in free if i != e_dim)
+        w_labels = ["?"] * 3
+        w_labels[e_dim], w_labels[f_dim], w_labels[wc[0]] = "E", "F", "D"
+        x_labels = ["T", "T"]
+        x_labels[xc[0]] = "D"
+        if x_labels.count("T") != 1:
+            continue
+        if x_side is lhs:
+            labels = _dot_labels(tuple(x_labels), tuple(w_labels), xc, wc, (), ())
+        else:
+            labels = _dot_labels(tuple(w_labels), tuple(x_labels), wc, xc, (), ())
+        labels = tuple(labels[p] for p in perm)
+        if xc[0] != 1:
+            continue  # tokens must be [T, D]
+        return x_side, w_side, labels, tuple(w_labels), None
+    return None
+
+
+def _activation(view: View, atom: Any) -> tuple[str, Any, Any | None] | None:
+    """(name, gate, up) for a gated activation act(gate) * up, or (name, h, None) for act(h)."""
+    atom = view.canon(atom)
+    if view.op(atom) == "mul":
+        a, b = view.args(atom)
+        for g_side, u_side in ((a, b), (b, a)):
+            inner = _plain_activation(view, g_side)
+            if inner is not None and inner[0] in ("silu", "gelu", "gelu_tanh"):
+                name = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}[inner[0]]
+                return name, inner[1], u_side
+    inner = _plain_activation(view, atom)
+    return None if inner is None else (inner[0], inner[1], None)
+
+
+def _plain_activation(view: View, atom: Any) -> tuple[str, Any] | None:
+    atom = view.canon(atom)
+    name = view.op(atom)
+    args = view.args(atom)
+    if name == "mul":
+        a, b = args
+        for h, s in ((a, b), (b, a)):
+            if idioms.sigmoid(view, s) is not None and view.same(idioms.sigmoid(view, s), h):
+                return "silu", h
+        got = _gelu_tanh(view, atom)
+        if got is not None:
+            return "gelu_tanh", got
+        got = _gelu_erf(view, atom)
+        if got is not None:
+            return "gelu", got
+    if name == "max":
+        a, b = args
+        for h, z in ((a, b), (b, a)):
+            if view.scalar(z) == 0.0:
+                return "relu", h
+    if name in C.CUSTOM_JVP_NAMES:  # jax.nn.relu and friends: look inside the primal body
+        eqn = view.producer(atom)
+        body = inline_jits(C.as_closed(eqn.params["call_jaxpr"]))
+        got = _plain_activation(View(body), body.jaxpr.outvars[0])
+        if got is not None and got[1] in body.jaxpr.invars and not eqn.params.get("num_consts", 0):
+            return got[0], view.canon(eqn.invars[body.jaxpr.invars.index(got[1])])
+    return None
+
+
+def _gelu_tanh(view: View, atom: Any) -> Any | None:
+    """x for x * (0.5 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))) as jax.nn.gelu spells it."""
+    a, b = view.args(atom)
+    for x, h in ((a, b), (b, a)):
+        if view.op(h) != "mul":
+            continue
+        h0, h1 = view.args(h)
+        half, one_plus = (h0, h1) if view.scalar(h0) == 0.5 else (h1, h0)
+        if view.scalar(half) != 0.5 or view.op(one_plus) != "add":
+            continue
+        p0, p1 = view.args(one_plus)
+        t = p1 if view.scalar(p0) == 1.0 else p0 if view.scalar(p1) == 1.0 else None
+        if t is None or view.op(t) != "tanh":
+            continue
+        (inner,) = view.args(t)
+        if view.op(inner) != "mul":
+            continue
+        c0, c1 = view.args(inner)
+        poly = (
+            c1
+            if _close(view.scalar(c0), SQRT_2_OVER_PI)
+            else c0
+            if _close(view.scalar(c1), SQRT_2_OVER_PI)
+            else None
+        )
+        if poly is None or view.op(poly) != "add":
+            continue
+        q0, q1 = view.args(poly)
+        for xx, cube in ((q0, q1), (q1, q0)):
+            if view.same(xx, x) and view.op(cube) == "mul":
+                k0, k1 = view.args(cube)
+                pw = (
+                    k1
+                    if _close(view.scalar(k0), GELU_TANH_C)
+                    else k0
+                    if _close(view.scalar(k1), GELU_TANH_C)
+                    else None
+                )
+                if pw is not None and view.op(pw) == "integer_pow" and view.params(pw)["y"] == 3:
+                    if view.same(view.args(pw)[0], x):
+                        return x
+    return None
+
+
+def _gelu_erf(view: View, atom: Any) -> Any | None:
+    """x for (0.5 * x) * erfc(-x / sqrt(2)) as jax.nn.gelu(approximate=False) spells it."""
+    a, b = view.args(atom)
+    for half_x, e in ((a, b), (b, a)):
+        if view.op(e) != "erfc" or view.op(half_x) != "mul":
+            continue
+        h0, h1 = view.args(half_x)
+        x = h1 if view.scalar(h0) == 0.5 else h0 if view.scalar(h1) == 0.5 else None
+        (arg,) = view.args(e)
+        if x is None or view.op(arg) != "mul":
+            continue
+        m0, m1 = view.args(arg)
+        neg = m0 if _close(view.scalar(m1), INV_SQRT2) else m1 if _close(view.scalar(m0), INV_SQRT2) else None
+        if neg is not None and view.op(neg) == "neg" and view.same(view.args(neg)[0], x):
+            return x
+    return None
+
+
+def _close(a: float | None, b: float) -> bool:
+    return a is not None and abs(a - b) <= 1e-6 * abs(b)
+
+
+def gathered_expert_outputs(view: View, out: Any) -> tuple[ExpertFfn, Any] | None:
+    """(ffn, ids) if out[t, j] = FFN_{ids[t, j]}(x[t]) with weights gathered by ids (`w[ids]`)."""
+    base, perm = _through_transpose(view, out)
+    got = _dot(view, base)
+    if got is None:
+        return None
+    lhs, rhs, lc, rc, lb, rb = got
+    for a_side, g_side, ac, gc, ab, gb in ((lhs, rhs, lc, rc, lb, rb), (rhs, lhs, rc, lc, rb, lb)):
+        taken = idioms.take(view, g_side)
+        if taken is None or len(_shape(taken[0])) != 3:
+            continue
+        num_experts = _shape(taken[0])[0]
+        w_down, ids = taken
+        if len(_shape(ids)) != 2 or tuple(gb) != (0, 1) or len(gc) != 1 or gc[0] not in (2, 3):
+            continue
+        inner = _activation(view, a_side)
+        if inner is None:
+            continue
+        act, gate, up = inner
+        g = _gathered_up(view, gate, num_experts, ids)
+        u = None if up is None else _gathered_up(view, up, num_experts, ids)
+        if g is None or (up is not None and (u is None or u[0] is not g[0] or u[2] != g[2])):
+            continue
+        x, w_gate, labels, wg_dims = g
+        if labels != ("T", "K", "F") or tuple(ab) != (0, 1) or tuple(ac) != (2,):
+            continue
+        wd_dims = ("E", "F", "D") if gc[0] == 2 else ("E", "D", "F")
+        o_labels = ("T", "K", "D")  # batch (T, K), then the only free dim, D, whichever side it is on
+        ffn = ExpertFfn(
+            x=x,
+            w_gate=w_gate,
+            w_up=None if u is None else u[1],
+            w_down=w_down,
+            activation=act,
+            labels=tuple(o_labels[p] for p in perm),
+            w_gate_dims=wg_dims,
+            w_up_dims=None if u is None else u[3],
+            w_down_dims=wd_dims,
+        )
+        return ffn, ids
+    return None
+
+
+def _gathered_up(view: View, atom: Any, num_experts: int, ids: Any) -> tuple[Any, Any, tuple, tuple] | None:
+    """(x, W, labels, W labels) for atom = einsum('td,tkdf->tkf', x, W[ids])."""
+    base, perm = _through_transpose(view, atom)
+    got = _dot(view, base)
+    if got is None:
+        return None
+    lhs, rhs, lc, rc, lb, rb = got
+    if lhs is not view.canon(lhs) or len(_shape(lhs)) != 2 or tuple(lb) != (0,) or tuple(rb) != (0,):
+        return None
+    taken = idioms.take(view, rhs)
+    if taken is None or not view.same(taken[1], ids) or len(_shape(taken[0])) != 3:
+        return None
+    w, _ = taken
+    if _shape(w)[0] != num_experts or tuple(lc) != (1,) or len(rc) != 1 or rc[0] not in (2, 3):
+        return None
+    w_dims = ("E", "D", "F") if rc[0] == 2 else ("E", "F", "D")
+    labels = ("T", "K", "F")
+    return lhs, w, tuple(labels[p] for p in perm), w_dims
+
+
+def sorted_expert_outputs(view: View, out: Any) -> tuple[ExpertFfn, Any] | None:
+    """(ffn, ids) for out [T, K, D] computed on rows sorted by expert with `lax.ragged_dot`.
+
+    The chain: flat = ids.reshape(-1); perm = argsort(flat); rows = x[perm // K];
+    sizes = bincount(flat, E); h = ragged_dot(rows, W, sizes) for gate/up/down; then unpermuted
+    by the inverse permutation (gather at argsort(perm), or scatter to perm) and reshaped.
+    """
+    out = view.canon(out)
+    eqn = view.producer(out)
+    if eqn is None or eqn.primitive.name != "reshape" or len(_shape(out)) != 3:
+        return None
+    o_sorted, perm = _unpermuted(view, view.canon(eqn.invars[0]))
+    got = None if o_sorted is None else sorted_rows_ffn(view, o_sorted)
+    if got is None or not view.same(got[2], perm) or _shape(got[1]) != _shape(out)[:2]:
+        return None
+    return got[0], got[1]
+
+
+def sorted_scatter_combine(view: View, y: Any) -> tuple[ExpertFfn, Any, Any] | None:
+    """(ffn, ids, weights) for y = zeros[T, D].at[perm // K].add(O_sorted * w.reshape(-1)[perm])."""
+    eqn = view.producer(y)
+    if eqn is None or eqn.primitive.name not in ("scatter-add", "scatter_add"):
+        return None
+    operand, indices, updates = (view.canon(v) for v in eqn.invars[:3])
+    dn = eqn.params["dimension_numbers"]
+    if (
+        view.scalar(operand) != 0
+        or tuple(dn.inserted_window_dims) != (0,)
+        or tuple(dn.update_window_dims) != (1,)
+    ):
+        return None
+    if tuple(dn.scatter_dims_to_operand_dims) != (0,) or view.op(updates) != "mul":
+        return None
+    src, _ = idioms.unexpand(view, indices)
+    for o_side, w_side in (view.args(updates), view.args(updates)[::-1]):
+        got = sorted_rows_ffn(view, o_side)
+        if got is None or not view.same(got[3], src):
+            continue
+        ffn, ids, perm, _ = got
+        w_sorted, _ = idioms.unexpand(view, w_side)
+        taken = idioms.take(view, w_sorted)
+        if taken is None or not view.same(taken[1], perm):
+            continue
+        wf = view.producer(taken[0])
+        if wf is None or wf.primitive.name != "reshape" or _shape(wf.invars[0]) != _shape(ids):
+            continue
+        return ffn, ids, view.canon(wf.invars[0])
+    return None
+
+
+def sorted_rows_ffn(view: View, o_sorted: Any) -> tuple[ExpertFfn, Any, Any, Any] | None:
+    """(ffn, ids, perm, src) if o_sorted[i] = FFN_{flat[perm[i]]}(x[src[i]]) with src = perm // K."""
+    down = _ragged(view, o_sorted)
+    if down is None:
+        return None
+    a, w_down, sizes, down_dims, _ = down
+    wd_dims = tuple({"D": "F", "F": "D"}.get(c, c) for c in down_dims)  # down contracts F, keeps D
+    inner = _activation(view, a)
+    if inner is None:
+        return None
+    act, gate, up = inner
+    g = _ragged(view, gate)
+    u = None if up is None else _ragged(view, up)
+    if g is None or (up is not None and u is None):
+        return None
+    rows, w_gate, g_sizes, wg_dims, g_cols = g
+    if u is not None and (
+        not view.same(u[0], rows) or not view.same(u[2], sizes) or (g_cols is None) != (u[4] is None)
+    ):
+        return None
+    if not view.same(g_sizes, sizes):
+        return None
+    taken = idioms.take(view, rows)
+    if taken is None or len(_shape(taken[0])) != 2:
+        return None
+    x, src = taken
+    order = idioms.argsort(view, view.args(src)[0]) if view.op(src) == "div" else None
+    counts = idioms.bincount(view, sizes)
+    if order is None or counts is None or order[1] != 0 or not view.same(order[0], counts[0]):
+        return None
+    perm = view.canon(view.args(src)[0])
+    fe = view.producer(order[0])
+    if fe is None or fe.primitive.name != "reshape" or len(_shape(fe.invars[0])) != 2:
+        return None
+    ids = view.canon(fe.invars[0])
+    t, k = _shape(ids)
+    if view.scalar(view.args(src)[1]) != k or _shape(x)[0] != t or counts[1] != _shape(w_down)[0]:
+        return None
+    ffn = ExpertFfn(
+        x=x,
+        w_gate=w_gate,
+        w_up=None if u is None else u[1],
+        w_down=w_down,
+        activation=act,
+        labels=("T", "K", "D"),
+        w_gate_dims=wg_dims,
+        w_up_dims=None if u is None else u[3],
+        w_down_dims=wd_dims,
+        gate_cols=g_cols,
+        up_cols=None if u is None else u[4],
+    )
+    return ffn, ids, perm, src
+
+
+def _unpermuted(view: View, flat: Any) -> tuple[Any, Any] | tuple[None, None]:
+    """(sorted_values, perm) if flat[j] = sorted_values[inverse(perm)[j]]."""
+    taken = idioms.take(view, flat)
+    if taken is not None:
+        vals, inv = taken
+        got = idioms.argsort(view, inv)
+        if got is not None and got[1] == 0 and idioms.argsort(view, got[0]) is not None:
+            return vals, got[0]
+    eqn = view.producer(flat)
+    if eqn is not None and eqn.primitive.name == "scatter":
+        operand, indices, updates = (view.canon(v) for v in eqn.invars[:3])
+        dn = eqn.params["dimension_numbers"]
+        perm, _ = idioms.unexpand(view, indices)
+        if (
+            view.scalar(operand) == 0
+            and tuple(dn.inserted_window_dims) == (0,)
+            and idioms.argsort(view, perm)
+        ):
+            return updates, perm
+    return None, None
+
+
+def _ragged(view: View, atom: Any) -> tuple[Any, Any, Any, tuple, Any] | None:
+    """(rows, W, group_sizes, W labels, F column range) for atom = ragged_dot(rows, W, sizes)."""
+    atom = view.canon(atom)
+    eqn = view.producer(atom)
+    if eqn is not None and eqn.primitive.name in ("split", "slice"):
+        inner = _ragged(view, eqn.invars[0])
+        if inner is None or inner[4] is not None:
+            return None
+        if eqn.primitive.name == "split":
+            if eqn.params["axis"] != 1:
+                return None
+            sizes, part = eqn.params["sizes"], view.out_index(atom)
+            cols = (int(sum(sizes[:part])), int(sum(sizes[: part + 1])))
+        else:
+            starts, limits = eqn.params["start_indices"], eqn.params["limit_indices"]
+            if any(st != 1 for st in eqn.params.get("strides") or ()) or starts[0] != 0:
+                return None
+            cols = (int(starts[1]), int(limits[1]))
+        return (*inner[:4], cols)
+    if eqn is None or eqn.primitive.name != "ragged_dot_general":
+        return None
+    rdn = eqn.params["ragged_dot_dimension_numbers"]
+    (lc, rc), (lb, rb) = rdn.dot_dimension_numbers
+    if lb or rb or tuple(rdn.lhs_ragged_dimensions) != (0,) or tuple(rdn.rhs_group_dimensions) != (0,):
+        return None
+    if tuple(lc) != (1,) or len(rc) != 1 or rc[0] not in (1, 2):
+        return None
+    rows, w, sizes = (view.canon(v) for v in eqn.invars)
+    dims = ("E", "D", "F") if rc[0] == 1 else ("E", "F", "D")
+    return rows, w, sizes, dims, None

@@ -1,0 +1,244 @@
+"""Whole-MoE pattern: every expert's FFN combined by the router's weights, fused into `moe`.
+
+Recognised today: the dense spelling (all experts on all tokens, then a [T, E] combine matrix
+built from the router's (weights, ids) by one-hot or scatter), in any einsum dim order, with
+SwiGLU / GeGLU / GELU / ReLU / SiLU experts. The fused op does only the routed work::
+
+    gate = jnp.einsum("td,edf->tef", x, w_gate); up = jnp.einsum("td,edf->tef", x, w_up)
+    out = jnp.einsum("tef,efd->ted", jax.nn.silu(gate) * up, w_down)
+    combine = jnp.sum(jax.nn.one_hot(ids, E) * weights[..., None], axis=1)
+    y = jnp.einsum("ted,te->td", out, combine)          # -> moe(x, weights, ids, w_gate, w_up, w_down)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import jax.numpy as jnp
+from jax import lax
+from moefuse.patterns.experts import (
+    ExpertFfn,
+    dense_expert_outputs,
+    gathered_expert_outputs,
+    sorted_expert_outputs,
+    sorted_scatter_combine,
+)
+
+from moefuse import idioms
+from moefuse.match import NoMatch, Proposal
+from moefuse.view import View
+
+OP = "moe"
+SUPPORTED = (
+    (
+        OP,
+        "dense experts + combine matrix",
+        "`einsum('td,edf->tef')` per projection (any dim order, "
+        "fused gate/up split), `vmap` over experts; combine by `one_hot(ids) * w` summed over k or by "
+        "scatter of w",
+        "num_experts, k, activation",
+    ),
+    (
+        OP,
+        "per-token weight gather",
+        "`w[ids]` / `jnp.take` -> `einsum('td,tkdf->tkf')`, combine `einsum('tkd,tk->td')`",
+        "num_experts, k, activation",
+    ),
+)
+_COMBINE_OPS = frozenset({"reduce_sum", "scatter", "scatter-add", "scatter_add", "dot_general"})
+
+
+def _shape(a: Any) -> tuple[int, ...]:
+    return tuple(a.aval.shape)
+
+
+class MoePattern:
+    op = OP
+
+    def anchors(self, view: View) -> Iterable[int]:
+        out = []
+        for i, e in enumerate(view.jaxpr.eqns):
+            if e.primitive.name in ("scatter-add", "scatter_add") and len(_shape(e.outvars[0])) == 2:
+                upd = view.canon(e.invars[2])
+                if view.op(upd) == "mul" and "ragged_dot_general" in [view.op(a) for a in view.args(upd)]:
+                    out.append(i)
+                continue
+            if e.primitive.name != "dot_general" or len(_shape(e.outvars[0])) != 2:
+                continue
+            ops = [view.op(_skip_convert(view, v)) for v in e.invars]
+            ranks = sorted(len(_shape(v)) for v in e.invars)
+            if any(op in _COMBINE_OPS for op in ops) or ranks == [2, 3]:
+                out.append(i)
+        return out
+
+    def match(self, view: View, anchor: int) -> Proposal | NoMatch:
+        eqn = view.jaxpr.eqns[anchor]
+        if eqn.primitive.name != "dot_general":
+            return self._match_scatter(view, anchor)
+        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        sides = list(eqn.invars)
+        for c_i in (0, 1):
+            c_atom, o_atom = sides[c_i], sides[1 - c_i]
+            comb = combine_matrix(view, c_atom)
+            if comb is None:
+                continue
+            weights, ids, num_e = comb
+            c_con, c_bat = ((lc, lb), (rc, rb))[c_i]
+            o_con, o_bat = ((lc, lb), (rc, rb))[1 - c_i]
+            if (
+                len(_shape(c_atom)) != 2
+                or _shape(c_atom)[1] != num_e
+                or tuple(c_con) != (1,)
+                or tuple(c_bat) != (0,)
+            ):
+                return NoMatch(anchor, "the combine matrix is not contracted over experts per token", OP)
+            ffn = dense_expert_outputs(view, o_atom, num_e)
+            if ffn is None:
+                return NoMatch(
+                    anchor,
+                    "combine matrix found, but the combined values are not recognised as "
+                    "every expert's FFN on every token",
+                    OP,
+                )
+            if (
+                len(o_con) != 1
+                or len(o_bat) != 1
+                or ffn.labels[o_con[0]] != "E"
+                or ffn.labels[o_bat[0]] != "T"
+            ):
+                return NoMatch(anchor, "the combine does not sum expert outputs over experts per token", OP)
+            return _proposal(view, anchor, ffn, weights, ids, num_e, "dense", c_atom.aval.dtype)
+        for w_i in (0, 1):
+            w_atom, o_atom = view.canon(sides[w_i]), sides[1 - w_i]
+            if len(_shape(w_atom)) != 2:
+                continue
+            dispatch, got = "gather", gathered_expert_outputs(view, o_atom)
+            if got is None:
+                dispatch, got = "sorted", sorted_expert_outputs(view, o_atom)
+            if got is None:
+                continue
+            ffn, ids = got
+            w_con, w_bat = ((lc, lb), (rc, rb))[w_i]
+            o_con, o_bat = ((lc, lb), (rc, rb))[1 - w_i]
+            if (tuple(w_con), tuple(w_bat)) != ((1,), (0,)) or len(o_con) != 1 or len(o_bat) != 1:
+                continue
+            if ffn.labels[o_con[0]] != "K" or ffn.labels[o_bat[0]] != "T":
+                continue
+            weights = _skip_convert(view, w_atom)
+            return _proposal(
+                view, anchor, ffn, weights, ids, _shape(ffn.w_down)[0], dispatch, w_atom.aval.dtype
+            )
+        return NoMatch(anchor, "no combine of expert outputs by router weights", OP)
+
+    def _match_scatter(self, view: View, anchor: int) -> Proposal | NoMatch:
+        got = sorted_scatter_combine(view, view.jaxpr.eqns[anchor].outvars[0])
+        if got is None:
+            return NoMatch(anchor, "scatter-add of expert rows not recognised as a weighted MoE combine", OP)
+        ffn, ids, weights = got
+        combine_dtype = view.jaxpr.eqns[anchor].outvars[0].aval.dtype
+        return _proposal(view, anchor, ffn, weights, ids, _shape(ffn.w_down)[0], "sorted", combine_dtype)
+
+
+MOE = MoePattern()
+
+
+def _skip_convert(view: View, atom: Any) -> Any:
+    atom = view.canon(atom)
+    return view.args(atom)[0] if view.op(atom) == "convert_element_type" else atom
+
+
+def combine_matrix(view: View, atom: Any) -> tuple[Any, Any, int] | None:
+    """(weights [T, k], ids [T, k], E) if atom [T, E] is sum_j weights[t, j] * (ids[t, j] == e)."""
+    atom = _skip_convert(view, atom)
+    name = view.op(atom)
+    if len(_shape(atom)) != 2:
+        return None
+    num_e = _shape(atom)[1]
+    if name == "reduce_sum" and tuple(view.params(atom)["axes"]) == (1,):
+        (prod,) = view.args(atom)
+        if view.op(prod) != "mul":
+            return None
+        a, b = view.args(prod)
+        for oh_side, w_side in ((a, b), (b, a)):
+            oh = idioms.one_hot(view, oh_side)
+            w_base, dims = idioms.unexpand(view, w_side)
+            if oh is not None and oh[1] == num_e and _shape(w_base) == _shape(oh[0]) and dims.get(1) == 1:
+                return w_base, oh[0], num_e
+        return None
+    if name in ("scatter", "scatter-add", "scatter_add"):
+        eqn = view.producer(atom)
+        operand, indices, updates = (view.canon(v) for v in eqn.invars[:3])
+        if view.scalar(operand) != 0.0:
+            return None
+        got = idioms._take_along_concat(view, operand, indices, _shape(updates))  # noqa: SLF001
+        if got is None or not view.is_nonneg_index(got[1]):
+            return None
+        return updates, got[1], num_e
+    return None
+
+
+def _proposal(
+    view: View,
+    anchor: int,
+    ffn: ExpertFfn,
+    weights: Any,
+    ids: Any,
+    num_e: int,
+    dispatch: str,
+    combine_dtype: Any,
+) -> Proposal:
+    """The fused op for a recognised block; the combine runs in the dtype the program used for it."""
+    from moefuse.kernels.moe import MoeParams, moe_ffn
+
+    y = view.jaxpr.eqns[anchor].outvars[0]
+    act = {"geglu_tanh": "geglu", "gelu_tanh": "gelu"}.get(ffn.activation, ffn.activation)
+    approx = ffn.activation.endswith("_tanh")
+    params = MoeParams(
+        num_experts=num_e,
+        k=_shape(ids)[-1],
+        activation=act,
+        gelu_approximate=approx,
+        weights_dtype=jnp.dtype(combine_dtype).name,
+    )
+    gated = ffn.w_up is not None
+    inputs = [ffn.x, weights, ids, ffn.w_gate] + ([ffn.w_up] if gated else []) + [ffn.w_down]
+    perms = (
+        _perm(ffn.w_gate_dims, "EDF"),
+        _perm(ffn.w_up_dims, "EDF") if gated else None,
+        _perm(ffn.w_down_dims, "EFD"),
+    )
+
+    def emit(kernel: str, x: Any, w: Any, i: Any, wg: Any, *rest: Any) -> list[Any]:
+        wu, wd = (rest[0], rest[1]) if gated else (None, rest[0])
+        wg = jnp.transpose(_cols(wg, ffn.w_gate_dims, ffn.gate_cols), perms[0])
+        wu = None if wu is None else jnp.transpose(_cols(wu, ffn.w_up_dims, ffn.up_cols), perms[1])
+        wd = jnp.transpose(wd, perms[2])
+        out = moe_ffn(x, w, i, wg if wu is None else (wg, wu), wd, params, impl=kernel)
+        return [out.astype(y.aval.dtype)]
+
+    described = {key: val for key, val in params.describe().items() if _relevant(params, key)}
+    described["dispatch"] = dispatch
+    return Proposal(op=OP, anchor=anchor, inputs=inputs, outputs=[y], params=described, emit=emit)
+
+
+def _relevant(params: Any, key: str) -> bool:
+    """Whether a MoeParams field matters for this op (the Plan shows only those)."""
+    if key in ("swiglu_alpha", "swiglu_limit"):
+        return params.activation == "swiglu_oai"
+    if key == "gelu_approximate":
+        return params.activation in ("gelu", "geglu")
+    if key == "gate_up_layout":
+        return params.fused_gate_up
+    if key in ("capacity_order", "capacity_groups"):
+        return params.capacity is not None
+    return True
+
+
+def _cols(w: Any, dims: tuple[str, ...], cols: tuple[int, int] | None) -> Any:
+    """The F columns `cols` of a fused gate/up weight (all of w when cols is None)."""
+    return w if cols is None else lax.slice_in_dim(w, cols[0], cols[1], axis=dims.index("F"))
+
+
+def _perm(dims: tuple[str, ...], want: str) -> tuple[int, ...]:
+    return tuple(dims.index(c) for c in want)

@@ -1,0 +1,404 @@
+"""Tests of the fused `moe_ffn` op against an independent, straightforward implementation.
+
+The expected values never come from `moe_ffn_reference`: `independent_moe` below is a Python loop
+over experts with masks, its own activation formulas (transliterated from the model code they come
+from) and a Python/numpy capacity counter. Both implementations ("reference", "xla") must match it:
+f32 within 1e-5, bf16 within ~1e-2, NaN positions equal, gradients (f32) equal to jax.grad of it.
+
+Shapes are chosen to drive every path of the XLA implementation: the sparse path (T*k < 2E, no
+capacity pass), the capacity pass alone, and the overflow loop with one and several blocks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.scipy.special import erf
+from moefuse.kernels.moe import MoeParams, moe_ffn, schedule
+
+IMPLS = ("reference", "xla")
+F32 = dict(rtol=1e-5, atol=1e-5)
+BF16 = dict(rtol=2e-2, atol=2e-2)
+
+
+# ---- the independent implementation ------------------------------------------------------------
+
+def _gelu(v, approximate):
+    if approximate:
+        return 0.5 * v * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v**3)))
+    return 0.5 * v * (1.0 + erf(v / math.sqrt(2.0)))
+
+
+def _sigmoid(v):
+    return 1.0 / (1.0 + jnp.exp(-v))
+
+
+def _expert_mlp(p: MoeParams, v, w):
+    """One expert, written the way model code writes it (GPT-OSS, Mixtral, Switch ...)."""
+    if p.fused_gate_up:
+        gate_up = v @ w["w_in"] + (w["b_in"] if "b_in" in w else 0)
+        if p.gate_up_layout == "interleaved":  # GPT-OSS: gate_up[..., ::2], gate_up[..., 1::2]
+            gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+        else:
+            f = gate_up.shape[-1] // 2
+            gate, up = gate_up[..., :f], gate_up[..., f:]
+    else:
+        gate = v @ w["w_in"] + (w["b_in"] if "b_in" in w else 0)
+        up = v @ w["w_up"] + (w["b_up"] if "b_up" in w else 0) if "w_up" in w else None
+    act = p.activation
+    if act == "swiglu":
+        h = gate * _sigmoid(gate) * up
+    elif act == "geglu":
+        h = _gelu(gate, p.gelu_approximate) * up
+    elif act == "swiglu_oai":  # HF GptOssExperts
+        gate = jnp.minimum(gate, p.swiglu_limit)
+        up = jnp.clip(up, -p.swiglu_limit, p.swiglu_limit)
+        glu = gate * _sigmoid(gate * p.swiglu_alpha)
+        h = (up + 1) * glu
+    elif act == "gelu":
+        h = _gelu(gate, p.gelu_approximate)
+    elif act == "relu":
+        h = jnp.maximum(gate, 0)
+    else:
+        h = gate * _sigmoid(gate)
+    return h @ w["w_down"] + (w["b_down"] if "b_down" in w else 0)
+
+
+def independent_live(ids: np.ndarray, p: MoeParams) -> np.ndarray:
+    """Which assignments survive: expert in range, and under the capacity in priority order."""
+    ids = np.asarray(ids)
+    t, k = ids.shape
+    live = (ids >= 0) & (ids < p.num_experts)
+    if p.capacity is None:
+        return live
+    tg = t // p.capacity_groups
+    for g in range(p.capacity_groups):
+        used = [0] * p.num_experts
+        tokens = range(g * tg, (g + 1) * tg)
+        if p.capacity_order == "slot_major":
+            order = [(tt, j) for j in range(k) for tt in tokens]
+        else:
+            order = [(tt, j) for tt in tokens for j in range(k)]
+        for tt, j in order:
+            if live[tt, j]:
+                if used[ids[tt, j]] < p.capacity:
+                    used[ids[tt, j]] += 1
+                else:
+                    live[tt, j] = False
+    return live
+
+
+def independent_moe(p: MoeParams, x, weights, ids, ew, live):
+    """for e in range(E): run expert e on all tokens, add its weighted output where routed to e."""
+    cdt = jnp.dtype(p.compute_dtype or x.dtype)
+    wdt = jnp.dtype(p.weights_dtype) if p.weights_dtype else jnp.result_type(cdt, weights.dtype)
+    out = jnp.zeros(x.shape, wdt)
+    for e in range(p.num_experts):
+        y_e = _expert_mlp(p, x.astype(cdt), {n: a[e].astype(cdt) for n, a in ew.items()}).astype(wdt)
+        for j in range(p.k):
+            routed = (ids[:, j] == e) & live[:, j]
+            out = out + jnp.where(routed[:, None], weights[:, j, None].astype(wdt) * y_e, 0)
+    return out.astype(x.dtype)
+
+
+# ---- inputs --------------------------------------------------------------------------------------
+
+def make_inputs(p: MoeParams, t, d=8, f=16, ids=None, dtype=jnp.float32, seed=0, scale=1.0):
+    rng = np.random.default_rng(seed)
+
+    def normal(shape, s):
+        return jnp.asarray(s * rng.standard_normal(shape), dtype)
+
+    e = p.num_experts
+    x = normal((t, d), scale)
+    weights = jnp.asarray(rng.random((t, p.k)) + 0.1, dtype)
+    if ids is None:  # skewed: expert 0 popular, so the overflow loop runs
+        ids = np.stack([rng.permutation(e)[: p.k] for _ in range(t)])
+        popular = np.argwhere(ids[: t - t // 8] == 0)
+        ids[popular[:, 0], popular[:, 1]] = ids[popular[:, 0], 0]  # swap expert 0 into slot 0 ...
+        ids[: t - t // 8, 0] = 0  # ... for 7/8 of the tokens
+    ids = jnp.asarray(ids, jnp.int32)
+    f_in = 2 * f if p.fused_gate_up else f
+    ew = {"w_in": normal((e, d, f_in), d**-0.5)}
+    if p.is_glu and not p.fused_gate_up:
+        ew["w_up"] = normal((e, d, f), d**-0.5)
+    ew["w_down"] = normal((e, f, d), f**-0.5)
+    if p.has_expert_bias:
+        ew["b_in"] = normal((e, f_in), 0.5)
+        if "w_up" in ew:
+            ew["b_up"] = normal((e, f), 0.5)
+        ew["b_down"] = normal((e, d), 0.5)
+    return x, weights, ids, ew
+
+
+def op_args(ew):
+    """(w_in, w_down, b_in, b_down) in moe_ffn's argument convention."""
+    w_in = (ew["w_in"], ew["w_up"]) if "w_up" in ew else ew["w_in"]
+    b_in = (ew["b_in"], ew["b_up"]) if "b_up" in ew else ew.get("b_in")
+    return w_in, ew["w_down"], b_in, ew.get("b_down")
+
+
+def run(p: MoeParams, impl, x, weights, ids, ew):
+    w_in, w_down, b_in, b_down = op_args(ew)
+    f = jax.jit(lambda x, w, i, wi, wd, bi, bd: moe_ffn(x, w, i, wi, wd, p, b_in=bi, b_down=bd, impl=impl))
+    return f(x, weights, ids, w_in, w_down, b_in, b_down)
+
+
+def check(p: MoeParams, x, weights, ids, ew, tol=F32):
+    live = independent_live(ids, p)
+    want = jax.jit(lambda x, w, i, ew: independent_moe(p, x, w, i, ew, live))(x, weights, ids, ew)
+    for impl in IMPLS:
+        got = run(p, impl, x, weights, ids, ew)
+        assert got.dtype == x.dtype and got.shape == x.shape, impl
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **tol,
+                                   err_msg=f"impl={impl}")
+    return want, live
+
+
+# ---- forward -------------------------------------------------------------------------------------
+
+ACTIVATION_CASES = [  # (activation, fused_gate_up, layout, bias, gelu_approximate)
+    ("swiglu", False, "concat", False, True),
+    ("swiglu", True, "concat", True, True),
+    ("swiglu", True, "interleaved", False, True),
+    ("geglu", False, "concat", True, True),
+    ("geglu", True, "concat", False, False),
+    ("swiglu_oai", True, "interleaved", True, True),
+    ("swiglu_oai", False, "concat", False, True),
+    ("gelu", False, "concat", True, False),
+    ("gelu", False, "concat", False, True),
+    ("relu", False, "concat", False, True),
+    ("silu", False, "concat", True, True),
+]
+
+
+@pytest.mark.parametrize("act, fused, layout, bias, approx", ACTIVATION_CASES)
+def test_activations_and_layouts(act, fused, layout, bias, approx):
+    p = MoeParams(num_experts=4, k=2, activation=act, fused_gate_up=fused, gate_up_layout=layout,
+                  has_expert_bias=bias, gelu_approximate=approx)
+    # T*k/E = 16: capacity pass (C0=24) plus the overflow loop for the popular expert 0 (> 24 rows)
+    x, weights, ids, ew = make_inputs(p, t=32, scale=4.0)  # large enough that the GPT-OSS clamp bites
+    assert np.bincount(np.asarray(ids).ravel()).max() > schedule(32, 2, 4)[0]
+    check(p, x, weights, ids, ew)
+
+
+@pytest.mark.parametrize("t, k, e, ids", [
+    (1, 2, 8, [[5, 2]]),                                    # T=1 (sparse path)
+    (6, 1, 8, None),                                        # k=1, sparse path, most experts empty
+    (8, 4, 4, [[0, 1, 2, 3]] * 8),                          # k=E: every token to every expert
+    (64, 1, 4, [[2]] * 64),                                 # all tokens to one expert: 2 overflow blocks
+    (32, 2, 16, None),                                      # experts with no tokens (T*k/E = 4)
+    (24, 2, 32, None),                                      # sparse path with blocks of 16
+    (16, 2, 4, [[1, 1]] * 8 + [[3, 3]] * 8),                # ties: one expert twice for a token
+    (12, 2, 4, [[-1, 0], [4, 1], [2, 9], [3, -5]] * 3),     # out-of-range ids contribute nothing
+])
+def test_routing_edge_cases(t, k, e, ids):
+    p = MoeParams(num_experts=e, k=k, activation="swiglu")
+    x, weights, ids_, ew = make_inputs(p, t=t, ids=ids, seed=t)
+    if ids is not None and len({tuple(r) for r in ids}) <= 2 and t == 16:
+        weights = jnp.full_like(weights, 0.5)  # equal weights as well
+    check(p, x, weights, ids_, ew)
+
+
+@pytest.mark.parametrize("order", ["slot_major", "token_major"])
+@pytest.mark.parametrize("t, e, capacity, groups",
+                         [(32, 4, 10, 1), (32, 4, 6, 2), (8, 16, 1, 1), (32, 4, 0, 1)])
+def test_capacity_drops_the_same_tokens(order, t, e, capacity, groups):
+    p = MoeParams(num_experts=e, k=2, capacity=capacity, capacity_order=order, capacity_groups=groups,
+                  activation="geglu", has_expert_bias=True)
+    x, weights, ids, ew = make_inputs(p, t=t, seed=capacity)
+    want, live = check(p, x, weights, ids, ew)
+    assert not live.all()  # the capacity overflows ...
+    if capacity:
+        assert live.any()
+        dropped = ~live.any(axis=1)  # ... and tokens that lost every slot get exactly 0
+        np.testing.assert_array_equal(np.asarray(want)[dropped], 0.0)
+
+
+def test_capacity_orders_differ():
+    ids = [[0, 1]] * 4 + [[1, 0]] * 4
+    slot = independent_live(np.array(ids), MoeParams(num_experts=2, k=2, capacity=4))
+    token = independent_live(np.array(ids),
+                             MoeParams(num_experts=2, k=2, capacity=4, capacity_order="token_major"))
+    assert (slot != token).any()
+    for order in ("slot_major", "token_major"):
+        p = MoeParams(num_experts=2, k=2, capacity=4, capacity_order=order)
+        check(p, *make_inputs(p, t=8, ids=ids))
+
+
+@pytest.mark.parametrize("compute, wdt", [(None, None), ("float32", None), (None, "float32")])
+def test_bf16(compute, wdt):
+    p = MoeParams(num_experts=4, k=2, activation="swiglu", fused_gate_up=True, has_expert_bias=True,
+                  compute_dtype=compute, weights_dtype=wdt)
+    x, weights, ids, ew = make_inputs(p, t=32, dtype=jnp.bfloat16)
+    check(p, x, weights, ids, ew, tol=BF16)
+
+
+def test_mixed_dtypes_follow_compute_dtype():
+    p = MoeParams(num_experts=4, k=2, compute_dtype="float32")
+    x, weights, ids, ew = make_inputs(p, t=16)
+    ew = {n: a.astype(jnp.bfloat16) for n, a in ew.items()}
+    check(p, x.astype(jnp.bfloat16), weights, ids, ew, tol=BF16)
+
+
+@pytest.mark.parametrize("t, e", [(32, 4), (4, 8)])
+def test_nan_in_x_stays_in_its_token(t, e):
+    p = MoeParams(num_experts=e, k=2, activation="swiglu_oai", has_expert_bias=True)
+    x, weights, ids, ew = make_inputs(p, t=t)
+    x = x.at[1, 3].set(jnp.nan).at[t - 1, 0].set(jnp.inf)
+    want, _ = check(p, x, weights, ids, ew)
+    bad = ~np.isfinite(np.asarray(want)).all(axis=1)
+    assert bad[1] and bad[:-1].sum() == 1  # only the poisoned tokens (inf may or may not turn to NaN)
+
+
+# ---- gradients -----------------------------------------------------------------------------------
+
+GRAD_CASES = [  # (params kwargs, T): capacity pass + overflow, sparse path, capacity drops
+    (dict(num_experts=4, k=2, activation="swiglu"), 32),
+    (dict(num_experts=4, k=2, activation="swiglu_oai", fused_gate_up=True, gate_up_layout="interleaved",
+          has_expert_bias=True), 64),
+    (dict(num_experts=8, k=2, activation="gelu", has_expert_bias=True), 6),
+    (dict(num_experts=4, k=2, activation="geglu", fused_gate_up=True, capacity=12, has_expert_bias=True), 32),
+]
+
+
+@pytest.mark.parametrize("kw, t", GRAD_CASES)
+def test_grad_matches_independent(kw, t):
+    p = MoeParams(**kw)
+    x, weights, ids, ew = make_inputs(p, t=t, seed=3)
+    live = independent_live(ids, p)
+    cot = jnp.asarray(np.random.default_rng(9).standard_normal(x.shape), jnp.float32)
+
+    def loss_independent(x, w, ew):
+        return jnp.sum(independent_moe(p, x, w, ids, ew, live) * cot)
+
+    want = jax.jit(jax.grad(loss_independent, argnums=(0, 1, 2)))(x, weights, ew)
+    for impl in IMPLS:
+        def loss(x, w, ew, impl=impl):
+            w_in, w_down, b_in, b_down = op_args(ew)
+            return jnp.sum(moe_ffn(x, w, ids, w_in, w_down, p, b_in=b_in, b_down=b_down, impl=impl) * cot)
+
+        got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, weights, ew)
+        for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+            assert g.dtype == w.dtype and g.shape == w.shape
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4,
+                                       err_msg=f"impl={impl} {jax.tree_util.keystr(path)}")
+
+
+def test_xla_grad_nan_stays_in_its_token():
+    """The routed backward keeps a NaN token's poison to its own row and its own experts.
+
+    (The reference's dense VJP multiplies the NaN row by zero cotangents of every expert, so there
+    every expert-weight gradient turns NaN; this is where the two backwards are allowed to differ.)
+    """
+    p = MoeParams(num_experts=4, k=2, activation="swiglu", has_expert_bias=True)
+    # expert 0 gets 60 rows: capacity pass (C0=48) plus one overflow block that reads past its rows
+    # into expert 1's first rows, where the poisoned token sits
+    ids = np.array([[0, 2]] * 60 + [[1, 3]] * 4, np.int32)
+    x, weights, ids, ew = make_inputs(p, t=64, ids=ids, seed=5)
+    assert schedule(64, 2, 4) == (48, 32)
+    bad = 60
+    x = x.at[bad, 1].set(jnp.nan)
+
+    def grads(fn, x, w, i):
+        return jax.jit(jax.grad(lambda x, w, ew: jnp.sum(fn(x, w, i, ew) ** 2), argnums=(0, 1, 2)))(x, w, ew)
+
+    def xla_fn(x, w, i, ew):
+        w_in, w_down, b_in, b_down = op_args(ew)
+        return moe_ffn(x, w, i, w_in, w_down, p, b_in=b_in, b_down=b_down)
+
+    gx, gw, gew = grads(xla_fn, x, weights, ids)
+    keep = np.arange(64) != bad
+    ids_c = ids[keep]
+    live = independent_live(ids_c, p)
+    cx, cw, cew = grads(lambda x, w, i, ew: independent_moe(p, x, w, i, ew, live),
+                        x[keep], weights[keep], ids_c)
+    np.testing.assert_allclose(np.asarray(gx)[keep], np.asarray(cx), **F32)
+    np.testing.assert_allclose(np.asarray(gw)[keep], np.asarray(cw), **F32)
+    assert np.isnan(np.asarray(gx)[bad]).any()
+    untouched = [e for e in range(4) if e not in np.asarray(ids[bad])]
+    for name in ew:
+        np.testing.assert_allclose(np.asarray(gew[name])[untouched], np.asarray(cew[name])[untouched], **F32)
+
+
+# ---- lowering, structure, validation ---------------------------------------------------------------
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_xla_impl_lowers(platform):
+    p = MoeParams(num_experts=8, k=2, activation="swiglu", fused_gate_up=True, has_expert_bias=True)
+    s = jax.ShapeDtypeStruct
+    args = (s((64, 32), jnp.bfloat16), s((64, 2), jnp.float32), s((64, 2), jnp.int32),
+            s((8, 32, 128), jnp.bfloat16), s((8, 64, 32), jnp.bfloat16), s((8, 128), jnp.bfloat16),
+            s((8, 32), jnp.bfloat16))
+
+    def f(x, w, i, wi, wd, bi, bd):
+        return moe_ffn(x, w, i, wi, wd, p, b_in=bi, b_down=bd)
+
+    fwd = jax.export.export(jax.jit(f), platforms=(platform,))(*args)
+    assert fwd.out_avals[0].shape == (64, 32)
+    grad = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1, 3, 4, 5, 6)))
+    assert jax.export.export(grad, platforms=(platform,))(*args).out_avals[2].shape == (8, 32, 128)
+
+
+def test_no_captured_constants_and_schedule():
+    for t, k, e in ((256, 4, 64), (2, 2, 64)):
+        p = MoeParams(num_experts=e, k=k, capacity=t // 2)
+        x, weights, ids, ew = make_inputs(p, t=t)
+        w_in, w_down, _, _ = op_args(ew)
+
+        def fwd(*a, p=p):
+            return moe_ffn(*a, p)
+
+        for fn in (fwd, jax.grad(lambda *a: jnp.sum(fwd(*a)), argnums=(0, 1, 3, 4))):
+            assert jax.make_jaxpr(fn)(x, weights, ids, w_in, w_down).consts == []
+    assert schedule(256, 4, 64) == (24, 32)   # capacity pass of 1.5 x mean rows, overflow blocks of 32
+    assert schedule(4, 2, 64)[0] == 0         # decode: no capacity pass
+    assert schedule(256, 4, 64, capacity=20) == (24, 32) and schedule(256, 4, 64, capacity=9)[0] == 16
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(ids=np.zeros((4, 2), np.int64)), TypeError, "ids must be int32"),
+    (dict(ids=jnp.zeros((4, 2), jnp.float32)), TypeError, "ids must be int32"),
+    (dict(ids=np.zeros((4, 3), np.int32)), ValueError, r"ids must be \[T=4, k=2\]"),
+    (dict(weights=np.zeros((4, 1), np.float32)), ValueError, "weights must be"),
+    (dict(x=np.zeros((4, 8), np.int32)), TypeError, "x must be floating"),
+    (dict(x=np.zeros((4, 6), np.float32)), ValueError, "D=8, x has D=6"),
+    (dict(w_in="single"), TypeError, r"needs w_in = \(w_gate, w_up\)"),
+    (dict(w_down=np.zeros((3, 16, 8), np.float32)), ValueError, "w_down must be"),
+    (dict(b_down=np.zeros((4, 8), np.float32)), ValueError, "has_expert_bias is False"),
+    (dict(impl="pallas"), ValueError, "unknown impl"),
+])
+def test_invalid_inputs(kwargs, error, match):
+    p = MoeParams(num_experts=4, k=2)
+    x, weights, ids, ew = make_inputs(p, t=4)
+    a = dict(x=x, weights=weights, ids=ids, w_in=(ew["w_in"], ew["w_up"]), w_down=ew["w_down"],
+             b_down=None, impl="xla")
+    a.update(kwargs)
+    if isinstance(a["w_in"], str):
+        a["w_in"] = ew["w_in"]
+    with pytest.raises(error, match=match):
+        moe_ffn(a["x"], a["weights"], a["ids"], a["w_in"], a["w_down"], p, b_down=a["b_down"], impl=a["impl"])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(activation="tanh"), "unknown activation"),
+    (dict(activation="relu", fused_gate_up=True), "needs a GLU activation"),
+    (dict(capacity=-1), "capacity"),
+    (dict(compute_dtype="int8"), "floating"),
+    (dict(num_experts=0), "num_experts"),
+])
+def test_invalid_params(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MoeParams(**{"num_experts": 4, "k": 2, **kwargs})
+
+
+def test_params_hashable_and_missing_bias():
+    p = MoeParams(num_experts=4, k=2, has_expert_bias=True)
+    assert hash(p) == hash(MoeParams(num_experts=4, k=2, has_expert_bias=True))
+    x, weights, ids, ew = make_inputs(MoeParams(num_experts=4, k=2), t=4)
+    with pytest.raises(ValueError, match="needs both b_in and b_down"):
+        moe_ffn(x, weights, ids, (ew["w_in"], ew["w_up"]), ew["w_down"], p)

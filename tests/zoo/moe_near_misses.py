@@ -1,0 +1,341 @@
+"""Programs that look like MoE blocks but are not, or that a fused MoE op must decline.
+
+Every entry of ``NEAR_MOE_MISSES`` is a zero-argument ``make_<name>()`` returning a
+:class:`ZooCase` with family ``"near-miss"``, ``expect == {}`` and ``count == 0``; ``note`` says why
+it is not a (fusable) MoE block.
+
+One entry is special: ``nm_moe_unstacked_expert_list`` *is* semantically a MoE block, but its
+expert weights are separate arrays (a python list), not stacked on an expert axis.  A fuser may
+decline it (the safe answer) or stack the weights itself; either way the program's output must
+not change.  Its name is listed in ``MAY_FUSE``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import NEAR_MISS, ZooCase, normal
+
+MAY_FUSE = frozenset({"nm_moe_unstacked_expert_list"})
+
+
+def _case(name, fn, args, note) -> ZooCase:
+    return ZooCase(name, fn, args, NEAR_MISS, {}, count=0, note=note)
+
+
+def _w(seed, shape, fan_in, gain=1.0):
+    return normal(seed, shape, scale=gain * fan_in**-0.5)
+
+
+def _experts(seed, num_experts, d_model, d_ff):
+    return (
+        _w(seed, (num_experts, d_model, d_ff), d_model),
+        _w(seed + 1, (num_experts, d_model, d_ff), d_model),
+        _w(seed + 2, (num_experts, d_ff, d_model), d_ff),
+    )
+
+
+def make_nm_moe_combine_first_weight_only() -> ZooCase:
+    """Top-2 routing; both experts computed, but the combine uses only the first of the k weights."""
+    num_tokens, d_model, d_ff, num_experts, top_k = 16, 32, 64, 8, 2
+    x = normal(2000, (num_tokens, d_model))
+    wr = _w(2001, (d_model, num_experts), d_model)
+    w_gate, w_up, w_down = _experts(2002, num_experts, d_model, d_ff)
+
+    def fn(x, wr, w_gate, w_up, w_down):
+        probs = jax.nn.softmax(x @ wr, axis=-1)
+        w, ids = lax.top_k(probs, top_k)
+        w = w / w.sum(-1, keepdims=True)
+        g = jnp.einsum("td,tkdf->tkf", x, w_gate[ids])
+        u = jnp.einsum("td,tkdf->tkf", x, w_up[ids])
+        y = jnp.einsum("tkf,tkfd->tkd", jax.nn.silu(g) * u, w_down[ids])  # [T, K, D]
+        return jnp.einsum("tkd,t->td", y, w[:, 0])  # every expert weighted by the FIRST weight
+
+    return _case(
+        "nm_moe_combine_first_weight_only",
+        fn,
+        (x, wr, w_gate, w_up, w_down),
+        "router gives k=2 weights, combine is w[:,0] * (y_0 + y_1): weights do not match the ids they "
+        "weight, so no sum_j w_j * FFN_{id_j}(x) exists",
+    )
+
+
+def make_nm_moe_uniform_combine() -> ZooCase:
+    """Dense all-expert einsum; top-2 ids from the router but combine weights are a constant 1/k."""
+    num_tokens, d_model, d_ff, num_experts, top_k = 32, 32, 64, 8, 2
+    x = normal(2010, (num_tokens, d_model))
+    wr = _w(2011, (d_model, num_experts), d_model)
+    w1, w3, w2 = _experts(2012, num_experts, d_model, d_ff)
+
+    def fn(x, wr, w1, w2, w3):
+        probs = jax.nn.softmax(x @ wr, axis=-1)
+        _, ids = lax.top_k(probs, top_k)
+        combine = jax.nn.one_hot(ids, num_experts).sum(1) / top_k  # [T, E], router weights discarded
+        gating = jnp.einsum("TD,EDF->TEF", x, w1)
+        up = jnp.einsum("TD,EDF->TEF", x, w3)
+        expert_out = jnp.einsum("TEF,EFD->TED", jax.nn.silu(gating) * up, w2)
+        return jnp.einsum("TED,TE->TD", expert_out, combine)
+
+    return _case(
+        "nm_moe_uniform_combine",
+        fn,
+        (x, wr, w1, w2, w3),
+        "combine weights are uniform 1/k, not the router's top-k probabilities: a fused router+MoE op "
+        "that reuses the router's weights would be wrong (a fusion must take the weights it sees)",
+    )
+
+
+def make_nm_moe_unstacked_expert_list() -> ZooCase:
+    """Mixture over a python list of separate per-expert weight arrays (not stacked on an E axis)."""
+    num_tokens, d_model, d_ff, num_experts, top_k = 16, 32, 64, 4, 2
+    x = normal(2020, (num_tokens, d_model))
+    wr = _w(2021, (d_model, num_experts), d_model)
+    experts = [
+        {
+            "w_in": _w(2022 + 3 * e, (d_model, d_ff), d_model),
+            "w_gate": _w(2023 + 3 * e, (d_model, d_ff), d_model),
+            "w_out": _w(2024 + 3 * e, (d_ff, d_model), d_ff),
+        }
+        for e in range(num_experts)
+    ]
+
+    def fn(x, wr, experts):
+        w, ids = lax.top_k(jax.nn.softmax(x @ wr, axis=-1), top_k)
+        w = w / w.sum(-1, keepdims=True)
+        out = jnp.zeros_like(x)
+        for e, p in enumerate(experts):
+            we = jnp.sum(w * (ids == e), axis=-1)
+            out = out + we[:, None] * ((jax.nn.silu(x @ p["w_gate"]) * (x @ p["w_in"])) @ p["w_out"])
+        return out
+
+    return _case(
+        "nm_moe_unstacked_expert_list",
+        fn,
+        (x, wr, experts),
+        "SEMANTICALLY A MoE (top-2 of 4, SwiGLU, loop over experts) but the expert weights are 4 separate "
+        "arrays each, not stacked [E,D,F]; a fuser must stack them or decline (see MAY_FUSE)",
+    )
+
+
+def make_nm_moe_expert_outputs_escape() -> ZooCase:
+    """Dense MoE whose per-expert outputs [T,E,D] are also returned (used elsewhere)."""
+    num_tokens, d_model, d_ff, num_experts, top_k = 16, 32, 64, 8, 2
+    x = normal(2040, (num_tokens, d_model))
+    wr = _w(2041, (d_model, num_experts), d_model)
+    w1, w3, w2 = _experts(2042, num_experts, d_model, d_ff)
+
+    def fn(x, wr, w1, w2, w3):
+        probs = jax.nn.softmax(x @ wr, axis=-1)
+        w, ids = lax.top_k(probs, top_k)
+        w = w / w.sum(-1, keepdims=True)
+        combine = jnp.sum(jax.nn.one_hot(ids, num_experts) * w[..., None], axis=1)
+        h = jax.nn.silu(jnp.einsum("td,edf->tef", x, w1)) * jnp.einsum("td,edf->tef", x, w3)
+        expert_out = jnp.einsum("tef,efd->ted", h, w2)
+        out = jnp.einsum("ted,te->td", expert_out, combine)
+        return out, expert_out
+
+    return _case(
+        "nm_moe_expert_outputs_escape",
+        fn,
+        (x, wr, w1, w2, w3),
+        "the per-expert outputs [T,E,D] of all experts are a program output too; a fused op does not "
+        "produce them, so replacing the block would still need the dense computation (decline)",
+    )
+
+
+def make_nm_moe_soft_dense_mixture() -> ZooCase:
+    """Dense (soft) mixture: softmax over all experts, every expert weighted, no top-k."""
+    num_tokens, d_model, d_ff, num_experts = 16, 32, 64, 8
+    x = normal(2050, (num_tokens, d_model))
+    wr = _w(2051, (d_model, num_experts), d_model)
+    w1, w3, w2 = _experts(2052, num_experts, d_model, d_ff)
+
+    def fn(x, wr, w1, w2, w3):
+        gates = jax.nn.softmax(x @ wr, axis=-1)  # [T, E], all non-zero
+        h = jax.nn.silu(jnp.einsum("td,edf->tef", x, w1)) * jnp.einsum("td,edf->tef", x, w3)
+        y = jnp.einsum("tef,efd->ted", h, w2)
+        return jnp.einsum("ted,te->td", y, gates)
+
+    return _case(
+        "nm_moe_soft_dense_mixture",
+        fn,
+        (x, wr, w1, w2, w3),
+        "soft mixture of experts: dense softmax weights over all 8 experts, no top-k selection; "
+        "there is no sparse routing to exploit",
+    )
+
+
+def make_nm_moe_mha_heads() -> ZooCase:
+    """Multi-head self-attention: stacked per-head weights [H,D,Dh] look like expert weights [E,D,F]."""
+    batch, seq, d_model, num_heads, d_head = 2, 16, 32, 8, 16
+    x = normal(2060, (batch, seq, d_model))
+    wq = _w(2061, (num_heads, d_model, d_head), d_model)
+    wk = _w(2062, (num_heads, d_model, d_head), d_model)
+    wv = _w(2063, (num_heads, d_model, d_head), d_model)
+    wo = _w(2064, (num_heads, d_head, d_model), d_head * num_heads)
+
+    def fn(x, wq, wk, wv, wo):
+        q = jnp.einsum("bsd,hdk->bhsk", x, wq)
+        k = jnp.einsum("bsd,hdk->bhsk", x, wk)
+        v = jnp.einsum("bsd,hdk->bhsk", x, wv)
+        scores = jnp.einsum("bhqk,bhsk->bhqs", q, k) / jnp.sqrt(float(d_head))
+        mask = jnp.tril(jnp.ones((seq, seq), bool))
+        probs = jax.nn.softmax(jnp.where(mask, scores, -1e9), axis=-1)
+        ctx = jnp.einsum("bhqs,bhsk->bhqk", probs, v)
+        return jnp.einsum("bhqk,hkd->bqd", ctx, wo)
+
+    return _case(
+        "nm_moe_mha_heads",
+        fn,
+        (x, wq, wk, wv, wo),
+        "causal multi-head attention: head axis H on [H,D,Dh] weights and a softmax, but the softmax "
+        "is over key positions, every head is used, no router and no top-k",
+    )
+
+
+def make_nm_moe_topk_attention() -> ZooCase:
+    """Top-k sparse attention per head: top_k over key scores, softmax over k, gather values."""
+    num_tokens, d_model, num_heads, d_head, top_k = 32, 32, 4, 8, 4
+    x = normal(2070, (num_tokens, d_model))
+    wq = _w(2071, (num_heads, d_model, d_head), d_model)
+    wk = _w(2072, (num_heads, d_model, d_head), d_model)
+    wv = _w(2073, (num_heads, d_model, d_head), d_model)
+    wo = _w(2074, (num_heads, d_head, d_model), d_head * num_heads)
+
+    def fn(x, wq, wk, wv, wo):
+        q = jnp.einsum("td,hdf->htf", x, wq)
+        k = jnp.einsum("td,hdf->htf", x, wk)
+        v = jnp.einsum("td,hdf->htf", x, wv)
+        scores = jnp.einsum("hqf,hsf->hqs", q, k)  # [H, T, T]
+        top_s, top_i = lax.top_k(scores, top_k)  # k keys per query
+        p = jax.nn.softmax(top_s, axis=-1)
+        v_sel = jax.vmap(lambda vh, ih: vh[ih])(v, top_i)  # [H, T, k, Dh]
+        ctx = jnp.einsum("hqk,hqkf->hqf", p, v_sel)
+        return jnp.einsum("hqf,hfd->qd", ctx, wo)
+
+    return _case(
+        "nm_moe_topk_attention",
+        fn,
+        (x, wq, wk, wv, wo),
+        "top-k attention: lax.top_k + softmax over k + per-query gather, but the top-k picks key "
+        "positions (data rows), not experts; weights are stacked per head, not per expert",
+    )
+
+
+def make_nm_moe_weights_inside_activation() -> ZooCase:
+    """Router weights scale the expert's gate pre-activation instead of the expert output."""
+    num_tokens, d_model, d_ff, num_experts, top_k = 16, 32, 64, 8, 2
+    x = normal(2080, (num_tokens, d_model))
+    wr = _w(2081, (d_model, num_experts), d_model)
+    w_gate, w_up, w_down = _experts(2082, num_experts, d_model, d_ff)
+
+    def fn(x, wr, w_gate, w_up, w_down):
+        w, ids = lax.top_k(jax.nn.softmax(x @ wr, axis=-1), top_k)
+        w = w / w.sum(-1, keepdims=True)
+        g = jnp.einsum("td,tkdf->tkf", x, w_gate[ids]) * w[..., None]  # weight before the nonlinearity
+        u = jnp.einsum("td,tkdf->tkf", x, w_up[ids])
+        y = jnp.einsum("tkf,tkfd->tkd", jax.nn.silu(g) * u, w_down[ids])
+        return y.sum(axis=1)
+
+    return _case(
+        "nm_moe_weights_inside_activation",
+        fn,
+        (x, wr, w_gate, w_up, w_down),
+        "the routing weight multiplies the gate projection before silu: silu(w*g)*u != w*(silu(g)*u), "
+        "so the result is not sum_j w_j * FFN_j(x)",
+    )
+
+
+def make_nm_moe_ids_from_other_router() -> ZooCase:
+    """Weights from router A, expert ids from a different router B."""
+    num_tokens, d_model, d_ff, num_experts, top_k = 16, 32, 64, 8, 2
+    x = normal(2090, (num_tokens, d_model))
+    wr_a = _w(2091, (d_model, num_experts), d_model)
+    wr_b = _w(2092, (d_model, num_experts), d_model)
+    w_gate, w_up, w_down = _experts(2093, num_experts, d_model, d_ff)
+
+    def fn(x, wr_a, wr_b, w_gate, w_up, w_down):
+        w, _ = lax.top_k(jax.nn.softmax(x @ wr_a, axis=-1), top_k)
+        w = w / w.sum(-1, keepdims=True)
+        _, ids = lax.top_k(x @ wr_b, top_k)
+        combine = jnp.zeros((num_tokens, num_experts)).at[jnp.arange(num_tokens)[:, None], ids].add(w)
+        h = jax.nn.silu(jnp.einsum("td,edf->tef", x, w_gate)) * jnp.einsum("td,edf->tef", x, w_up)
+        return jnp.einsum("ted,te->td", jnp.einsum("tef,efd->ted", h, w_down), combine)
+
+    return _case(
+        "nm_moe_ids_from_other_router",
+        fn,
+        (x, wr_a, wr_b, w_gate, w_up, w_down),
+        "weights are router A's top-k probabilities but the experts are router B's top-k ids; "
+        "no single router produces both (fusing with either router is wrong)",
+    )
+
+
+def make_nm_moe_expert_tanh_output() -> ZooCase:
+    """Experts are not a plain FFN: each expert output goes through tanh before weighting."""
+    num_tokens, d_model, d_ff, num_experts, top_k = 16, 32, 64, 8, 2
+    x = normal(2100, (num_tokens, d_model))
+    wr = _w(2101, (d_model, num_experts), d_model)
+    w_gate, w_up, w_down = _experts(2102, num_experts, d_model, d_ff)
+
+    def fn(x, wr, w_gate, w_up, w_down):
+        w, ids = lax.top_k(jax.nn.softmax(x @ wr, axis=-1), top_k)
+        w = w / w.sum(-1, keepdims=True)
+        flat = ids.reshape(-1)
+        perm = jnp.argsort(flat)
+        sizes = jnp.bincount(flat, length=num_experts)
+        xs = x[perm // top_k]
+        h = jax.nn.silu(lax.ragged_dot(xs, w_gate, sizes)) * lax.ragged_dot(xs, w_up, sizes)
+        y = jnp.tanh(lax.ragged_dot(h, w_down, sizes))  # extra nonlinearity inside the expert
+        y = y * w.reshape(-1)[perm][:, None]
+        return jnp.zeros_like(x).at[perm // top_k].add(y)
+
+    return _case(
+        "nm_moe_expert_tanh_output",
+        fn,
+        (x, wr, w_gate, w_up, w_down),
+        "sorted ragged_dot MoE whose expert is tanh(down(swiglu(x))): the expert function is not one of "
+        "the FFN forms a fused op computes, so it must decline",
+    )
+
+
+def make_nm_moe_expert_choice() -> ZooCase:
+    """Expert-choice routing (Zhou et al. 2022): each expert picks its top-C tokens."""
+    num_tokens, d_model, d_ff, num_experts = 32, 32, 64, 8
+    capacity = 8  # tokens per expert
+    x = normal(2110, (num_tokens, d_model))
+    wr = _w(2111, (d_model, num_experts), d_model)
+    w_gate, w_up, w_down = _experts(2112, num_experts, d_model, d_ff)
+
+    def fn(x, wr, w_gate, w_up, w_down):
+        probs = jax.nn.softmax(x @ wr, axis=-1)  # [T, E]
+        g, token_idx = lax.top_k(probs.T, capacity)  # [E, C]: top-k over TOKENS for each expert
+        xe = x[token_idx]  # [E, C, D]
+        h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", xe, w_gate)) * jnp.einsum("ecd,edf->ecf", xe, w_up)
+        ye = jnp.einsum("ecf,efd->ecd", h, w_down) * g[..., None]
+        return jnp.zeros_like(x).at[token_idx.reshape(-1)].add(ye.reshape(-1, d_model))
+
+    return _case(
+        "nm_moe_expert_choice",
+        fn,
+        (x, wr, w_gate, w_up, w_down),
+        "expert-choice routing: top-k runs over the token axis of probs.T, so a token may get 0 or many "
+        "experts; not token-choice top-k MoE",
+    )
+
+
+NEAR_MOE_MISSES = [
+    make_nm_moe_combine_first_weight_only,
+    make_nm_moe_uniform_combine,
+    make_nm_moe_unstacked_expert_list,
+    make_nm_moe_expert_outputs_escape,
+    make_nm_moe_soft_dense_mixture,
+    make_nm_moe_mha_heads,
+    make_nm_moe_topk_attention,
+    make_nm_moe_weights_inside_activation,
+    make_nm_moe_ids_from_other_router,
+    make_nm_moe_expert_tanh_output,
+    make_nm_moe_expert_choice,
+]
