@@ -59,40 +59,29 @@ class MoePattern:
     def anchors(self, view: View) -> Iterable[int]:
         out = []
         for i, e in enumerate(view.jaxpr.eqns):
-            if e.primitive.name in ("scatter-add", "scatter_add") and len(_shape(e.outvars[0])) == 2:
+            if len(_shape(e.outvars[0])) != 2:
+                continue
+            if e.primitive.name in ("scatter-add", "scatter_add"):
                 upd = view.canon(e.invars[2])
                 if view.op(upd) == "mul" and "ragged_dot_general" in [view.op(a) for a in view.args(upd)]:
                     out.append(i)
-                continue
-            if e.primitive.name != "dot_general" or len(_shape(e.outvars[0])) != 2:
-                continue
-            ops = [view.op(_skip_convert(view, v)) for v in e.invars]
-            ranks = sorted(len(_shape(v)) for v in e.invars)
-            if any(op in _COMBINE_OPS for op in ops) or ranks == [2, 3]:
-                out.append(i)
+            elif _weighted_sum(view, e) is not None:
+                ops = [view.op(_skip_convert(view, v)) for v in _weighted_sum(view, e)[:2]]
+                if ops[1] in _COMBINE_OPS or len(_shape(_weighted_sum(view, e)[1])) == 2:
+                    out.append(i)
         return out
 
     def match(self, view: View, anchor: int) -> Proposal | NoMatch:
         eqn = view.jaxpr.eqns[anchor]
-        if eqn.primitive.name != "dot_general":
+        if eqn.primitive.name in ("scatter-add", "scatter_add"):
             return self._match_scatter(view, anchor)
-        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-        sides = list(eqn.invars)
-        for c_i in (0, 1):
-            c_atom, o_atom = sides[c_i], sides[1 - c_i]
-            comb = combine_matrix(view, c_atom)
-            if comb is None:
-                continue
+        ws = _weighted_sum(view, eqn)
+        if ws is None:
+            return NoMatch(anchor, "not a weighted sum of expert outputs", OP)
+        o_atom, w_atom, o_sum, o_tok = ws
+        comb = combine_matrix(view, w_atom)
+        if comb is not None:
             weights, ids, num_e = comb
-            c_con, c_bat = ((lc, lb), (rc, rb))[c_i]
-            o_con, o_bat = ((lc, lb), (rc, rb))[1 - c_i]
-            if (
-                len(_shape(c_atom)) != 2
-                or _shape(c_atom)[1] != num_e
-                or tuple(c_con) != (1,)
-                or tuple(c_bat) != (0,)
-            ):
-                return NoMatch(anchor, "the combine matrix is not contracted over experts per token", OP)
             ffn = dense_expert_outputs(view, o_atom, num_e)
             if ffn is None:
                 return NoMatch(
@@ -101,35 +90,19 @@ class MoePattern:
                     "every expert's FFN on every token",
                     OP,
                 )
-            if (
-                len(o_con) != 1
-                or len(o_bat) != 1
-                or ffn.labels[o_con[0]] != "E"
-                or ffn.labels[o_bat[0]] != "T"
-            ):
+            if ffn.labels[o_sum] != "E" or ffn.labels[o_tok] != "T":
                 return NoMatch(anchor, "the combine does not sum expert outputs over experts per token", OP)
-            return _proposal(view, anchor, ffn, weights, ids, num_e, "dense", c_atom.aval.dtype)
-        for w_i in (0, 1):
-            w_atom, o_atom = view.canon(sides[w_i]), sides[1 - w_i]
-            if len(_shape(w_atom)) != 2:
-                continue
-            dispatch, got = "gather", gathered_expert_outputs(view, o_atom)
-            if got is None:
-                dispatch, got = "sorted", sorted_expert_outputs(view, o_atom)
-            if got is None:
-                continue
-            ffn, ids = got
-            w_con, w_bat = ((lc, lb), (rc, rb))[w_i]
-            o_con, o_bat = ((lc, lb), (rc, rb))[1 - w_i]
-            if (tuple(w_con), tuple(w_bat)) != ((1,), (0,)) or len(o_con) != 1 or len(o_bat) != 1:
-                continue
-            if ffn.labels[o_con[0]] != "K" or ffn.labels[o_bat[0]] != "T":
-                continue
-            weights = _skip_convert(view, w_atom)
-            return _proposal(
-                view, anchor, ffn, weights, ids, _shape(ffn.w_down)[0], dispatch, w_atom.aval.dtype
-            )
-        return NoMatch(anchor, "no combine of expert outputs by router weights", OP)
+            return _proposal(view, anchor, ffn, weights, ids, num_e, "dense", w_atom.aval.dtype)
+        dispatch, got = "gather", gathered_expert_outputs(view, o_atom)
+        if got is None:
+            dispatch, got = "sorted", sorted_expert_outputs(view, o_atom)
+        if got is None:
+            return NoMatch(anchor, "no combine of expert outputs by router weights", OP)
+        ffn, ids = got
+        if ffn.labels[o_sum] != "K" or ffn.labels[o_tok] != "T":
+            return NoMatch(anchor, "the combine does not sum the k expert outputs per token", OP)
+        weights = _skip_convert(view, w_atom)
+        return _proposal(view, anchor, ffn, weights, ids, _shape(ffn.w_down)[0], dispatch, w_atom.aval.dtype)
 
     def _match_scatter(self, view: View, anchor: int) -> Proposal | NoMatch:
         got = sorted_scatter_combine(view, view.jaxpr.eqns[anchor].outvars[0])
@@ -138,6 +111,39 @@ class MoePattern:
         ffn, ids, weights = got
         combine_dtype = view.jaxpr.eqns[anchor].outvars[0].aval.dtype
         return _proposal(view, anchor, ffn, weights, ids, _shape(ffn.w_down)[0], "sorted", combine_dtype)
+
+
+def _weighted_sum(view: View, eqn: Any) -> tuple[Any, Any, int, int] | None:
+    """(o, w, summed dim of o, token dim of o) for y[t, d] = sum_s o[.., t, s, d ..] * w[t, s].
+
+    Spelled as `einsum('tsd,ts->td')` (a dot_general batching t and contracting s; w is 2-D,
+    o 3-D) or as `sum(o * w[..., None], axis=s)`. The dims of w must be (token, summed).
+    """
+    if eqn.primitive.name == "dot_general":
+        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        for w_i in (0, 1):
+            w, o = eqn.invars[w_i], eqn.invars[1 - w_i]
+            w_con, w_bat = ((lc, lb), (rc, rb))[w_i]
+            o_con, o_bat = ((lc, lb), (rc, rb))[1 - w_i]
+            if len(_shape(w)) != 2 or len(_shape(o)) != 3 or len(o_con) != 1 or len(o_bat) != 1:
+                continue
+            if (tuple(w_con), tuple(w_bat)) == ((1,), (0,)):
+                return o, w, o_con[0], o_bat[0]
+        return None
+    if eqn.primitive.name == "reduce_sum" and len(eqn.params["axes"]) == 1:
+        prod = view.canon(eqn.invars[0])
+        if view.op(prod) != "mul" or len(_shape(prod)) != 3:
+            return None
+        (axis,) = eqn.params["axes"]
+        a, b = view.args(prod)
+        for o, wexp in ((a, b), (b, a)):
+            w, dims = idioms.unexpand(view, wexp)
+            if len(_shape(w)) != 2 or len(_shape(o)) != 3 or dims.get(1) != axis:
+                continue
+            tok = dims.get(0)
+            if tok is not None and tok != axis:  # the third dim of w's expansion is a broadcast
+                return o, w, axis, tok
+    return None
 
 
 MOE = MoePattern()

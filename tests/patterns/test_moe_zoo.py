@@ -23,6 +23,7 @@ FUSED = {
     "gather_decode_einsum": "gather",
     "sorted_maxtext_ragged_dot": "sorted",
     "shared_deepseek_v3_sorted": "sorted",
+    "scan_layers_sorted": "sorted",
 }
 
 
@@ -64,3 +65,30 @@ def test_moe_near_miss_never_fuses_as_moe(make):
         assert _moe_sites(plan) == [], f"{case.note}\n{plan}"
     got = moefuse.jit(case.fn, verify=True)(*case.args)
     assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(jax.jit(case.fn)(*case.args))
+
+
+GRAD_CASES = [m for m in ALL_MOE_BLOCKS if m.__name__.removeprefix("make_") in FUSED]
+
+
+@pytest.mark.parametrize("make", GRAD_CASES, ids=lambda m: m.__name__.removeprefix("make_"))
+def test_grad_through_fused_blocks_equals_the_original(make):
+    """Training through the pass: gradients w.r.t. every floating input match the original's."""
+    case = make()
+    dtypes = [{np.asarray(leaf).dtype for leaf in jax.tree_util.tree_leaves(a)} for a in case.args]
+    floats = [i for i, d in enumerate(dtypes) if d == {np.dtype(np.float32)}]
+    if not floats:
+        pytest.skip("bf16 case: gradients are compared in the f32 cases")
+
+    def loss(fn):
+        def f(*args):
+            out = jax.tree_util.tree_leaves(fn(*args))[0]
+            return (out * np.cos(np.arange(out.size).reshape(out.shape))).sum()
+
+        return f
+
+    argnums = tuple(floats)
+    want = jax.jit(jax.grad(loss(case.fn), argnums=argnums))(*case.args)
+    got = jax.jit(jax.grad(loss(moefuse.fuse(case.fn)), argnums=argnums))(*case.args)
+    assert "custom_vjp_call" in str(jax.make_jaxpr(moefuse.fuse(case.fn))(*case.args))
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
