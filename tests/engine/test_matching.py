@@ -157,3 +157,24 @@ def test_a_crashing_pattern_declines_instead_of_breaking_the_program(monkeypatch
     plan = moefuse.plan(mixtral, X, W)
     assert plan.fused == [] and "internal error" in plan.declined[0].reason
     np.testing.assert_array_equal(moefuse.jit(mixtral)(X, W)[1], jax.jit(mixtral)(X, W)[1])
+
+
+def test_plan_shows_the_flax_module_path():
+    import flax.linen as nn
+
+    class Router(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            p = jax.nn.softmax(nn.Dense(8, use_bias=False, name="gate")(x), -1)
+            v, i = lax.top_k(p, 2)
+            return v / v.sum(-1, keepdims=True), i
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return Router(name="router")(x)
+
+    params = Block().init(KEY, X)
+    (site,) = moefuse.plan(Block().apply, params, X).fused
+    assert site.scope == "Block/router"
+    assert "[Block/router]" in str(moefuse.plan(Block().apply, params, X))
