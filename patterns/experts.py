@@ -509,3 +509,129 @@ def _ragged(view: View, atom: Any) -> tuple[Any, Any, Any, tuple, Any] | None:
     rows, w, sizes = (view.canon(v) for v in eqn.invars)
     dims = ("E", "D", "F") if rc[0] == 1 else ("E", "F", "D")
     return rows, w, sizes, dims, None
+
+
+def looped_expert_outputs(view: View, y: Any) -> tuple[ExpertFfn, Any, Any] | None:
+    """(ffn, weights, ids) for y = sum over e in range(E) of weight_e[:, None] * FFN(x; W[e]).
+
+    The Python-loop spelling (HF Mixtral / Qwen2-MoE ports): weight_e = sum(where(ids == e, w, 0), -1)
+    and each expert's FFN reads the e-th slice of stacked weights. Every expert must appear once.
+    """
+    terms = [t for t in _sum_terms(view, y) if view.scalar(t) != 0.0]
+    seen: dict[int, tuple] = {}
+    for term in terms:
+        got = _loop_term(view, term)
+        if got is None:
+            return None
+        e, key = got
+        if e in seen:
+            return None
+        seen[e] = key
+    keys = set(seen.values())
+    if len(keys) != 1:
+        return None
+    ((x, stacks, act, w, ids),) = keys
+    num_e = _shape(stacks[-1][0])[0]
+    if sorted(seen) != list(range(num_e)):
+        return None
+    (wg, wg_dims), up, (wd, wd_dims) = stacks if len(stacks) == 3 else (stacks[0], None, stacks[1])
+    ffn = ExpertFfn(
+        x=x,
+        w_gate=wg,
+        w_up=None if up is None else up[0],
+        w_down=wd,
+        activation=act,
+        labels=("T", "D"),
+        w_gate_dims=wg_dims,
+        w_up_dims=None if up is None else up[1],
+        w_down_dims=wd_dims,
+    )
+    return ffn, w, ids
+
+
+def _sum_terms(view: View, atom: Any) -> list[Any]:
+    atom = view.canon(atom)
+    if view.op(atom) == "add":
+        return [t for a in view.args(atom) for t in _sum_terms(view, a)]
+    return [atom]
+
+
+def _loop_term(view: View, term: Any) -> tuple[int, tuple] | None:
+    """(e, key) for term = weight_e[:, None] * FFN_e(x); key holds what must agree across experts."""
+    if view.op(term) != "mul" or len(_shape(term)) != 2:
+        return None
+    for wexp, cur in (view.args(term), view.args(term)[::-1]):
+        we, dims = idioms.unexpand(view, wexp)
+        if len(_shape(we)) != 1 or dims.get(0) != 0:
+            continue
+        sel = _expert_weight(view, we)
+        if sel is None:
+            continue
+        e, w, ids = sel
+        down = _expert_slice_dot(view, cur, e, contracted="F")
+        if down is None:
+            continue
+        a, wd = down
+        inner = _activation(view, a)
+        if inner is None:
+            continue
+        act, gate, up = inner
+        g = _expert_slice_dot(view, gate, e, contracted="D")
+        u = None if up is None else _expert_slice_dot(view, up, e, contracted="D")
+        if g is None or (up is not None and (u is None or not view.same(u[0], g[0]))):
+            continue
+        stacks = (g[1], wd) if u is None else (g[1], u[1], wd)
+        return e, (view.canon(g[0]), stacks, act, w, ids)
+    return None
+
+
+def _expert_weight(view: View, atom: Any) -> tuple[int, Any, Any] | None:
+    """(e, w, ids) for atom = sum(where(ids == e, w, 0), axis=-1)."""
+    if view.op(atom) != "reduce_sum" or tuple(view.params(atom)["axes"]) != (1,):
+        return None
+    (sel,) = view.args(atom)
+    if view.op(sel) != "select_n":
+        return None
+    pred, on_false, on_true = view.args(sel)
+    if view.scalar(on_false) != 0.0 or view.op(pred) != "eq":
+        return None
+    a, b = view.args(pred)
+    for ids, lit in ((a, b), (b, a)):
+        e = view.scalar(lit)
+        if e is not None and len(_shape(ids)) == 2 and _shape(ids) == _shape(on_true):
+            return int(e), view.canon(on_true), view.canon(ids)
+    return None
+
+
+def _expert_slice_dot(view: View, atom: Any, e: int, contracted: str) -> tuple[Any, tuple] | None:
+    """(lhs, (W, W labels)) for atom = lhs[T, n] . M where M is (a transpose of) W[e] of stacked W."""
+    got = _dot(view, atom)
+    if got is None:
+        return None
+    lhs, rhs, lc, rc, lb, rb = got
+    if lb or rb or len(_shape(lhs)) != 2 or tuple(lc) != (1,) or len(_shape(rhs)) != 2:
+        return None
+    base, perm = _through_transpose(view, rhs)
+    sq = view.producer(base)
+    if sq is None or sq.primitive.name != "squeeze" or tuple(sq.params["dimensions"]) != (0,):
+        return None
+    sl = view.producer(sq.invars[0])
+    if sl is None or sl.primitive.name != "slice" or any(st != 1 for st in sl.params.get("strides") or ()):
+        return None
+    stacked = view.canon(sl.invars[0])
+    if (
+        sl.params["start_indices"][0] != e
+        or sl.params["limit_indices"][0] != e + 1
+        or len(_shape(stacked)) != 3
+    ):
+        return None
+    if any(
+        sl.params["start_indices"][d] != 0 or sl.params["limit_indices"][d] != _shape(stacked)[d]
+        for d in (1, 2)
+    ):
+        return None
+    w_dim = 1 + perm[rc[0]]  # the stacked weight's dim that the matmul contracts
+    labels = ["E", "?", "?"]
+    labels[w_dim] = contracted
+    labels[3 - w_dim] = "F" if contracted == "D" else "D"
+    return lhs, (stacked, tuple(labels))

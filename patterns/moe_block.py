@@ -21,6 +21,7 @@ from moefuse.patterns.experts import (
     ExpertFfn,
     dense_expert_outputs,
     gathered_expert_outputs,
+    looped_expert_outputs,
     sorted_expert_outputs,
     sorted_scatter_combine,
 )
@@ -37,6 +38,20 @@ SUPPORTED = (
         "`einsum('td,edf->tef')` per projection (any dim order, "
         "fused gate/up split), `vmap` over experts; combine by `one_hot(ids) * w` summed over k or by "
         "scatter of w",
+        "num_experts, k, activation",
+    ),
+    (
+        OP,
+        "sorted dispatch",
+        "argsort of flat ids, `x[perm // k]`, bincount / one_hot-sum group sizes, `lax.ragged_dot` "
+        "(separate or split gate/up), unpermute by inverse-permutation gather or scatter, or a weighted "
+        "`.at[perm // k].add`",
+        "num_experts, k, activation",
+    ),
+    (
+        OP,
+        "Python loop over experts",
+        "`for e in range(E)`: `sum(where(ids == e, w, 0), -1)[:, None] * ffn(x, w1[e], ...)`",
         "num_experts, k, activation",
     ),
     (
@@ -65,6 +80,8 @@ class MoePattern:
                 upd = view.canon(e.invars[2])
                 if view.op(upd) == "mul" and "ragged_dot_general" in [view.op(a) for a in view.args(upd)]:
                     out.append(i)
+            elif e.primitive.name == "add" and _is_loop_sum_root(view, e):
+                out.append(i)
             elif _weighted_sum(view, e) is not None:
                 ops = [view.op(_skip_convert(view, v)) for v in _weighted_sum(view, e)[:2]]
                 if ops[1] in _COMBINE_OPS or len(_shape(_weighted_sum(view, e)[1])) == 2:
@@ -75,6 +92,14 @@ class MoePattern:
         eqn = view.jaxpr.eqns[anchor]
         if eqn.primitive.name in ("scatter-add", "scatter_add"):
             return self._match_scatter(view, anchor)
+        if eqn.primitive.name == "add":
+            got = looped_expert_outputs(view, eqn.outvars[0])
+            if got is None:
+                return NoMatch(anchor, "a sum of per-expert terms, but not one term per expert FFN", OP)
+            ffn, weights, ids = got
+            return _proposal(
+                view, anchor, ffn, weights, ids, _shape(ffn.w_down)[0], "loop", weights.aval.dtype
+            )
         ws = _weighted_sum(view, eqn)
         if ws is None:
             return NoMatch(anchor, "not a weighted sum of expert outputs", OP)
@@ -111,6 +136,26 @@ class MoePattern:
         ffn, ids, weights = got
         combine_dtype = view.jaxpr.eqns[anchor].outvars[0].aval.dtype
         return _proposal(view, anchor, ffn, weights, ids, _shape(ffn.w_down)[0], "sorted", combine_dtype)
+
+
+def _is_loop_sum_root(view: View, eqn: Any) -> bool:
+    """The last add of a chain that adds per-expert weighted terms (w_e[:, None] * FFN_e(x))."""
+    if not _adds_expert_term(view, eqn):
+        return False
+    return not any(
+        u.primitive.name == "add" and _adds_expert_term(view, u) for u in view.users(eqn.outvars[0])
+    )
+
+
+def _adds_expert_term(view: View, eqn: Any) -> bool:
+    for term in view.args(eqn.outvars[0]):
+        if view.op(term) != "mul":
+            continue
+        for side in view.args(term):
+            base, _ = idioms.unexpand(view, side)
+            if view.op(base) == "reduce_sum" and view.op(view.args(base)[0]) == "select_n":
+                return True
+    return False
 
 
 def _weighted_sum(view: View, eqn: Any) -> tuple[Any, Any, int, int] | None:

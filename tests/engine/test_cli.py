@@ -296,8 +296,6 @@ def test_explain_module_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 def test_patterns_table(capsys: pytest.CaptureFixture[str]) -> None:
     from moefuse import patterns
 
-    if not hasattr(patterns, "supported_table"):
-        pytest.skip("moefuse.patterns.supported_table() does not exist yet")
     code, out, err = _run(["patterns"], capsys)
     assert code == 0, err
     assert out.strip() == patterns.supported_table().strip()

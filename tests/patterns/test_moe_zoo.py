@@ -24,6 +24,7 @@ FUSED = {
     "sorted_maxtext_ragged_dot": "sorted",
     "shared_deepseek_v3_sorted": "sorted",
     "scan_layers_sorted": "sorted",
+    "loop_masks_mixtral": "loop",
 }
 
 
