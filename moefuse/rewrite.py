@@ -75,7 +75,16 @@ def analyse(closed: C.ClosedJaxpr, platform: str, path: str = "") -> Level:
     declined: list[Decline] = []
     claimed: set[int] = set()
     for pattern in PATTERNS:
-        for anchor in sorted(pattern.anchors(view), reverse=True):
+        try:
+            anchors = sorted(pattern.anchors(view), reverse=True)
+        except Exception:  # noqa: BLE001 - a pattern bug must never break the user's program
+            log.warning(
+                "moefuse: the %s pattern failed to scan a jaxpr; nothing fused by it there",
+                pattern.op,
+                exc_info=True,
+            )
+            continue
+        for anchor in anchors:
             if anchor in claimed:
                 continue
             got = _try(view, pattern, anchor, platform, path, claimed)

@@ -224,47 +224,33 @@ def _plain_activation(view: View, atom: Any) -> tuple[str, Any] | None:
     return None
 
 
+def _with_const(view: View, atom: Any, op: str, const: float) -> Any | None:
+    """y if atom is `op(y, const)` or `op(const, y)` (const matched to float32 rounding)."""
+    if view.op(atom) != op:
+        return None
+    a, b = view.args(atom)
+    for y, c in ((a, b), (b, a)):
+        if _close(view.scalar(c), const):
+            return y
+    return None
+
+
 def _gelu_tanh(view: View, atom: Any) -> Any | None:
     """x for x * (0.5 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))) as jax.nn.gelu spells it."""
     a, b = view.args(atom)
     for x, h in ((a, b), (b, a)):
-        if view.op(h) != "mul":
-            continue
-        h0, h1 = view.args(h)
-        half, one_plus = (h0, h1) if view.scalar(h0) == 0.5 else (h1, h0)
-        if view.scalar(half) != 0.5 or view.op(one_plus) != "add":
-            continue
-        p0, p1 = view.args(one_plus)
-        t = p1 if view.scalar(p0) == 1.0 else p0 if view.scalar(p1) == 1.0 else None
+        one_plus = _with_const(view, h, "mul", 0.5)
+        t = None if one_plus is None else _with_const(view, one_plus, "add", 1.0)
         if t is None or view.op(t) != "tanh":
             continue
-        (inner,) = view.args(t)
-        if view.op(inner) != "mul":
-            continue
-        c0, c1 = view.args(inner)
-        poly = (
-            c1
-            if _close(view.scalar(c0), SQRT_2_OVER_PI)
-            else c0
-            if _close(view.scalar(c1), SQRT_2_OVER_PI)
-            else None
-        )
+        poly = _with_const(view, view.args(t)[0], "mul", SQRT_2_OVER_PI)
         if poly is None or view.op(poly) != "add":
             continue
-        q0, q1 = view.args(poly)
-        for xx, cube in ((q0, q1), (q1, q0)):
-            if view.same(xx, x) and view.op(cube) == "mul":
-                k0, k1 = view.args(cube)
-                pw = (
-                    k1
-                    if _close(view.scalar(k0), GELU_TANH_C)
-                    else k0
-                    if _close(view.scalar(k1), GELU_TANH_C)
-                    else None
-                )
-                if pw is not None and view.op(pw) == "integer_pow" and view.params(pw)["y"] == 3:
-                    if view.same(view.args(pw)[0], x):
-                        return x
+        for xx, cube in (view.args(poly), view.args(poly)[::-1]):
+            pw = _with_const(view, cube, "mul", GELU_TANH_C)
+            if view.same(xx, x) and pw is not None and view.op(pw) == "integer_pow":
+                if view.params(pw)["y"] == 3 and view.same(view.args(pw)[0], x):
+                    return x
     return None
 
 
@@ -272,22 +258,17 @@ def _gelu_erf(view: View, atom: Any) -> Any | None:
     """x for (0.5 * x) * erfc(-x / sqrt(2)) as jax.nn.gelu(approximate=False) spells it."""
     a, b = view.args(atom)
     for half_x, e in ((a, b), (b, a)):
-        if view.op(e) != "erfc" or view.op(half_x) != "mul":
+        x = _with_const(view, half_x, "mul", 0.5)
+        if x is None or view.op(e) != "erfc":
             continue
-        h0, h1 = view.args(half_x)
-        x = h1 if view.scalar(h0) == 0.5 else h0 if view.scalar(h1) == 0.5 else None
-        (arg,) = view.args(e)
-        if x is None or view.op(arg) != "mul":
-            continue
-        m0, m1 = view.args(arg)
-        neg = m0 if _close(view.scalar(m1), INV_SQRT2) else m1 if _close(view.scalar(m0), INV_SQRT2) else None
+        neg = _with_const(view, view.args(e)[0], "mul", INV_SQRT2)
         if neg is not None and view.op(neg) == "neg" and view.same(view.args(neg)[0], x):
             return x
     return None
 
 
 def _close(a: float | None, b: float) -> bool:
-    return a is not None and abs(a - b) <= 1e-6 * abs(b)
+    return a is not None and abs(a - b) <= 1e-6 * max(abs(b), 1e-30)
 
 
 def gathered_expert_outputs(view: View, out: Any) -> tuple[ExpertFfn, Any] | None:

@@ -17,6 +17,9 @@ from typing import Any
 
 import jax.numpy as jnp
 from jax import lax
+
+from moefuse import idioms
+from moefuse.match import NoMatch, Proposal
 from moefuse.patterns.experts import (
     ExpertFfn,
     dense_expert_outputs,
@@ -25,9 +28,6 @@ from moefuse.patterns.experts import (
     sorted_expert_outputs,
     sorted_scatter_combine,
 )
-
-from moefuse import idioms
-from moefuse.match import NoMatch, Proposal
 from moefuse.view import View
 
 OP = "moe"
@@ -74,7 +74,7 @@ class MoePattern:
     def anchors(self, view: View) -> Iterable[int]:
         out = []
         for i, e in enumerate(view.jaxpr.eqns):
-            if len(_shape(e.outvars[0])) != 2:
+            if len(e.outvars) != 1 or len(_shape(e.outvars[0])) != 2:
                 continue
             if e.primitive.name in ("scatter-add", "scatter_add"):
                 upd = view.canon(e.invars[2])

@@ -178,3 +178,15 @@ def test_plan_shows_the_flax_module_path():
     (site,) = moefuse.plan(Block().apply, params, X).fused
     assert site.scope == "Block/router"
     assert "[Block/router]" in str(moefuse.plan(Block().apply, params, X))
+
+
+def test_a_pattern_whose_scan_crashes_fuses_nothing_and_breaks_nothing(monkeypatch, caplog):
+    from moefuse.patterns.router import ROUTER
+
+    def boom(view):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(ROUTER, "anchors", boom)
+    assert moefuse.plan(mixtral, X, W).fused == []
+    assert any("router" in r.getMessage() or "route" in r.getMessage() for r in caplog.records)
+    np.testing.assert_array_equal(moefuse.jit(mixtral)(X, W)[1], jax.jit(mixtral)(X, W)[1])

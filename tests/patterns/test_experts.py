@@ -1,0 +1,78 @@
+"""Unit tests of expert-FFN recognition: activations and labelled expert projections."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from moefuse.patterns.experts import _activation, _plain_activation, dense_expert_outputs
+from moefuse.rewrite import inline_jits
+from moefuse.view import View
+
+
+def _view(fn, *args):
+    closed = inline_jits(jax.make_jaxpr(fn)(*args))
+    return View(closed), closed.jaxpr.outvars[0]
+
+
+@pytest.mark.parametrize(
+    "fn, name",
+    [
+        (lambda x: jax.nn.gelu(x, approximate=True), "gelu_tanh"),
+        (lambda x: jax.nn.gelu(x, approximate=False), "gelu"),
+        (jax.nn.relu, "relu"),
+        (jax.nn.silu, "silu"),
+        (lambda x: x * jax.nn.sigmoid(x), "silu"),
+    ],
+)
+def test_plain_activations(fn, name):
+    view, out = _view(fn, jnp.ones((4,)))
+    got = _plain_activation(view, out)
+    assert got is not None and got[0] == name and view.op(got[1]) == "input"
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        jnp.tanh,
+        lambda x: x * jax.nn.sigmoid(2 * x),
+        lambda x: jax.nn.gelu(x) + 1,
+        lambda x: jnp.maximum(x, 1),
+    ],
+)
+def test_not_activations(fn):
+    view, out = _view(fn, jnp.ones((4,)))
+    assert _plain_activation(view, out) is None
+
+
+def test_gated_activation_binds_gate_and_up():
+    view, out = _view(lambda g, u: jax.nn.silu(g) * u, jnp.ones((4,)), jnp.zeros((4,)))
+    name, gate, up = _activation(view, out)
+    assert name == "swiglu" and gate is view.jaxpr.invars[0] and up is view.jaxpr.invars[1]
+
+
+@pytest.mark.parametrize(
+    "spec_in, spec_out, wd_shape",
+    [("td,edf->tef", "tef,efd->ted", (8, 16, 4)), ("td,efd->etf", "etf,edf->ted", (8, 4, 16))],
+)
+def test_dense_expert_outputs_labels_dims_through_any_einsum(spec_in, spec_out, wd_shape):
+    x = jnp.ones((3, 4))
+    wg = jnp.ones((8, 4, 16)) if spec_in.startswith("td,edf") else jnp.ones((8, 16, 4))
+
+    def fn(x, wg, wu, wd):
+        return jnp.einsum(spec_out, jax.nn.silu(jnp.einsum(spec_in, x, wg)) * jnp.einsum(spec_in, x, wu), wd)
+
+    view, out = _view(fn, x, wg, wg, jnp.ones(wd_shape))
+    ffn = dense_expert_outputs(view, out, 8)
+    assert ffn is not None and ffn.activation == "swiglu"
+    assert ffn.labels == ("T", "E", "D")
+    assert ffn.w_gate_dims == (("E", "D", "F") if spec_in.startswith("td,edf") else ("E", "F", "D"))
+
+
+def test_dense_expert_outputs_rejects_an_expert_transform_after_the_ffn():
+    def fn(x, wg, wd):
+        return jnp.tanh(jnp.einsum("tef,efd->ted", jax.nn.relu(jnp.einsum("td,edf->tef", x, wg)), wd))
+
+    view, out = _view(fn, jnp.ones((3, 4)), jnp.ones((8, 4, 16)), jnp.ones((8, 16, 4)))
+    assert dense_expert_outputs(view, out, 8) is None
