@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax import lax
+
 from moefuse.kernels.route import RouteParams, route
 
 IMPLS = ("reference", "xla")
