@@ -36,6 +36,8 @@ class ExpertFfn:
     w_down_dims: tuple[str, ...]
     gate_cols: tuple[int, int] | None = None  # F range of w_gate's F dim (fused gate_up weights)
     up_cols: tuple[int, int] | None = None
+    biases: tuple[tuple[Any, tuple[str, ...]] | None, ...] = (None, None, None)
+    """(bias, its dim labels) added after the gate, up and down projections, or None each."""
 
 
 def _shape(a: Any) -> tuple[int, ...]:
@@ -66,12 +68,41 @@ def _dot_labels(lhs_l, rhs_l, lc, rc, lb, rb) -> tuple[str, ...]:
     return tuple([lhs_l[i] for i in lb] + free_l + free_r)
 
 
+def _strip_bias(view: View, atom: Any) -> tuple[Any, Any, dict[int, int] | None]:
+    """(inner, bias, bias dim -> atom dim) for atom = inner + broadcast(bias [a, b]).
+
+    (atom, None, None) when there is no such bias.
+    """
+    atom = view.canon(atom)
+    if view.op(atom) != "add":
+        return atom, None, None
+    for inner, b in (view.args(atom), view.args(atom)[::-1]):
+        base, dims = idioms.unexpand(view, b)
+        if len(_shape(base)) == 2 and len(dims) == 2 and len(_shape(inner)) == len(_shape(atom)):
+            if view.op(inner) in ("dot_general", "transpose"):
+                return view.canon(inner), base, dims
+    return atom, None, None
+
+
+def _bias_labels(bias: Any, dims: dict[int, int] | None, labels: tuple[str, ...], want: set[str]):
+    """(bias, its labels) when the bias runs along exactly the `want` dims, None without bias."""
+    if bias is None:
+        return None
+    got = tuple(labels[dims[i]] for i in range(2))
+    return (bias, got) if set(got) == want else False
+
+
 def dense_expert_outputs(view: View, out: Any, num_experts: int) -> ExpertFfn | None:
-    """Recognise `out` as the down projection of every expert on every token."""
+    """Recognise `out` as the down projection of every expert on every token (+ biases)."""
     base, perm = _through_transpose(view, out)
     if view.op(base) == "convert_element_type":  # outputs upcast before the combine
         base, perm2 = _through_transpose(view, view.args(base)[0])
         perm = tuple(perm2[p] for p in perm)
+    base, b_down, b_down_map = _strip_bias(view, base)
+    if b_down is not None:
+        base, perm3 = _through_transpose(view, base)
+        b_down_map = {i: perm3[d] for i, d in b_down_map.items()}
+        perm = tuple(perm3[p] for p in perm)
     got = _dot(view, base)
     if got is None:
         return None
@@ -86,9 +117,11 @@ def dense_expert_outputs(view: View, out: Any, num_experts: int) -> ExpertFfn | 
         g = _up_projection(view, gate, num_experts)
         if g is None:
             continue
-        x, w_gate, g_labels, wg_dims, g_cols = g
+        x, w_gate, g_labels, wg_dims, g_cols, g_bias = g
         u = None if up is None else _up_projection(view, up, num_experts)
         if up is not None and (u is None or u[0] is not x or u[2] != g_labels):
+            continue
+        if g_bias is False or (u is not None and u[5] is False):
             continue
         if (g_cols is None) != (u is None or u[4] is None):
             continue  # both halves of one fused weight, or two separate weights
@@ -102,6 +135,9 @@ def dense_expert_outputs(view: View, out: Any, num_experts: int) -> ExpertFfn | 
             labels = _dot_labels(tuple(wd_dims), g_labels, wc, ac, wb, ab)
         else:
             labels = _dot_labels(g_labels, tuple(wd_dims), ac, wc, ab, wb)
+        down_bias = _bias_labels(b_down, b_down_map, labels, {"E", "D"})
+        if down_bias is False:
+            continue
         labels = tuple(labels[p] for p in perm)
         return ExpertFfn(
             x=x,
@@ -115,16 +151,24 @@ def dense_expert_outputs(view: View, out: Any, num_experts: int) -> ExpertFfn | 
             w_down_dims=tuple(wd_dims),
             gate_cols=g_cols,
             up_cols=None if u is None else u[4],
+            biases=(g_bias, None if u is None else u[5], down_bias),
         )
     return None
 
 
-def _up_projection(view: View, atom: Any, num_experts: int) -> tuple[Any, Any, tuple, tuple, Any] | None:
-    """(x, W, labels of atom, labels of W, F column range or None) for atom = x[T, D] . W[E, D, F].
+def _up_projection(view: View, atom: Any, num_experts: int) -> tuple | None:
+    """(x, W, labels of atom, labels of W, F column range or None, bias) for atom = x . W[E, D, F].
 
     A slice along F of such a product (gate and up halves of a fused [E, D, 2F] weight) is
-    returned with the column range it keeps.
+    returned with the column range it keeps. bias is None, (bias, its labels) for `+ b[E, F]`,
+    or False for an addend that is not a per-expert bias.
     """
+    inner, bias, bias_map = _strip_bias(view, atom)
+    if bias is not None:
+        got = _up_projection(view, inner, num_experts)
+        if got is None or got[4] is not None or got[5] is not None:
+            return None
+        return (*got[:5], _bias_labels(bias, bias_map, got[2], {"E", "F"}))
     atom = view.canon(atom)
     eqn = view.producer(atom)
     if (
@@ -133,21 +177,21 @@ def _up_projection(view: View, atom: Any, num_experts: int) -> tuple[Any, Any, t
         and not any(st != 1 for st in eqn.params.get("strides") or ())
     ):
         inner = _up_projection(view, eqn.invars[0], num_experts)
-        if inner is None or inner[4] is not None:
+        if inner is None or inner[4] is not None or inner[5] is not None:
             return None
         starts, limits = eqn.params["start_indices"], eqn.params["limit_indices"]
         shape = _shape(eqn.invars[0])
         cut = [d for d in range(len(shape)) if (starts[d], limits[d]) != (0, shape[d])]
         if len(cut) != 1 or inner[2][cut[0]] != "F":
             return None
-        return (*inner[:4], (int(starts[cut[0]]), int(limits[cut[0]])))
+        return (*inner[:4], (int(starts[cut[0]]), int(limits[cut[0]])), None)
     if eqn is not None and eqn.primitive.name == "split":
         inner = _up_projection(view, eqn.invars[0], num_experts)
         axis, sizes = eqn.params["axis"], eqn.params["sizes"]
-        if inner is None or inner[4] is not None or inner[2][axis] != "F":
+        if inner is None or inner[4] is not None or inner[5] is not None or inner[2][axis] != "F":
             return None
         part = view.out_index(atom)
-        return (*inner[:4], (int(sum(sizes[:part])), int(sum(sizes[: part + 1]))))
+        return (*inner[:4], (int(sum(sizes[:part])), int(sum(sizes[: part + 1]))), None)
     base, perm = _through_transpose(view, atom)
     got = _dot(view, base)
     if got is None:
@@ -177,7 +221,7 @@ def _up_projection(view: View, atom: Any, num_experts: int) -> tuple[Any, Any, t
         labels = tuple(labels[p] for p in perm)
         if xc[0] != 1:
             continue  # tokens must be [T, D]
-        return x_side, w_side, labels, tuple(w_labels), None
+        return x_side, w_side, labels, tuple(w_labels), None, None
     return None
 
 

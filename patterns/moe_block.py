@@ -217,6 +217,21 @@ def combine_matrix(view: View, atom: Any) -> tuple[Any, Any, int] | None:
             if oh is not None and oh[1] == num_e and _shape(w_base) == _shape(oh[0]) and dims.get(1) == 1:
                 return w_base, oh[0], num_e
         return None
+    if name == "dot_general":  # einsum('tk,tke->te', w, one_hot(ids, E))
+        eqn = view.producer(atom)
+        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        w, oh_atom = (view.canon(v) for v in eqn.invars)
+        (wc, wb), (oc, ob) = (lc, lb), (rc, rb)
+        if len(_shape(w)) == 3:
+            w, oh_atom, (wc, wb), (oc, ob) = oh_atom, w, (oc, ob), (wc, wb)
+        oh = idioms.one_hot(view, oh_atom)
+        if oh is None or oh[1] != num_e or len(_shape(w)) != 2:
+            return None
+        if (tuple(wc), tuple(wb), tuple(oc), tuple(ob)) != ((1,), (0,), (1,), (0,)) or w is not _skip_convert(
+            view, w
+        ):
+            return None
+        return (w, oh[0], num_e) if _shape(oh[0]) == _shape(w) else None
     if name in ("scatter", "scatter-add", "scatter_add"):
         eqn = view.producer(atom)
         operand, indices, updates = (view.canon(v) for v in eqn.invars[:3])
@@ -245,15 +260,19 @@ def _proposal(
     y = view.jaxpr.eqns[anchor].outvars[0]
     act = {"geglu_tanh": "geglu", "gelu_tanh": "gelu"}.get(ffn.activation, ffn.activation)
     approx = ffn.activation.endswith("_tanh")
+    biased = any(b is not None for b in ffn.biases)
     params = MoeParams(
         num_experts=num_e,
         k=_shape(ids)[-1],
         activation=act,
         gelu_approximate=approx,
+        has_expert_bias=biased,
         weights_dtype=jnp.dtype(combine_dtype).name,
     )
     gated = ffn.w_up is not None
     inputs = [ffn.x, weights, ids, ffn.w_gate] + ([ffn.w_up] if gated else []) + [ffn.w_down]
+    inputs += [b[0] for b in ffn.biases if b is not None]
+    n_w = len(inputs) - sum(b is not None for b in ffn.biases)
     perms = (
         _perm(ffn.w_gate_dims, "EDF"),
         _perm(ffn.w_up_dims, "EDF") if gated else None,
@@ -262,15 +281,35 @@ def _proposal(
 
     def emit(kernel: str, x: Any, w: Any, i: Any, wg: Any, *rest: Any) -> list[Any]:
         wu, wd = (rest[0], rest[1]) if gated else (None, rest[0])
+        b_in, b_down = _bias_args(ffn, list(rest[n_w - 4 :]), x.dtype, _shape(wd)) if biased else (None, None)
         wg = jnp.transpose(_cols(wg, ffn.w_gate_dims, ffn.gate_cols), perms[0])
         wu = None if wu is None else jnp.transpose(_cols(wu, ffn.w_up_dims, ffn.up_cols), perms[1])
         wd = jnp.transpose(wd, perms[2])
-        out = moe_ffn(x, w, i, wg if wu is None else (wg, wu), wd, params, impl=kernel)
+        out = moe_ffn(
+            x, w, i, wg if wu is None else (wg, wu), wd, params, b_in=b_in, b_down=b_down, impl=kernel
+        )
         return [out.astype(y.aval.dtype)]
 
     described = {key: val for key, val in params.describe().items() if _relevant(params, key)}
     described["dispatch"] = dispatch
     return Proposal(op=OP, anchor=anchor, inputs=inputs, outputs=[y], params=described, emit=emit)
+
+
+def _bias_args(ffn: ExpertFfn, given: list[Any], dtype: Any, wd_shape: tuple[int, ...]) -> tuple[Any, Any]:
+    """(b_in, b_down) in the kernel's layout ([E, F] each, [E, D]); zeros where the program has none."""
+    e, f, d = (
+        wd_shape[ffn.w_down_dims.index("E")],
+        wd_shape[ffn.w_down_dims.index("F")],
+        wd_shape[ffn.w_down_dims.index("D")],
+    )
+    out = []
+    for b, want, shape in zip(ffn.biases, ("EF", "EF", "ED"), ((e, f), (e, f), (e, d)), strict=True):
+        if b is None:
+            out.append(jnp.zeros(shape, dtype))
+        else:
+            out.append(jnp.transpose(given.pop(0), tuple(b[1].index(c) for c in want)))
+    b_gate, b_up, b_down = out
+    return (b_gate if ffn.w_up is None else (b_gate, b_up)), b_down
 
 
 def _relevant(params: Any, key: str) -> bool:

@@ -25,6 +25,8 @@ FUSED = {
     "shared_deepseek_v3_sorted": "sorted",
     "scan_layers_sorted": "sorted",
     "loop_masks_mixtral": "loop",
+    "checkpoint_two_layers_relu_bias": "dense",
+    "vmap_experts_dict_gelu_bias": "dense",
 }
 
 
