@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
+
 from moefuse import _compat as C
 from moefuse import idioms
 from moefuse.rewrite import inline_jits
@@ -274,8 +276,9 @@ def _with_const(view: View, atom: Any, op: str, const: float) -> Any | None:
         return None
     a, b = view.args(atom)
     for y, c in ((a, b), (b, a)):
-        if _close(view.scalar(c), const):
-            return y
+        val = view.value(c)
+        if val is not None and val.size and _close(view.scalar(c), float(np.asarray(const, val.dtype))):
+            return y  # the constant as the program's dtype rounds it (bf16 1/sqrt(2) is 0.70703125)
     return None
 
 
@@ -316,7 +319,10 @@ def _close(a: float | None, b: float) -> bool:
 
 
 def gathered_expert_outputs(view: View, out: Any) -> tuple[ExpertFfn, Any] | None:
-    """(ffn, ids) if out[t, j] = FFN_{ids[t, j]}(x[t]) with weights gathered by ids (`w[ids]`)."""
+    """(ffn, ids) if out[..t, j] = FFN_{ids[..t, j]}(x[..t]) with weights gathered by ids (`w[ids]`).
+
+    Token dims may be several ([B, S, D] tokens with [B, S, K] ids): they are labelled "T" each.
+    """
     base, perm = _through_transpose(view, out)
     got = _dot(view, base)
     if got is None:
@@ -328,7 +334,9 @@ def gathered_expert_outputs(view: View, out: Any) -> tuple[ExpertFfn, Any] | Non
             continue
         num_experts = _shape(taken[0])[0]
         w_down, ids = taken
-        if len(_shape(ids)) != 2 or tuple(gb) != (0, 1) or len(gc) != 1 or gc[0] not in (2, 3):
+        nt = len(_shape(ids)) - 1  # token dims
+        batch = tuple(range(nt + 1))  # token dims and the k dim
+        if nt < 1 or tuple(gb) != batch or len(gc) != 1 or gc[0] - nt not in (1, 2):
             continue
         inner = _activation(view, a_side)
         if inner is None:
@@ -339,10 +347,10 @@ def gathered_expert_outputs(view: View, out: Any) -> tuple[ExpertFfn, Any] | Non
         if g is None or (up is not None and (u is None or u[0] is not g[0] or u[2] != g[2])):
             continue
         x, w_gate, labels, wg_dims = g
-        if labels != ("T", "K", "F") or tuple(ab) != (0, 1) or tuple(ac) != (2,):
+        if labels != ("T",) * nt + ("K", "F") or tuple(ab) != batch or tuple(ac) != (nt + 1,):
             continue
-        wd_dims = ("E", "F", "D") if gc[0] == 2 else ("E", "D", "F")
-        o_labels = ("T", "K", "D")  # batch (T, K), then the only free dim, D, whichever side it is on
+        wd_dims = ("E", "F", "D") if gc[0] - nt == 1 else ("E", "D", "F")
+        o_labels = ("T",) * nt + ("K", "D")  # batch (tokens, K), then D, whichever side it is on
         ffn = ExpertFfn(
             x=x,
             w_gate=w_gate,
@@ -359,22 +367,24 @@ def gathered_expert_outputs(view: View, out: Any) -> tuple[ExpertFfn, Any] | Non
 
 
 def _gathered_up(view: View, atom: Any, num_experts: int, ids: Any) -> tuple[Any, Any, tuple, tuple] | None:
-    """(x, W, labels, W labels) for atom = einsum('td,tkdf->tkf', x, W[ids])."""
+    """(x, W, labels, W labels) for atom = einsum('..d,..kdf->..kf', x, W[ids])."""
     base, perm = _through_transpose(view, atom)
     got = _dot(view, base)
     if got is None:
         return None
     lhs, rhs, lc, rc, lb, rb = got
-    if lhs is not view.canon(lhs) or len(_shape(lhs)) != 2 or tuple(lb) != (0,) or tuple(rb) != (0,):
+    nt = len(_shape(ids)) - 1
+    toks = tuple(range(nt))
+    if len(_shape(lhs)) != nt + 1 or tuple(lb) != toks or tuple(rb) != toks:
         return None
     taken = idioms.take(view, rhs)
     if taken is None or not view.same(taken[1], ids) or len(_shape(taken[0])) != 3:
         return None
     w, _ = taken
-    if _shape(w)[0] != num_experts or tuple(lc) != (1,) or len(rc) != 1 or rc[0] not in (2, 3):
+    if _shape(w)[0] != num_experts or tuple(lc) != (nt,) or len(rc) != 1 or rc[0] - nt not in (1, 2):
         return None
-    w_dims = ("E", "D", "F") if rc[0] == 2 else ("E", "F", "D")
-    labels = ("T", "K", "F")
+    w_dims = ("E", "D", "F") if rc[0] - nt == 1 else ("E", "F", "D")
+    labels = ("T",) * nt + ("K", "F")
     return lhs, w, tuple(labels[p] for p in perm), w_dims
 
 

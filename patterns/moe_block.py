@@ -57,11 +57,11 @@ SUPPORTED = (
     (
         OP,
         "per-token weight gather",
-        "`w[ids]` / `jnp.take` -> `einsum('td,tkdf->tkf')`, combine `einsum('tkd,tk->td')`",
+        "`w[ids]` / `jnp.take` -> `einsum('td,tkdf->tkf')` (also `[B, S, D]` tokens), combine "
+        "`einsum('tkd,tk->td')` or `sum(y * w[..., None], k)`",
         "num_experts, k, activation",
     ),
 )
-_COMBINE_OPS = frozenset({"reduce_sum", "scatter", "scatter-add", "scatter_add", "dot_general"})
 
 
 def _shape(a: Any) -> tuple[int, ...]:
@@ -74,7 +74,7 @@ class MoePattern:
     def anchors(self, view: View) -> Iterable[int]:
         out = []
         for i, e in enumerate(view.jaxpr.eqns):
-            if len(e.outvars) != 1 or len(_shape(e.outvars[0])) != 2:
+            if len(e.outvars) != 1 or len(_shape(e.outvars[0])) < 2:
                 continue
             if e.primitive.name in ("scatter-add", "scatter_add"):
                 upd = view.canon(e.invars[2])
@@ -83,9 +83,7 @@ class MoePattern:
             elif e.primitive.name == "add" and _is_loop_sum_root(view, e):
                 out.append(i)
             elif _weighted_sum(view, e) is not None:
-                ops = [view.op(_skip_convert(view, v)) for v in _weighted_sum(view, e)[:2]]
-                if ops[1] in _COMBINE_OPS or len(_shape(_weighted_sum(view, e)[1])) == 2:
-                    out.append(i)
+                out.append(i)
         return out
 
     def match(self, view: View, anchor: int) -> Proposal | NoMatch:
@@ -115,7 +113,7 @@ class MoePattern:
                     "every expert's FFN on every token",
                     OP,
                 )
-            if ffn.labels[o_sum] != "E" or ffn.labels[o_tok] != "T":
+            if ffn.labels[o_sum] != "E" or [ffn.labels[d] for d in o_tok] != ["T"]:
                 return NoMatch(anchor, "the combine does not sum expert outputs over experts per token", OP)
             return _proposal(view, anchor, ffn, weights, ids, num_e, "dense", w_atom.aval.dtype)
         dispatch, got = "gather", gathered_expert_outputs(view, o_atom)
@@ -124,10 +122,11 @@ class MoePattern:
         if got is None:
             return NoMatch(anchor, "no combine of expert outputs by router weights", OP)
         ffn, ids = got
-        if ffn.labels[o_sum] != "K" or ffn.labels[o_tok] != "T":
+        if ffn.labels[o_sum] != "K" or any(ffn.labels[d] != "T" for d in o_tok):
             return NoMatch(anchor, "the combine does not sum the k expert outputs per token", OP)
         weights = _skip_convert(view, w_atom)
-        return _proposal(view, anchor, ffn, weights, ids, _shape(ffn.w_down)[0], dispatch, w_atom.aval.dtype)
+        combine_dtype = eqn.outvars[0].aval.dtype if eqn.primitive.name == "reduce_sum" else w_atom.aval.dtype
+        return _proposal(view, anchor, ffn, weights, ids, _shape(ffn.w_down)[0], dispatch, combine_dtype)
 
     def _match_scatter(self, view: View, anchor: int) -> Proposal | NoMatch:
         got = sorted_scatter_combine(view, view.jaxpr.eqns[anchor].outvars[0])
@@ -158,11 +157,11 @@ def _adds_expert_term(view: View, eqn: Any) -> bool:
     return False
 
 
-def _weighted_sum(view: View, eqn: Any) -> tuple[Any, Any, int, int] | None:
-    """(o, w, summed dim of o, token dim of o) for y[t, d] = sum_s o[.., t, s, d ..] * w[t, s].
+def _weighted_sum(view: View, eqn: Any) -> tuple[Any, Any, int, tuple[int, ...]] | None:
+    """(o, w, summed dim of o, token dims of o) for y[..t, d] = sum_s o[..t, s, d] * w[..t, s].
 
-    Spelled as `einsum('tsd,ts->td')` (a dot_general batching t and contracting s; w is 2-D,
-    o 3-D) or as `sum(o * w[..., None], axis=s)`. The dims of w must be (token, summed).
+    Spelled as `einsum('tsd,ts->td')` (a dot_general batching the token dims and contracting s)
+    or as `sum(o * w[..., None], axis=s)`. w's dims must be (tokens..., summed); o has one more.
     """
     if eqn.primitive.name == "dot_general":
         (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
@@ -170,24 +169,27 @@ def _weighted_sum(view: View, eqn: Any) -> tuple[Any, Any, int, int] | None:
             w, o = eqn.invars[w_i], eqn.invars[1 - w_i]
             w_con, w_bat = ((lc, lb), (rc, rb))[w_i]
             o_con, o_bat = ((lc, lb), (rc, rb))[1 - w_i]
-            if len(_shape(w)) != 2 or len(_shape(o)) != 3 or len(o_con) != 1 or len(o_bat) != 1:
+            nt = len(_shape(w)) - 1
+            if nt < 1 or len(_shape(o)) != nt + 2 or len(o_con) != 1 or len(o_bat) != nt:
                 continue
-            if (tuple(w_con), tuple(w_bat)) == ((1,), (0,)):
-                return o, w, o_con[0], o_bat[0]
+            if (tuple(w_con), tuple(w_bat)) == ((nt,), tuple(range(nt))):
+                return o, w, o_con[0], tuple(o_bat)
         return None
     if eqn.primitive.name == "reduce_sum" and len(eqn.params["axes"]) == 1:
-        prod = view.canon(eqn.invars[0])
-        if view.op(prod) != "mul" or len(_shape(prod)) != 3:
+        prod = _skip_convert(view, eqn.invars[0])  # products may be upcast before the sum
+        if view.op(prod) != "mul":
             return None
         (axis,) = eqn.params["axes"]
         a, b = view.args(prod)
         for o, wexp in ((a, b), (b, a)):
-            w, dims = idioms.unexpand(view, wexp)
-            if len(_shape(w)) != 2 or len(_shape(o)) != 3 or dims.get(1) != axis:
+            w, dims = idioms.unexpand(view, _skip_convert(view, wexp))
+            w = _skip_convert(view, w)
+            nt = len(_shape(w)) - 1
+            if nt < 1 or len(_shape(o)) != nt + 2 or dims.get(nt) != axis:
                 continue
-            tok = dims.get(0)
-            if tok is not None and tok != axis:  # the third dim of w's expansion is a broadcast
-                return o, w, axis, tok
+            toks = tuple(dims.get(i) for i in range(nt))
+            if None not in toks and axis not in toks:  # o's remaining dim is a broadcast of w
+                return o, w, axis, toks
     return None
 
 
@@ -285,10 +287,11 @@ def _proposal(
         wg = jnp.transpose(_cols(wg, ffn.w_gate_dims, ffn.gate_cols), perms[0])
         wu = None if wu is None else jnp.transpose(_cols(wu, ffn.w_up_dims, ffn.up_cols), perms[1])
         wd = jnp.transpose(wd, perms[2])
-        out = moe_ffn(
-            x, w, i, wg if wu is None else (wg, wu), wd, params, b_in=b_in, b_down=b_down, impl=kernel
-        )
-        return [out.astype(y.aval.dtype)]
+        tokens = x.shape[:-1]  # several token dims ([B, S, D]) run as [B * S, D]
+        x, w, i = x.reshape(-1, x.shape[-1]), w.reshape(-1, w.shape[-1]), i.reshape(-1, i.shape[-1])
+        w_in = wg if wu is None else (wg, wu)
+        out = moe_ffn(x, w, i, w_in, wd, params, b_in=b_in, b_down=b_down, impl=kernel)
+        return [out.reshape(*tokens, out.shape[-1]).astype(y.aval.dtype)]
 
     described = {key: val for key, val in params.describe().items() if _relevant(params, key)}
     described["dispatch"] = dispatch
