@@ -8,16 +8,19 @@ rows are contiguous, and then run in two parts:
    stacked arrays themselves, so nothing is copied, and all cores work on it;
 2. the *overflow loop*: a `fori_loop` over only the experts with more than C0 rows (a dynamic trip
    count, usually a handful of heavy experts under skewed routing), which slices that expert's
-   weights once and runs its remaining rows in blocks of LB rows.
+   weights once and runs its remaining rows in blocks: full blocks of the large size (e.g. 64)
+   while they fit, then the tail in masked blocks of the small size (e.g. 16). Every dot packs
+   its weights again, so big blocks amortise that; the small tail size bounds the padding.
 
 Results are un-permuted with one gather (no scatter) and combined over k. When tokens are few
 (T*k < 2E, e.g. decode) the capacity pass is skipped (C0 = 0) and the loop visits only the experts
-that received tokens. C0 and LB come from `schedule` (a table keyed by T*k/E); see
+that received tokens. C0 and the block sizes come from `schedule` (a table keyed by T*k/E); see
 benchmarks/moe_cpu.py for the measurements behind it. Everything is static-shaped; no array
 constants are captured.
 
 Why not a plain block loop: on XLA:CPU every `dynamic_slice` of an expert's weights inside a loop
-is a copy (1.5 MB per expert at D=256, F=512), and small dots in a loop run on one core. Measured
+is a copy (1.5 MB per expert at D=256, F=512), small dots pack their weights on every call, and
+XLA:CPU does not run a while loop concurrently with other work. Measured
 on 2 cores (T=256 D=256 F=512 E=64 k=4, f32, Zipf routing; dense all-experts einsum ~110-120 ms):
 `lax.ragged_dot` ~305 ms; fori over all padded blocks of 16 with per-block weight slices ~40 ms
 (only the used blocks ~32; unpadded blocks ~28); per-expert loop with inner blocks 20-44 ms;
@@ -61,28 +64,30 @@ from .reference import (
 )
 
 # Tile table, keyed by r = T*k / E (the mean number of rows per expert).
-#   r < 2:   C0 = 0 (no capacity pass; the loop touches only experts with tokens), LB = 8 or 16
-#   r >= 2:  C0 = 1.5 r rounded up to a multiple of 8 (at most T rounded up), LB by r:
+#   r < 2:   C0 = 0 (no capacity pass; the loop touches only experts with tokens), blocks of 8 or 16
+#   r >= 2:  C0 = 1.5 r rounded up to a multiple of 8 (at most T rounded up; at most the capacity
+#            rounded up), overflow blocks by r (largest first, the tail in the last size)
 SPARSE_RATIO = 2
-OVERFLOW_BLOCKS = ((128, 32), (math.inf, 64))  # (r below, LB)
+OVERFLOW_BLOCKS = ((128, (64, 16)), (math.inf, (128, 32)))  # (r below, block sizes)
 
 
 def _round_up(v: float, m: int) -> int:
     return int(math.ceil(v / m)) * m
 
 
-def schedule(t: int, k: int, num_experts: int, capacity: int | None = None) -> tuple[int, int]:
-    """(C0, LB): the capacity pass's rows per expert and the overflow loop's block size."""
+def schedule(
+    t: int, k: int, num_experts: int, capacity: int | None = None
+) -> tuple[int, tuple[int, ...]]:
+    """(C0, block sizes): the capacity pass's rows per expert and the overflow loop's block sizes."""
     n = t * k
     r = n / num_experts
     if r < SPARSE_RATIO:
-        c0, lb = 0, (8 if r <= 1 else 16)
-    else:
-        c0 = min(_round_up(1.5 * r, 8), _round_up(t, 8))
-        lb = next(b for bound, b in OVERFLOW_BLOCKS if r < bound)
-        if capacity is not None:  # no expert has more than `capacity` live rows
-            c0 = min(c0, _round_up(capacity, 8))
-    return c0, max(1, min(lb, _round_up(n, 8)))
+        return 0, (8 if r <= 1 else 16,)
+    c0 = min(_round_up(1.5 * r, 8), _round_up(t, 8))
+    if capacity is not None:  # no expert has more than `capacity` live rows
+        c0 = min(c0, _round_up(capacity, 8))
+    sizes = next(b for bound, b in OVERFLOW_BLOCKS if r < bound)
+    return c0, tuple(b for b in sizes if b <= _round_up(n, 8)) or (8,)
 
 
 class Layout(NamedTuple):
@@ -174,30 +179,50 @@ def _add_at_expert(a: jax.Array, e: jax.Array, v: jax.Array) -> jax.Array:
     return lax.dynamic_update_slice_in_dim(a, lax.dynamic_slice_in_dim(a, e, 1, axis=0) + v, e, 0)
 
 
-def _overflow_forward(xs, ew, lay, params, c0, lb):
+def _run_blocks(start, rows, sizes: tuple[int, ...], fn, carry):
+    """fn(r, size, keep, carry) over rows [start, start + rows): full blocks of sizes[0] while they
+    fit, then of sizes[1] ..., the rest in blocks of sizes[-1] with keep [size, 1] masking the tail
+    (keep is None for full blocks). Bigger blocks amortise the per-dot weight packing."""
+    done = jnp.zeros((), jnp.int32)
+    for size in sizes[:-1]:
+        base, count = start + done, (rows - done) // size
+        carry = lax.fori_loop(0, count, lambda j, c, b=base, s=size: fn(b + j * s, s, None, c), carry)
+        done = done + count * size
+    size, base, rest = sizes[-1], start + done, rows - done
+
+    def masked(j, c):
+        return fn(base + j * size, size, (j * size + lax.iota(jnp.int32, size) < rest)[:, None], c)
+
+    return lax.fori_loop(0, (rest + size - 1) // size, masked, carry)
+
+
+def _overflow_forward(xs, ew, lay, params, c0, sizes):
     n_pad, d = xs.shape
     eorder, n_over, over = _overflow_experts(lay, c0)
 
     def expert(i, ys):
         e = eorder[i]
-        start, rows = lay.starts[e] + c0, over[e]
         w_e = _slice_expert(ew, e)
 
-        def block(j, ys):
-            r = start + j * lb
-            keep = (j * lb + lax.iota(jnp.int32, lb) < rows)[:, None]
-            yb = block_ffn(lax.dynamic_slice_in_dim(xs, r, lb)[None], w_e, params)[0]
-            old = lax.dynamic_slice_in_dim(ys, r, lb)
-            return lax.dynamic_update_slice_in_dim(ys, jnp.where(keep, yb, old), r, 0)
+        def block(r, size, keep, ys):
+            yb = block_ffn(lax.dynamic_slice_in_dim(xs, r, size)[None], w_e, params)[0]
+            if keep is not None:
+                yb = jnp.where(keep, yb, lax.dynamic_slice_in_dim(ys, r, size))
+            return lax.dynamic_update_slice_in_dim(ys, yb, r, 0)
 
-        return lax.fori_loop(0, (rows + lb - 1) // lb, block, ys)
+        return _run_blocks(lay.starts[e] + c0, over[e], sizes, block, ys)
 
     return lax.fori_loop(0, n_over, expert, jnp.zeros((n_pad, d), xs.dtype))
 
 
-def _padded(rows: jax.Array, pad: int) -> jax.Array:
-    """rows [N, D] plus `pad` zero rows (blocks never read past the end; masked slots read row N)."""
-    return jnp.concatenate([rows, jnp.zeros((pad, rows.shape[1]), rows.dtype)])
+def _with_zero_row(v: jax.Array) -> jax.Array:
+    """v [R, D] plus one zero row at index R (what padding and empty slots read)."""
+    return jnp.concatenate([v, jnp.zeros((1, v.shape[1]), v.dtype)])
+
+
+def _padded_index(index: jax.Array, pad: int, fill: int) -> jax.Array:
+    """index [N] plus `pad` entries `fill`: blocks may read up to `pad` rows past the last row."""
+    return jnp.concatenate([index, jnp.full((pad,), fill, index.dtype)])
 
 
 def _unsort(table_l1: jax.Array | None, table_over: jax.Array, lay: Layout) -> jax.Array:
@@ -222,14 +247,16 @@ def forward(
     t, d = x.shape
     e, k = params.num_experts, params.k
     n = t * k
-    c0, lb = schedule(t, k, e, params.capacity)
+    c0, sizes = schedule(t, k, e, params.capacity)
     cdt = compute_dtype(params, x)
     wdt = combine_dtype(params, cdt, weights)
     lay = layout(ids, params, c0)
     ewc = {name: a.astype(cdt) for name, a in ew.items()}
-    xs = _padded(x.astype(cdt)[lay.order // k], lb)  # [N + LB, D], sorted by expert
-    y1 = block_ffn(xs[_capacity_rows(lay, e, c0, n)], ewc, params) if c0 else None
-    y2 = _overflow_forward(xs, ewc, lay, params, c0, lb)
+    x0 = _with_zero_row(x.astype(cdt))  # [T + 1, D]
+    tok = _padded_index(lay.order // k, max(sizes), t)  # token of each sorted row, then row T
+    xs = x0[tok]  # [N + pad, D] sorted by expert
+    y1 = block_ffn(x0[tok[_capacity_rows(lay, e, c0, n)]], ewc, params) if c0 else None
+    y2 = _overflow_forward(xs, ewc, lay, params, c0, sizes)
     y = _unsort(y1, y2, lay)
     contrib = weights.astype(wdt)[..., None] * y.astype(wdt)
     contrib = jnp.where(lay.live[..., None], contrib, jnp.zeros((), wdt))
@@ -244,35 +271,32 @@ def routed_ffn_xla(
     return forward(x, weights, ids, ew, params)[0]
 
 
-def _overflow_backward(xs, dys, ew, dw, lay, params, c0, lb):
+def _overflow_backward(xs, dys, ew, dw, lay, params, c0, sizes):
     n_pad, d = xs.shape
     eorder, n_over, over = _overflow_experts(lay, c0)
 
     def expert(i, carry):
         dxs, dw = carry
         e = eorder[i]
-        start, rows = lay.starts[e] + c0, over[e]
         w_e = _slice_expert(ew, e)
 
-        def block(j, carry):
+        def block(r, size, keep, carry):
             dxs, acc = carry
-            r = start + j * lb
-            keep = (j * lb + lax.iota(jnp.int32, lb) < rows)[:, None]
-            xb = jnp.where(keep, lax.dynamic_slice_in_dim(xs, r, lb), jnp.zeros((), xs.dtype))
-            dyb = jnp.where(keep, lax.dynamic_slice_in_dim(dys, r, lb), jnp.zeros((), dys.dtype))
+            xb = lax.dynamic_slice_in_dim(xs, r, size)
+            dyb = lax.dynamic_slice_in_dim(dys, r, size)
+            if keep is not None:  # rows past the expert's end: no gradient, and no NaN * 0 from them
+                xb = jnp.where(keep, xb, jnp.zeros((), xb.dtype))
+                dyb = jnp.where(keep, dyb, jnp.zeros((), dyb.dtype))
             _, pullback = jax.vjp(lambda v, w: block_ffn(v, w, params), xb[None], w_e)
             dxb, dwb = pullback(dyb[None])
-            old = lax.dynamic_slice_in_dim(dxs, r, lb)
-            dxs = lax.dynamic_update_slice_in_dim(dxs, jnp.where(keep, dxb[0], old), r, 0)
-            return dxs, jax.tree.map(jnp.add, acc, dwb)
+            dxb = dxb[0]
+            if keep is not None:
+                dxb = jnp.where(keep, dxb, lax.dynamic_slice_in_dim(dxs, r, size))
+            return lax.dynamic_update_slice_in_dim(dxs, dxb, r, 0), jax.tree.map(jnp.add, acc, dwb)
 
         acc0 = jax.tree.map(jnp.zeros_like, w_e)
-        dxs, acc = lax.fori_loop(0, (rows + lb - 1) // lb, block, (dxs, acc0))
-        dw = {
-            name: _add_at_expert(a, e, acc[name])
-            for name, a in dw.items()
-        }
-        return dxs, dw
+        dxs, acc = _run_blocks(lay.starts[e] + c0, over[e], sizes, block, (dxs, acc0))
+        return dxs, {name: _add_at_expert(a, e, acc[name]) for name, a in dw.items()}
 
     return lax.fori_loop(0, n_over, expert, (jnp.zeros((n_pad, d), xs.dtype), dw))
 
@@ -285,7 +309,7 @@ def backward(
     t, d = x.shape
     e, k = params.num_experts, params.k
     n = t * k
-    c0, lb = schedule(t, k, e, params.capacity)
+    c0, sizes = schedule(t, k, e, params.capacity)
     cdt = compute_dtype(params, x)
     wdt = combine_dtype(params, cdt, weights)
     live = lay.live[..., None]
@@ -294,15 +318,17 @@ def backward(
     dweights = jnp.sum(jnp.where(live, gw * y.astype(wdt), zero), axis=-1).astype(weights.dtype)
     dy = jnp.where(live, weights.astype(wdt)[..., None] * gw, zero).astype(cdt)  # [T, k, D]
     ewc = {name: a.astype(cdt) for name, a in ew.items()}
-    xs = _padded(x.astype(cdt)[lay.order // k], lb)
-    dys = _padded(dy.reshape(n, d)[lay.order], lb)
+    x0, dy0 = _with_zero_row(x.astype(cdt)), _with_zero_row(dy.reshape(n, d))
+    row = _padded_index(lay.order, max(sizes), n)  # assignment of each sorted row, then row N
+    tok = jnp.where(row < n, row // k, t)
+    xs, dys = x0[tok], dy0[row]
     if c0:
         rows = _capacity_rows(lay, e, c0, n)
-        _, pullback = jax.vjp(lambda v, w: block_ffn(v, w, params), xs[rows], ewc)
-        dx1, dw = pullback(dys[rows])
+        _, pullback = jax.vjp(lambda v, w: block_ffn(v, w, params), x0[tok[rows]], ewc)
+        dx1, dw = pullback(dy0[row[rows]])
     else:
         dx1, dw = None, jax.tree.map(jnp.zeros_like, ewc)
-    dx2, dw = _overflow_backward(xs, dys, ewc, dw, lay, params, c0, lb)
+    dx2, dw = _overflow_backward(xs, dys, ewc, dw, lay, params, c0, sizes)
     dx = jnp.sum(_unsort(dx1, dx2, lay), axis=1).astype(x.dtype)
     return dx, dweights, {name: dw[name].astype(a.dtype) for name, a in ew.items()}
 

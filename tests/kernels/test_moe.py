@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.scipy.special import erf
+
 from moefuse.kernels.moe import MoeParams, moe_ffn, schedule
 
 IMPLS = ("reference", "xla")
@@ -190,7 +191,8 @@ def test_activations_and_layouts(act, fused, layout, bias, approx):
     (1, 2, 8, [[5, 2]]),                                    # T=1 (sparse path)
     (6, 1, 8, None),                                        # k=1, sparse path, most experts empty
     (8, 4, 4, [[0, 1, 2, 3]] * 8),                          # k=E: every token to every expert
-    (64, 1, 4, [[2]] * 64),                                 # all tokens to one expert: 2 overflow blocks
+    (128, 1, 4, [[2]] * 128),                               # all tokens to one expert: C0=48, then
+                                                            # overflow blocks of 64 (full) and 16 (tail)
     (32, 2, 16, None),                                      # experts with no tokens (T*k/E = 4)
     (24, 2, 32, None),                                      # sparse path with blocks of 16
     (16, 2, 4, [[1, 1]] * 8 + [[3, 3]] * 8),                # ties: one expert twice for a token
@@ -263,6 +265,7 @@ def test_nan_in_x_stays_in_its_token(t, e):
 
 GRAD_CASES = [  # (params kwargs, T): capacity pass + overflow, sparse path, capacity drops
     (dict(num_experts=4, k=2, activation="swiglu"), 32),
+    (dict(num_experts=4, k=1, activation="relu", has_expert_bias=True), 128),  # full + tail blocks
     (dict(num_experts=4, k=2, activation="swiglu_oai", fused_gate_up=True, gate_up_layout="interleaved",
           has_expert_bias=True), 64),
     (dict(num_experts=8, k=2, activation="gelu", has_expert_bias=True), 6),
@@ -273,7 +276,7 @@ GRAD_CASES = [  # (params kwargs, T): capacity pass + overflow, sparse path, cap
 @pytest.mark.parametrize("kw, t", GRAD_CASES)
 def test_grad_matches_independent(kw, t):
     p = MoeParams(**kw)
-    x, weights, ids, ew = make_inputs(p, t=t, seed=3)
+    x, weights, ids, ew = make_inputs(p, t=t, seed=3, ids=[[1]] * t if p.k == 1 else None)
     live = independent_live(ids, p)
     cot = jnp.asarray(np.random.default_rng(9).standard_normal(x.shape), jnp.float32)
 
@@ -304,7 +307,7 @@ def test_xla_grad_nan_stays_in_its_token():
     # into expert 1's first rows, where the poisoned token sits
     ids = np.array([[0, 2]] * 60 + [[1, 3]] * 4, np.int32)
     x, weights, ids, ew = make_inputs(p, t=64, ids=ids, seed=5)
-    assert schedule(64, 2, 4) == (48, 32)
+    assert schedule(64, 2, 4) == (48, (64, 16))
     bad = 60
     x = x.at[bad, 1].set(jnp.nan)
 
@@ -359,9 +362,9 @@ def test_no_captured_constants_and_schedule():
 
         for fn in (fwd, jax.grad(lambda *a: jnp.sum(fwd(*a)), argnums=(0, 1, 3, 4))):
             assert jax.make_jaxpr(fn)(x, weights, ids, w_in, w_down).consts == []
-    assert schedule(256, 4, 64) == (24, 32)   # capacity pass of 1.5 x mean rows, overflow blocks of 32
-    assert schedule(4, 2, 64)[0] == 0         # decode: no capacity pass
-    assert schedule(256, 4, 64, capacity=20) == (24, 32) and schedule(256, 4, 64, capacity=9)[0] == 16
+    assert schedule(256, 4, 64) == (24, (64, 16))  # capacity pass of 1.5 x mean rows; overflow blocks
+    assert schedule(4, 2, 64) == (0, (8,))          # decode: no capacity pass
+    assert schedule(256, 4, 64, capacity=20)[0] == 24 and schedule(256, 4, 64, capacity=9)[0] == 16
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
