@@ -105,13 +105,13 @@ def main() -> None:
                 "jax_ms": t["jax.jit"],
                 "moefuse_ms": t["moefuse.jit"],
                 "speedup": t["jax.jit"] / t["moefuse.jit"],
-                "flop_ratio": e / k if name == "dense" else 1.0,
+                "flop_ratio": e / k if name == "dense" else None,
             }
             rows.append(row)
             print(
                 f"{name:<8} E={e:<3} k={k}  fused={','.join(ops) or '-':<10} jax {row['jax_ms']:8.2f} ms  "
                 f"moefuse {row['moefuse_ms']:8.2f} ms  speedup {row['speedup']:5.2f}x  "
-                f"(FLOP ratio {row['flop_ratio']:.0f})  max|diff| {err:.2e}"
+                f"(FLOP ratio {row['flop_ratio'] or '-'})  max|diff| {err:.2e}"
             )
     result = {
         "what": "MoE spellings, jax.jit vs moefuse.jit, T=256 D=256 F=512 f32 SwiGLU, skewed routing",
