@@ -51,6 +51,7 @@ def test_moe_block_spelling(make):
         assert sites == [], str(plan)
         return
     assert len(sites) == case.count, str(plan)
+    assert sum(s.op == "route" for s in plan.fused) == case.count, str(plan)  # the block's router too
     for site in sites:
         assert site.params["dispatch"] == FUSED[case.name]
         assert site.params["num_experts"] == case.expect["num_experts"]
