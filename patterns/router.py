@@ -49,7 +49,8 @@ SUPPORTED = (
     (
         OP,
         "group-limited selection",
-        "group score top-2 sum (`top_k`, two columns, or the last two of `jnp.sort`) or max; mask by scatter / one_hot sum; `where` / masked fill",
+        "group score top-2 sum (`top_k`, two columns, or the last two of `jnp.sort`) or max; "
+        "mask by scatter / one_hot sum; `where` / masked fill",
         "n_group, topk_group, group_score, group_fill",
     ),
     (OP, "× per-expert scale by id", "`scale[ids]` / `jnp.take`", "expert_scale"),
