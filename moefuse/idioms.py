@@ -225,11 +225,11 @@ def take_along_axis(view: View, atom: Any) -> tuple[Any, Any] | None:
         and tuple(dn.start_index_map) == tuple(range(r))
         and not dn.operand_batching_dims
     ):
-        return _take_along_concat(view, arr, ind, _shape(atom))
+        return take_along_concat(view, arr, ind, _shape(atom))
     return None
 
 
-def _take_along_concat(view: View, arr: Any, ind: Any, out_shape: tuple[int, ...]) -> tuple[Any, Any] | None:
+def take_along_concat(view: View, arr: Any, ind: Any, out_shape: tuple[int, ...]) -> tuple[Any, Any] | None:
     """Old spelling: indices = concat([iota_0, ..., iota_{r-2}, idx], -1)."""
     eqn = view.producer(ind)
     if eqn is None or eqn.primitive.name != "concatenate":
@@ -308,6 +308,27 @@ def argsort(view: View, atom: Any) -> tuple[Any, int] | None:
     ):
         return None
     return keys, axis
+
+
+def put_along_last_axis(view: View, atom: Any) -> tuple[Any, Any] | None:
+    """(idx, updates) if atom == zeros.at[rows, idx].set(updates) (or .add) along the last axis.
+
+    The scatter writes one element per (row, j) at column idx[row, j]: the old spelling of
+    `put_along_axis`, with indices concat([iota_0, ..., idx]).
+    """
+    eqn = view.producer(atom)
+    if eqn is None or eqn.primitive.name not in ("scatter", "scatter-add", "scatter_add"):
+        return None
+    operand, indices, updates = (view.canon(v) for v in eqn.invars[:3])
+    dn = eqn.params["dimension_numbers"]
+    rank = len(_shape(operand))
+    if view.scalar(operand) != 0.0 or dn.update_window_dims or dn.operand_batching_dims:
+        return None
+    every = tuple(range(rank))
+    if tuple(dn.inserted_window_dims) != every or tuple(dn.scatter_dims_to_operand_dims) != every:
+        return None
+    got = take_along_concat(view, operand, indices, _shape(updates))
+    return None if got is None else (got[1], updates)
 
 
 def bincount(view: View, atom: Any) -> tuple[Any, int] | None:

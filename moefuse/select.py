@@ -4,7 +4,6 @@ The table is keyed by op and platform; rows are tried in order and the first ava
 wins. Unavailable rows are kept so the CLI can show what is planned and why it is not used::
 
     kernel, why = select("route", "tpu")    # ("xla", "pallas_tpu: not built yet ...")
-    print(format_table())
 """
 
 from __future__ import annotations
@@ -51,10 +50,3 @@ def select(op: str, platform: str) -> tuple[str | None, str]:
             return row.kernel, "; ".join(skipped)
         skipped.append(f"{row.kernel}: {row.note}")
     return None, f"no kernel for {op!r} on {platform!r}" + (f" ({'; '.join(skipped)})" if skipped else "")
-
-
-def format_table() -> str:
-    lines = [f"{'op':<8} {'platform':<8} {'kernel':<12} {'available':<9} note"]
-    for r in TABLE:
-        lines.append(f"{r.op:<8} {r.platform:<8} {r.kernel:<12} {str(r.available):<9} {r.note}")
-    return "\n".join(lines)

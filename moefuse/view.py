@@ -220,9 +220,9 @@ class View:
 
     def _normalised_index(self, eqn: C.JaxprEqn) -> Any | None:
         """For `select_n(i < 0, i, i + n)` with i >= 0 provably, return i."""
-        pred, on_false, on_true = (list(eqn.invars) + [None, None, None])[:3]
         if len(eqn.invars) != 3:
             return None
+        pred, on_false, on_true = eqn.invars
         pe = self.raw_producer(pred)
         te = self.raw_producer(on_true)
         if pe is None or te is None or pe[0].primitive.name != "lt" or te[0].primitive.name != "add":

@@ -234,15 +234,9 @@ def combine_matrix(view: View, atom: Any) -> tuple[Any, Any, int] | None:
         ):
             return None
         return (w, oh[0], num_e) if _shape(oh[0]) == _shape(w) else None
-    if name in ("scatter", "scatter-add", "scatter_add"):
-        eqn = view.producer(atom)
-        operand, indices, updates = (view.canon(v) for v in eqn.invars[:3])
-        if view.scalar(operand) != 0.0:
-            return None
-        got = idioms._take_along_concat(view, operand, indices, _shape(updates))  # noqa: SLF001
-        if got is None or not view.is_nonneg_index(got[1]):
-            return None
-        return updates, got[1], num_e
+    got = idioms.put_along_last_axis(view, atom)
+    if got is not None and view.is_nonneg_index(got[0]):
+        return got[1], got[0], num_e
     return None
 
 

@@ -438,13 +438,9 @@ def _chosen_groups(view: View, gm: Any, n_group: int) -> Any | None:
             return None
         got = idioms.one_hot(view, oh)
         return got[0] if got is not None and got[1] == n_group else None
-    if name in ("scatter", "scatter-add", "scatter_add"):
-        eqn = view.producer(gm)
-        operand, indices, updates = (view.canon(v) for v in eqn.invars[:3])
-        if view.scalar(operand) != 0.0 or view.scalar(updates) != 1.0:
-            return None
-        got = idioms._take_along_concat(view, operand, indices, _shape(updates))  # noqa: SLF001
-        return got[1] if got is not None else None
+    got = idioms.put_along_last_axis(view, gm)
+    if got is not None and view.scalar(got[1]) == 1.0:
+        return got[0]
     return None
 
 
