@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
+
 from moefuse import _compat as C
 from moefuse.view import View
 
@@ -53,6 +55,36 @@ def unexpand(view: View, atom: Any) -> tuple[Any, dict[int, int]]:
             return atom, mapping
         mapping = {i: mapping[o] for i, o in inner.items() if o in mapping}
         atom = src
+
+
+def index_array(view: View, indices: Any) -> Any | None:
+    """The array of positions a gather/scatter reads: its `indices` [..., 1] without the index dim.
+
+    Only reshapes that add or drop size-1 dims and broadcasts that add them are looked through, so
+    the result holds exactly indices[..., 0] (also when T or k is 1 and `ids.reshape(-1)` is itself
+    such a reshape: the walk stops at the first array of the right shape).
+    """
+    atom = view.canon(indices)
+    want = _shape(atom)[:-1]
+    if not _shape(atom) or _shape(atom)[-1] != 1:
+        return None
+    while _shape(atom) != want:
+        eqn = view.producer(atom)
+        if eqn is None or eqn.primitive.name not in ("reshape", "broadcast_in_dim"):
+            return None
+        src = view.canon(eqn.invars[0])
+        if int(np.prod(_shape(src))) != int(np.prod(_shape(atom))):
+            return None
+        if eqn.primitive.name == "reshape" and (
+            eqn.params.get("dimensions") is not None or _reshape_unit_map(_shape(src), _shape(atom)) is None
+        ):
+            return None
+        if eqn.primitive.name == "broadcast_in_dim" and list(eqn.params["broadcast_dimensions"]) != sorted(
+            eqn.params["broadcast_dimensions"]
+        ):
+            return None
+        atom = src
+    return atom
 
 
 def _reshape_unit_map(src: tuple[int, ...], out: tuple[int, ...]) -> dict[int, int] | None:
@@ -270,7 +302,9 @@ def take(view: View, atom: Any) -> tuple[Any, Any] | None:
         return None
     if tuple(dn.collapsed_slice_dims) != (0,) or tuple(dn.start_index_map) != (0,):
         return None
-    idx, _ = unexpand(view, ind)
+    idx = index_array(view, ind)
+    if idx is None:
+        return None
     lead = len(_shape(idx))
     if tuple(dn.offset_dims) != tuple(range(lead, lead + len(shape) - 1)):
         return None
@@ -352,8 +386,8 @@ def bincount(view: View, atom: Any) -> tuple[Any, int] | None:
             return None
         if tuple(dn.inserted_window_dims) != (0,) or tuple(dn.scatter_dims_to_operand_dims) != (0,):
             return None
-        ids, _ = unexpand(view, indices)
-        return (ids, n) if len(_shape(ids)) == 1 and view.is_nonneg_index(ids) else None
+        ids = index_array(view, indices)
+        return (ids, n) if ids is not None and len(_shape(ids)) == 1 and view.is_nonneg_index(ids) else None
     if name == "reduce_sum" and tuple(view.params(atom)["axes"]) == (0,):
         got = one_hot(view, view.args(atom)[0])
         return (got[0], n) if got is not None and got[1] == n and len(_shape(got[0])) == 1 else None

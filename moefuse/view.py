@@ -195,7 +195,30 @@ class View:
             return n is not None and n > 0 and self.is_nonneg_index(eqn.invars[0])
         if name == "concatenate":
             return all(self.is_nonneg_index(v) for v in eqn.invars)
+        if name == "gather":  # flat[order]: entries of a non-negative index array, read in bounds
+            operand, index = eqn.invars
+            if tuple(eqn.params["dimension_numbers"].start_index_map) != (0,):
+                return False
+            if not self.is_nonneg_index(operand):
+                return False
+            if "FILL" not in str(eqn.params.get("mode")):  # clip / promise_in_bounds read only real entries
+                return True
+            bound = self._index_bound(index)  # fill mode: an out-of-bounds read gives INT_MIN
+            return bound is not None and bound <= operand.aval.shape[0]
         return False
+
+    def _index_bound(self, atom: Any) -> int | None:
+        """n if `atom` is known to hold values < n: argsort's permutation (an iota sorted along)."""
+        eqn = self.producer(self.canon(atom))
+        while eqn is not None and eqn.primitive.name in ("broadcast_in_dim", "reshape", "expand_dims"):
+            eqn = self.producer(self.canon(eqn.invars[0]))
+        if eqn is None or eqn.primitive.name != "sort" or eqn.params.get("num_keys") != 1:
+            return None
+        payload = self.producer(self.canon(eqn.invars[1]))
+        dim = eqn.params["dimension"]
+        if payload is None or payload.primitive.name != "iota" or payload.params["dimension"] != dim:
+            return None
+        return eqn.invars[1].aval.shape[dim]
 
     def _floor_div_of_nonneg(self, eqn: C.JaxprEqn) -> Any | None:
         """For jnp's integer floor division `a // n` of a >= 0 by a literal n > 0: the plain `div`."""

@@ -7,17 +7,19 @@ Patterns run in order; a later pattern may take an earlier one's outputs as its 
 block takes the router's weights and ids).
 """
 
+from moefuse.patterns.capacity import CAPACITY
+from moefuse.patterns.capacity import SUPPORTED as _CAPACITY_SUPPORTED
 from moefuse.patterns.moe_block import MOE
 from moefuse.patterns.moe_block import SUPPORTED as _MOE_SUPPORTED
 from moefuse.patterns.router import ROUTER
 from moefuse.patterns.router import SUPPORTED as _ROUTER_SUPPORTED
 
-PATTERNS = (ROUTER, MOE)
+PATTERNS = (ROUTER, MOE, CAPACITY)
 
 
 def supported_table() -> str:
     """The supported-patterns table (Markdown), as shown in the README."""
     rows = ["| op | family | recognised spellings | bound parameters |", "|---|---|---|---|"]
-    for op, family, spellings, params in _ROUTER_SUPPORTED + _MOE_SUPPORTED:
+    for op, family, spellings, params in _ROUTER_SUPPORTED + _MOE_SUPPORTED + _CAPACITY_SUPPORTED:
         rows.append(f"| `{op}` | {family} | {spellings} | {params} |")
     return "\n".join(rows)

@@ -1,17 +1,17 @@
 """Expert-FFN recognition: which values are `act(x @ W_gate[e]) * (x @ W_up[e]) @ W_down[e]`.
 
-Works on labelled dimensions: every recognised value carries a tuple of labels ("T" for token
-dims, "E" experts, "F" the expert hidden dim, "D" the model dim), tracked through
+Works on labelled dimensions: every recognised value carries a tuple of labels ("T0", "T1" ... for
+x's token dims in order, "E" experts, "F" the expert hidden dim, "D" the model dim), tracked through
 `dot_general` and `transpose`, so any einsum spelling and dim order is understood::
 
     ffn = dense_expert_outputs(view, o, num_experts)   # o holds FFN_e(x[t]) for every (t, e)
-    ffn.x, ffn.w_gate, ffn.w_up, ffn.w_down, ffn.activation, ffn.labels   # labels e.g. ("T","E","D")
+    ffn.x, ffn.w_gate, ffn.w_up, ffn.w_down, ffn.activation, ffn.labels   # labels e.g. ("T0","E","D")
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -25,6 +25,18 @@ GELU_TANH_C = 0.044714998453855515
 INV_SQRT2 = 0.7071067690849304
 
 
+Cols = tuple[int, int, int]
+"""(start, limit, stride) of the columns a projection keeps along F (a slice of a fused gate/up)."""
+
+
+class Bias(NamedTuple):
+    """A per-expert bias added after a projection: `array` has dims `labels` (("E", "F") or ("E", "D"))."""
+
+    array: Any
+    labels: tuple[str, ...]
+    cols: Cols | None  # the bias was added before the projection was cut to these columns
+
+
 @dataclasses.dataclass(frozen=True)
 class ExpertFfn:
     x: Any  # tokens [T, D]
@@ -36,14 +48,20 @@ class ExpertFfn:
     w_gate_dims: tuple[str, ...]
     w_up_dims: tuple[str, ...] | None
     w_down_dims: tuple[str, ...]
-    gate_cols: tuple[int, int] | None = None  # F range of w_gate's F dim (fused gate_up weights)
-    up_cols: tuple[int, int] | None = None
-    biases: tuple[tuple[Any, tuple[str, ...]] | None, ...] = (None, None, None)
-    """(bias, its dim labels) added after the gate, up and down projections, or None each."""
+    gate_cols: Cols | None = None  # columns of w_gate's F dim it uses (halves of a fused gate_up weight)
+    up_cols: Cols | None = None
+    biases: tuple[Bias | None, ...] = (None, None, None)
+    """Biases added after the gate, up and down projections, or None each."""
+    act_params: tuple[tuple[str, float], ...] = ()  # e.g. (("swiglu_alpha", 1.702), ("swiglu_limit", 7.0))
 
 
 def _shape(a: Any) -> tuple[int, ...]:
     return tuple(a.aval.shape)
+
+
+def token_labels(n: int) -> tuple[str, ...]:
+    """Labels of n token dims, in the order of x's dims: ("T0", "T1", ...)."""
+    return tuple(f"T{i}" for i in range(n))
 
 
 def _through_transpose(view: View, atom: Any) -> tuple[Any, tuple[int, ...]]:
@@ -81,17 +99,45 @@ def _strip_bias(view: View, atom: Any) -> tuple[Any, Any, dict[int, int] | None]
     for inner, b in (view.args(atom), view.args(atom)[::-1]):
         base, dims = idioms.unexpand(view, b)
         if len(_shape(base)) == 2 and len(dims) == 2 and len(_shape(inner)) == len(_shape(atom)):
-            if view.op(inner) in ("dot_general", "transpose"):
+            if view.op(inner) in ("dot_general", "transpose", "slice", "split"):
                 return view.canon(inner), base, dims
     return atom, None, None
 
 
 def _bias_labels(bias: Any, dims: dict[int, int] | None, labels: tuple[str, ...], want: set[str]):
-    """(bias, its labels) when the bias runs along exactly the `want` dims, None without bias."""
+    """Bias(bias, its labels) when the bias runs along exactly the `want` dims, None without bias."""
     if bias is None:
         return None
     got = tuple(labels[dims[i]] for i in range(2))
-    return (bias, got) if set(got) == want else False
+    return Bias(bias, got, None) if set(got) == want else False
+
+
+def _column_slice(view: View, atom: Any) -> tuple[Any, int, Cols] | None:
+    """(inner, axis, cols) if atom keeps the columns start:limit:stride of inner along one axis.
+
+    Spelled as a `slice` (`a[..., :F]`, `a[..., ::2]`) or one part of a `split`.
+    """
+    atom = view.canon(atom)
+    eqn = view.producer(atom)
+    if eqn is None or eqn.primitive.name not in ("slice", "split"):
+        return None
+    inner = view.canon(eqn.invars[0])
+    if eqn.primitive.name == "split":
+        axis, sizes, part = eqn.params["axis"], eqn.params["sizes"], view.out_index(atom)
+        return inner, axis, (int(sum(sizes[:part])), int(sum(sizes[: part + 1])), 1)
+    shape = _shape(inner)
+    starts, limits = eqn.params["start_indices"], eqn.params["limit_indices"]
+    strides = eqn.params.get("strides") or (1,) * len(shape)
+    cut = [d for d in range(len(shape)) if (starts[d], limits[d], strides[d]) != (0, shape[d], 1)]
+    if len(cut) != 1:
+        return None
+    d = cut[0]
+    return inner, d, (int(starts[d]), int(limits[d]), int(strides[d]))
+
+
+def _cut_bias(bias: Bias | None | bool, cols: Cols) -> Bias | None | bool:
+    """A bias of the whole fused projection, seen from the columns `cols` of it."""
+    return bias._replace(cols=cols) if isinstance(bias, Bias) else bias
 
 
 def dense_expert_outputs(view: View, out: Any, num_experts: int) -> ExpertFfn | None:
@@ -115,7 +161,7 @@ def dense_expert_outputs(view: View, out: Any, num_experts: int) -> ExpertFfn | 
         inner = _activation(view, act_side)
         if inner is None:
             continue
-        act, gate, up = inner
+        act, gate, up, act_params = inner
         g = _up_projection(view, gate, num_experts)
         if g is None:
             continue
@@ -154,6 +200,7 @@ def dense_expert_outputs(view: View, out: Any, num_experts: int) -> ExpertFfn | 
             gate_cols=g_cols,
             up_cols=None if u is None else u[4],
             biases=(g_bias, None if u is None else u[5], down_bias),
+            act_params=act_params,
         )
     return None
 
@@ -168,32 +215,16 @@ def _up_projection(view: View, atom: Any, num_experts: int) -> tuple | None:
     inner, bias, bias_map = _strip_bias(view, atom)
     if bias is not None:
         got = _up_projection(view, inner, num_experts)
-        if got is None or got[4] is not None or got[5] is not None:
+        if got is None or got[5] is not None:
             return None
         return (*got[:5], _bias_labels(bias, bias_map, got[2], {"E", "F"}))
-    atom = view.canon(atom)
-    eqn = view.producer(atom)
-    if (
-        eqn is not None
-        and eqn.primitive.name == "slice"
-        and not any(st != 1 for st in eqn.params.get("strides") or ())
-    ):
-        inner = _up_projection(view, eqn.invars[0], num_experts)
-        if inner is None or inner[4] is not None or inner[5] is not None:
+    cut = _column_slice(view, atom)
+    if cut is not None:
+        inner_atom, axis, cols = cut
+        inner = _up_projection(view, inner_atom, num_experts)
+        if inner is None or inner[4] is not None or inner[2][axis] != "F":
             return None
-        starts, limits = eqn.params["start_indices"], eqn.params["limit_indices"]
-        shape = _shape(eqn.invars[0])
-        cut = [d for d in range(len(shape)) if (starts[d], limits[d]) != (0, shape[d])]
-        if len(cut) != 1 or inner[2][cut[0]] != "F":
-            return None
-        return (*inner[:4], (int(starts[cut[0]]), int(limits[cut[0]])), None)
-    if eqn is not None and eqn.primitive.name == "split":
-        inner = _up_projection(view, eqn.invars[0], num_experts)
-        axis, sizes = eqn.params["axis"], eqn.params["sizes"]
-        if inner is None or inner[4] is not None or inner[5] is not None or inner[2][axis] != "F":
-            return None
-        part = view.out_index(atom)
-        return (*inner[:4], (int(sum(sizes[:part])), int(sum(sizes[: part + 1]))), None)
+        return (*inner[:4], cols, _cut_bias(inner[5], cols))
     base, perm = _through_transpose(view, atom)
     got = _dot(view, base)
     if got is None:
@@ -202,7 +233,7 @@ def _up_projection(view: View, atom: Any, num_experts: int) -> tuple | None:
     if lb or rb or len(lc) != 1:
         return None
     for x_side, w_side, xc, wc in ((lhs, rhs, lc, rc), (rhs, lhs, rc, lc)):
-        if len(_shape(x_side)) != 2 or len(_shape(w_side)) != 3:
+        if len(_shape(x_side)) < 2 or len(_shape(w_side)) != 3:
             continue
         free = [i for i in range(3) if i != wc[0]]
         e_dims = [i for i in free if _shape(w_side)[i] == num_experts]
@@ -212,33 +243,81 @@ def _up_projection(view: View, atom: Any, num_experts: int) -> tuple | None:
         f_dim = next(i for i in free if i != e_dim)
         w_labels = ["?"] * 3
         w_labels[e_dim], w_labels[f_dim], w_labels[wc[0]] = "E", "F", "D"
-        x_labels = ["T", "T"]
-        x_labels[xc[0]] = "D"
-        if x_labels.count("T") != 1:
-            continue
+        if xc[0] != len(_shape(x_side)) - 1:
+            continue  # tokens must be [..T, D]
+        x_labels = [*token_labels(len(_shape(x_side)) - 1), "D"]
         if x_side is lhs:
             labels = _dot_labels(tuple(x_labels), tuple(w_labels), xc, wc, (), ())
         else:
             labels = _dot_labels(tuple(w_labels), tuple(x_labels), wc, xc, (), ())
         labels = tuple(labels[p] for p in perm)
-        if xc[0] != 1:
-            continue  # tokens must be [T, D]
         return x_side, w_side, labels, tuple(w_labels), None, None
     return None
 
 
-def _activation(view: View, atom: Any) -> tuple[str, Any, Any | None] | None:
-    """(name, gate, up) for a gated activation act(gate) * up, or (name, h, None) for act(h)."""
+def _activation(view: View, atom: Any) -> tuple[str, Any, Any | None, tuple] | None:
+    """(name, gate, up, params) for a gated activation act(gate) * up, or (name, h, None, ()) for act(h).
+
+    A cast of the result (the program rounds the hidden activations) is looked through.
+    """
     atom = view.canon(atom)
+    if view.op(atom) == "convert_element_type":
+        atom = view.args(atom)[0]
     if view.op(atom) == "mul":
+        oai = _swiglu_oai(view, atom)
+        if oai is not None:
+            return oai
         a, b = view.args(atom)
         for g_side, u_side in ((a, b), (b, a)):
             inner = _plain_activation(view, g_side)
             if inner is not None and inner[0] in ("silu", "gelu", "gelu_tanh"):
                 name = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}[inner[0]]
-                return name, inner[1], u_side
+                return name, inner[1], u_side, ()
     inner = _plain_activation(view, atom)
-    return None if inner is None else (inner[0], inner[1], None)
+    return None if inner is None else (inner[0], inner[1], None, ())
+
+
+def _swiglu_oai(view: View, atom: Any) -> tuple[str, Any, Any, tuple] | None:
+    """GPT-OSS's clamped SwiGLU: (clip(u, -L, L) + 1) * (g' * sigmoid(alpha * g')), g' = min(g, L)."""
+    a, b = view.args(atom)
+    for lin, glu in ((a, b), (b, a)):
+        u_clip = _with_const(view, lin, "add", 1.0)
+        clipped = None if u_clip is None else _clip(view, u_clip)
+        if clipped is None or view.op(glu) != "mul":
+            continue
+        up, lo, hi = clipped
+        for g, sig in (view.args(glu), view.args(glu)[::-1]):
+            z = idioms.sigmoid(view, sig)
+            scaled = None if z is None or view.op(z) != "mul" else _scalar_operand(view, z)
+            capped = _scalar_operand(view, g) if view.op(g) == "min" else None
+            if scaled is None or capped is None or not view.same(scaled[0], g):
+                continue
+            (gate, limit), alpha = capped, scaled[1]
+            if (lo, hi) == (-limit, limit):
+                return "swiglu_oai", gate, up, (("swiglu_alpha", alpha), ("swiglu_limit", limit))
+    return None
+
+
+def _scalar_operand(view: View, atom: Any) -> tuple[Any, float] | None:
+    """(x, c) for a binary op of an array x and a scalar constant c (either order)."""
+    a, b = view.args(atom)
+    for x, c in ((a, b), (b, a)):
+        if view.scalar(c) is not None and view.scalar(x) is None:
+            return view.canon(x), float(view.scalar(c))
+    return None
+
+
+def _clip(view: View, atom: Any) -> tuple[Any, float, float] | None:
+    """(x, lo, hi) for min(max(x, lo), hi) or max(min(x, hi), lo), as jnp.clip spells it."""
+    outer = view.op(atom)
+    if outer not in ("min", "max"):
+        return None
+    got = _scalar_operand(view, atom)
+    inner = None if got is None or view.op(got[0]) != {"min": "max", "max": "min"}[outer] else got[0]
+    got2 = None if inner is None else _scalar_operand(view, inner)
+    if got2 is None:
+        return None
+    return (got2[0], got2[1], got[1]) if outer == "min" else (got2[0], got[1], got2[1])
 
 
 def _plain_activation(view: View, atom: Any) -> tuple[str, Any] | None:
@@ -321,10 +400,84 @@ def _close(a: float | None, b: float) -> bool:
 def gathered_expert_outputs(view: View, out: Any) -> tuple[ExpertFfn, Any] | None:
     """(ffn, ids) if out[..t, j] = FFN_{ids[..t, j]}(x[..t]) with weights gathered by ids (`w[ids]`).
 
-    Token dims may be several ([B, S, D] tokens with [B, S, K] ids): they are labelled "T" each.
+    Token dims may be several ([B, S, D] tokens with [B, S, K] ids): labelled "T0", "T1", ...
+    Biases gathered the same way (`b[ids]`) and gate/up halves of one fused weight are understood.
     """
     base, perm = _through_transpose(view, out)
-    got = _dot(view, base)
+    down = _gathered(view, base, up=False)
+    if down is None or down.cols is not None:
+        return None
+    inner = _activation(view, down.act)
+    if inner is None:
+        return None
+    act, gate, up, act_params = inner
+    g = _gathered(view, gate, up=True)
+    u = None if up is None else _gathered(view, up, up=True)
+    if g is None or (up is not None and (u is None or not view.same(u.act, g.act))):
+        return None
+    parts = [g, down] if u is None else [g, u, down]
+    for p in parts:  # every weight and bias gathered with the same ids
+        if not view.same(p.ids, down.ids) or (p.bias is not None and not view.same(p.bias_rows, down.ids)):
+            return None
+    if u is not None and (g.cols is None) != (u.cols is None):
+        return None
+    nt = len(_shape(down.ids)) - 1
+    swap = {"D": "F", "F": "D"}  # the down projection contracts F and keeps D
+    d_bias = down.bias and down.bias._replace(labels=tuple(swap.get(c, c) for c in down.bias.labels))
+    o_labels = (*token_labels(nt), "K", "D")
+    ffn = ExpertFfn(
+        x=g.act,
+        w_gate=g.w,
+        w_up=None if u is None else u.w,
+        w_down=down.w,
+        activation=act,
+        labels=tuple(o_labels[p] for p in perm),
+        w_gate_dims=g.dims,
+        w_up_dims=None if u is None else u.dims,
+        w_down_dims=tuple(swap.get(c, c) for c in down.dims),
+        gate_cols=g.cols,
+        up_cols=None if u is None else u.cols,
+        biases=(g.bias, None if u is None else u.bias, d_bias),
+        act_params=act_params,
+    )
+    return ffn, down.ids
+
+
+class _Gathered(NamedTuple):
+    act: Any  # x [..T, D] (up projections) or the hidden h [..T, K, F] (down)
+    w: Any
+    ids: Any
+    dims: tuple[str, ...]  # W's labels; the contracted dim is "D", the output dim "F" (relabelled for down)
+    cols: Cols | None
+    bias: Bias | None
+    bias_rows: Any  # the ids the bias was gathered with, or None
+
+
+def _gathered(view: View, atom: Any, up: bool) -> _Gathered | None:
+    """atom = act . W[ids] per token and slot, maybe cut to some columns, maybe + b[ids].
+
+    `einsum('td,tkdf->tkf')` for up projections, `einsum('tkf,tkfd->tkd')` for the down projection,
+    either operand order: both give [..T, K, out] (batch dims first, then the one free dim).
+    """
+    atom = view.canon(atom)
+    if view.op(atom) == "add":
+        for inner, b in (view.args(atom), view.args(atom)[::-1]):
+            taken = idioms.take(view, b)
+            if taken is None or len(_shape(taken[0])) != 2:
+                continue
+            got = _gathered(view, inner, up)
+            if got is None or got.bias is not None:
+                return None
+            return got._replace(bias=Bias(taken[0], ("E", "F"), None), bias_rows=taken[1])
+        return None
+    cut = _column_slice(view, atom)
+    if cut is not None:
+        inner_atom, axis, cols = cut
+        inner = _gathered(view, inner_atom, up)
+        if inner is None or inner.cols is not None or axis != len(_shape(atom)) - 1:
+            return None
+        return inner._replace(cols=cols, bias=_cut_bias(inner.bias, cols))
+    got = _dot(view, atom)
     if got is None:
         return None
     lhs, rhs, lc, rc, lb, rb = got
@@ -332,60 +485,16 @@ def gathered_expert_outputs(view: View, out: Any) -> tuple[ExpertFfn, Any] | Non
         taken = idioms.take(view, g_side)
         if taken is None or len(_shape(taken[0])) != 3:
             continue
-        num_experts = _shape(taken[0])[0]
-        w_down, ids = taken
-        nt = len(_shape(ids)) - 1  # token dims
-        batch = tuple(range(nt + 1))  # token dims and the k dim
-        if nt < 1 or tuple(gb) != batch or len(gc) != 1 or gc[0] - nt not in (1, 2):
+        w, ids = taken
+        nt = len(_shape(ids)) - 1  # token dims; then the k dim
+        batch = tuple(range(nt if up else nt + 1))
+        if nt < 1 or tuple(gb) != batch or tuple(ab) != batch or len(gc) != 1 or gc[0] - nt not in (1, 2):
             continue
-        inner = _activation(view, a_side)
-        if inner is None:
+        if len(_shape(a_side)) != len(batch) + 1 or tuple(ac) != (len(batch),):
             continue
-        act, gate, up = inner
-        g = _gathered_up(view, gate, num_experts, ids)
-        u = None if up is None else _gathered_up(view, up, num_experts, ids)
-        if g is None or (up is not None and (u is None or u[0] is not g[0] or u[2] != g[2])):
-            continue
-        x, w_gate, labels, wg_dims = g
-        if labels != ("T",) * nt + ("K", "F") or tuple(ab) != batch or tuple(ac) != (nt + 1,):
-            continue
-        wd_dims = ("E", "F", "D") if gc[0] - nt == 1 else ("E", "D", "F")
-        o_labels = ("T",) * nt + ("K", "D")  # batch (tokens, K), then D, whichever side it is on
-        ffn = ExpertFfn(
-            x=x,
-            w_gate=w_gate,
-            w_up=None if u is None else u[1],
-            w_down=w_down,
-            activation=act,
-            labels=tuple(o_labels[p] for p in perm),
-            w_gate_dims=wg_dims,
-            w_up_dims=None if u is None else u[3],
-            w_down_dims=wd_dims,
-        )
-        return ffn, ids
+        dims = ("E", "D", "F") if gc[0] - nt == 1 else ("E", "F", "D")
+        return _Gathered(a_side, w, ids, dims, None, None, None)
     return None
-
-
-def _gathered_up(view: View, atom: Any, num_experts: int, ids: Any) -> tuple[Any, Any, tuple, tuple] | None:
-    """(x, W, labels, W labels) for atom = einsum('..d,..kdf->..kf', x, W[ids])."""
-    base, perm = _through_transpose(view, atom)
-    got = _dot(view, base)
-    if got is None:
-        return None
-    lhs, rhs, lc, rc, lb, rb = got
-    nt = len(_shape(ids)) - 1
-    toks = tuple(range(nt))
-    if len(_shape(lhs)) != nt + 1 or tuple(lb) != toks or tuple(rb) != toks:
-        return None
-    taken = idioms.take(view, rhs)
-    if taken is None or not view.same(taken[1], ids) or len(_shape(taken[0])) != 3:
-        return None
-    w, _ = taken
-    if _shape(w)[0] != num_experts or tuple(lc) != (nt,) or len(rc) != 1 or rc[0] - nt not in (1, 2):
-        return None
-    w_dims = ("E", "D", "F") if rc[0] - nt == 1 else ("E", "F", "D")
-    labels = ("T",) * nt + ("K", "F")
-    return lhs, w, tuple(labels[p] for p in perm), w_dims
 
 
 def sorted_expert_outputs(view: View, out: Any) -> tuple[ExpertFfn, Any] | None:
@@ -421,7 +530,9 @@ def sorted_scatter_combine(view: View, y: Any) -> tuple[ExpertFfn, Any, Any] | N
         return None
     if tuple(dn.scatter_dims_to_operand_dims) != (0,) or view.op(updates) != "mul":
         return None
-    src, _ = idioms.unexpand(view, indices)
+    src = idioms.index_array(view, indices)
+    if src is None:
+        return None
     for o_side, w_side in (view.args(updates), view.args(updates)[::-1]):
         got = sorted_rows_ffn(view, o_side)
         if got is None or not view.same(got[3], src):
@@ -439,55 +550,66 @@ def sorted_scatter_combine(view: View, y: Any) -> tuple[ExpertFfn, Any, Any] | N
 
 
 def sorted_rows_ffn(view: View, o_sorted: Any) -> tuple[ExpertFfn, Any, Any, Any] | None:
-    """(ffn, ids, perm, src) if o_sorted[i] = FFN_{flat[perm[i]]}(x[src[i]]) with src = perm // K."""
+    """(ffn, ids, perm, src) if o_sorted[i] = FFN_{flat[perm[i]]}(x[src[i]]) with src = perm // K.
+
+    Expert biases may be added per row, gathered with the row's expert `b[flat[perm]]`.
+    """
     down = _ragged(view, o_sorted)
-    if down is None:
+    if down is None or down.cols is not None:
         return None
-    a, w_down, sizes, down_dims, _ = down
-    wd_dims = tuple({"D": "F", "F": "D"}.get(c, c) for c in down_dims)  # down contracts F, keeps D
-    inner = _activation(view, a)
+    swap = {"D": "F", "F": "D"}  # the down projection contracts F and keeps D
+    inner = _activation(view, down.rows)
     if inner is None:
         return None
-    act, gate, up = inner
+    act, gate, up, act_params = inner
     g = _ragged(view, gate)
     u = None if up is None else _ragged(view, up)
     if g is None or (up is not None and u is None):
         return None
-    rows, w_gate, g_sizes, wg_dims, g_cols = g
-    if u is not None and (
-        not view.same(u[0], rows) or not view.same(u[2], sizes) or (g_cols is None) != (u[4] is None)
-    ):
+    parts = [g, down] if u is None else [g, u, down]
+    if any(not view.same(p.sizes, down.sizes) for p in parts):
         return None
-    if not view.same(g_sizes, sizes):
+    if u is not None and not view.same(u.rows, g.rows):
         return None
-    taken = idioms.take(view, rows)
+    if u is not None and (g.cols is None) != (u.cols is None):
+        return None
+    taken = idioms.take(view, g.rows)
     if taken is None or len(_shape(taken[0])) != 2:
         return None
     x, src = taken
     order = idioms.argsort(view, view.args(src)[0]) if view.op(src) == "div" else None
-    counts = idioms.bincount(view, sizes)
+    counts = idioms.bincount(view, down.sizes)
     if order is None or counts is None or order[1] != 0 or not view.same(order[0], counts[0]):
         return None
-    perm = view.canon(view.args(src)[0])
-    fe = view.producer(order[0])
+    flat, perm = order[0], view.canon(view.args(src)[0])
+    for p in parts:  # a bias must be gathered with each row's expert, flat[perm]
+        row_e = None if p.bias_rows is None else idioms.take(view, p.bias_rows)
+        if p.bias is None:
+            continue
+        if row_e is None or not (view.same(row_e[0], flat) and view.same(row_e[1], perm)):
+            return None
+    fe = view.producer(flat)
     if fe is None or fe.primitive.name != "reshape" or len(_shape(fe.invars[0])) != 2:
         return None
     ids = view.canon(fe.invars[0])
     t, k = _shape(ids)
-    if view.scalar(view.args(src)[1]) != k or _shape(x)[0] != t or counts[1] != _shape(w_down)[0]:
+    if view.scalar(view.args(src)[1]) != k or _shape(x)[0] != t or counts[1] != _shape(down.w)[0]:
         return None
+    d_bias = down.bias and down.bias._replace(labels=tuple(swap.get(c, c) for c in down.bias.labels))
     ffn = ExpertFfn(
         x=x,
-        w_gate=w_gate,
-        w_up=None if u is None else u[1],
-        w_down=w_down,
+        w_gate=g.w,
+        w_up=None if u is None else u.w,
+        w_down=down.w,
         activation=act,
-        labels=("T", "K", "D"),
-        w_gate_dims=wg_dims,
-        w_up_dims=None if u is None else u[3],
-        w_down_dims=wd_dims,
-        gate_cols=g_cols,
-        up_cols=None if u is None else u[4],
+        labels=("T0", "K", "D"),
+        w_gate_dims=g.dims,
+        w_up_dims=None if u is None else u.dims,
+        w_down_dims=tuple(swap.get(c, c) for c in down.dims),
+        gate_cols=g.cols,
+        up_cols=None if u is None else u.cols,
+        biases=(g.bias, None if u is None else u.bias, d_bias),
+        act_params=act_params,
     )
     return ffn, ids, perm, src
 
@@ -504,9 +626,10 @@ def _unpermuted(view: View, flat: Any) -> tuple[Any, Any] | tuple[None, None]:
     if eqn is not None and eqn.primitive.name == "scatter":
         operand, indices, updates = (view.canon(v) for v in eqn.invars[:3])
         dn = eqn.params["dimension_numbers"]
-        perm, _ = idioms.unexpand(view, indices)
+        perm = idioms.index_array(view, indices)
         if (
-            view.scalar(operand) == 0
+            perm is not None
+            and view.scalar(operand) == 0
             and tuple(dn.inserted_window_dims) == (0,)
             and idioms.argsort(view, perm)
         ):
@@ -514,25 +637,39 @@ def _unpermuted(view: View, flat: Any) -> tuple[Any, Any] | tuple[None, None]:
     return None, None
 
 
-def _ragged(view: View, atom: Any) -> tuple[Any, Any, Any, tuple, Any] | None:
-    """(rows, W, group_sizes, W labels, F column range) for atom = ragged_dot(rows, W, sizes)."""
+class _Ragged(NamedTuple):
+    rows: Any
+    w: Any
+    sizes: Any
+    dims: tuple[str, ...]  # W's labels; the output column dim is "F" (the caller relabels for down)
+    cols: Cols | None
+    bias: Bias | None
+    bias_rows: Any  # the per-row expert index the bias was gathered with, or None
+
+
+def _ragged(view: View, atom: Any) -> _Ragged | None:
+    """atom = ragged_dot(rows, W, sizes), maybe cut to some columns, maybe + b[expert_of_row]."""
     atom = view.canon(atom)
-    eqn = view.producer(atom)
-    if eqn is not None and eqn.primitive.name in ("split", "slice"):
-        inner = _ragged(view, eqn.invars[0])
-        if inner is None or inner[4] is not None:
+    if view.op(atom) == "convert_element_type":  # preferred_element_type, or a cast back
+        atom = view.args(atom)[0]
+    if view.op(atom) == "add":
+        for inner, b in (view.args(atom), view.args(atom)[::-1]):
+            taken = idioms.take(view, b)
+            if taken is None or len(_shape(taken[0])) != 2 or len(_shape(taken[1])) != 1:
+                continue
+            got = _ragged(view, inner)
+            if got is None or got.bias is not None:
+                return None
+            return got._replace(bias=Bias(taken[0], ("E", "F"), None), bias_rows=taken[1])
+        return None
+    cut = _column_slice(view, atom)
+    if cut is not None:
+        inner_atom, axis, cols = cut
+        inner = _ragged(view, inner_atom)
+        if inner is None or inner.cols is not None or axis != 1:
             return None
-        if eqn.primitive.name == "split":
-            if eqn.params["axis"] != 1:
-                return None
-            sizes, part = eqn.params["sizes"], view.out_index(atom)
-            cols = (int(sum(sizes[:part])), int(sum(sizes[: part + 1])))
-        else:
-            starts, limits = eqn.params["start_indices"], eqn.params["limit_indices"]
-            if any(st != 1 for st in eqn.params.get("strides") or ()) or starts[0] != 0:
-                return None
-            cols = (int(starts[1]), int(limits[1]))
-        return (*inner[:4], cols)
+        return inner._replace(cols=cols, bias=_cut_bias(inner.bias, cols))
+    eqn = view.producer(atom)
     if eqn is None or eqn.primitive.name != "ragged_dot_general":
         return None
     rdn = eqn.params["ragged_dot_dimension_numbers"]
@@ -543,7 +680,12 @@ def _ragged(view: View, atom: Any) -> tuple[Any, Any, Any, tuple, Any] | None:
         return None
     rows, w, sizes = (view.canon(v) for v in eqn.invars)
     dims = ("E", "D", "F") if rc[0] == 1 else ("E", "F", "D")
-    return rows, w, sizes, dims, None
+    return _Ragged(rows, w, sizes, dims, None, None, None)
+
+
+def is_ragged_dot(view: View, atom: Any) -> bool:
+    """Whether atom is (a bias-added, column-cut) `lax.ragged_dot` product."""
+    return _ragged(view, atom) is not None
 
 
 def looped_expert_outputs(view: View, y: Any) -> tuple[ExpertFfn, Any, Any] | None:
@@ -565,7 +707,7 @@ def looped_expert_outputs(view: View, y: Any) -> tuple[ExpertFfn, Any, Any] | No
     keys = set(seen.values())
     if len(keys) != 1:
         return None
-    ((x, stacks, act, w, ids),) = keys
+    ((x, stacks, act, act_params, w, ids),) = keys
     num_e = _shape(stacks[-1][0])[0]
     if sorted(seen) != list(range(num_e)):
         return None
@@ -576,10 +718,11 @@ def looped_expert_outputs(view: View, y: Any) -> tuple[ExpertFfn, Any, Any] | No
         w_up=None if up is None else up[0],
         w_down=wd,
         activation=act,
-        labels=("T", "D"),
+        labels=("T0", "D"),
         w_gate_dims=wg_dims,
         w_up_dims=None if up is None else up[1],
         w_down_dims=wd_dims,
+        act_params=act_params,
     )
     return ffn, w, ids
 
@@ -599,7 +742,7 @@ def _loop_term(view: View, term: Any) -> tuple[int, tuple] | None:
         we, dims = idioms.unexpand(view, wexp)
         if len(_shape(we)) != 1 or dims.get(0) != 0:
             continue
-        sel = _expert_weight(view, we)
+        sel = loop_expert_weight(view, we)
         if sel is None:
             continue
         e, w, ids = sel
@@ -610,32 +753,81 @@ def _loop_term(view: View, term: Any) -> tuple[int, tuple] | None:
         inner = _activation(view, a)
         if inner is None:
             continue
-        act, gate, up = inner
+        act, gate, up, act_params = inner
         g = _expert_slice_dot(view, gate, e, contracted="D")
         u = None if up is None else _expert_slice_dot(view, up, e, contracted="D")
         if g is None or (up is not None and (u is None or not view.same(u[0], g[0]))):
             continue
         stacks = (g[1], wd) if u is None else (g[1], u[1], wd)
-        return e, (view.canon(g[0]), stacks, act, w, ids)
+        return e, (view.canon(g[0]), stacks, act, act_params, w, ids)
     return None
 
 
-def _expert_weight(view: View, atom: Any) -> tuple[int, Any, Any] | None:
-    """(e, w, ids) for atom = sum(where(ids == e, w, 0), axis=-1)."""
-    if view.op(atom) != "reduce_sum" or tuple(view.params(atom)["axes"]) != (1,):
+def loop_expert_weight(view: View, atom: Any) -> tuple[int, Any, Any] | None:
+    """(e, w, ids) for atom[t] = sum_j [ids[t, j] == e] * w[t, j].
+
+    Spelled `sum(where(ids == e, w, 0), -1)`, `sum(w * (ids == e), -1)`, or a contraction of w with
+    expert e's column of `one_hot(ids, E)` (`einsum('kt,tk->t', one_hot(ids).T[e], w)`, HF Qwen2-MoE).
+    The multiplying spellings differ from the fused op only for an infinite weight (inf * 0 is NaN).
+    """
+    if view.op(atom) == "reduce_sum" and tuple(view.params(atom)["axes"]) == (1,):
+        (inner,) = view.args(atom)
+        if view.op(inner) == "select_n":
+            pred, on_false, on_true = view.args(inner)
+            col = _onehot_column(view, pred)
+            if view.scalar(on_false) == 0.0 and col is not None and col[2] == ("T", "K"):
+                return (col[1], view.canon(on_true), col[0]) if _shape(col[0]) == _shape(on_true) else None
+        if view.op(inner) == "mul":
+            for m, w in (view.args(inner), view.args(inner)[::-1]):
+                col = _onehot_column(view, m)
+                if col is not None and col[2] == ("T", "K") and _shape(col[0]) == _shape(w):
+                    return col[1], view.canon(w), col[0]
         return None
-    (sel,) = view.args(atom)
-    if view.op(sel) != "select_n":
+    got = _dot(view, atom)
+    if got is None:
         return None
-    pred, on_false, on_true = view.args(sel)
-    if view.scalar(on_false) != 0.0 or view.op(pred) != "eq":
-        return None
-    a, b = view.args(pred)
-    for ids, lit in ((a, b), (b, a)):
-        e = view.scalar(lit)
-        if e is not None and len(_shape(ids)) == 2 and _shape(ids) == _shape(on_true):
-            return int(e), view.canon(on_true), view.canon(ids)
+    lhs, rhs, lc, rc, lb, rb = got
+    for m, w, mc, wc, mb, wb in ((lhs, rhs, lc, rc, lb, rb), (rhs, lhs, rc, lc, rb, lb)):
+        col = _onehot_column(view, m)
+        if col is None or len(_shape(w)) != 2 or _shape(col[0]) != _shape(w):
+            continue
+        ids, e, labels = col
+        if (tuple(wc), tuple(wb)) == ((1,), (0,)) and (tuple(mc), tuple(mb)) == (
+            (labels.index("K"),),
+            (labels.index("T"),),
+        ):
+            return e, view.canon(w), ids
     return None
+
+
+def _onehot_column(view: View, atom: Any) -> tuple[Any, int, tuple[str, ...]] | None:
+    """(ids, e, labels) if atom is `ids == e` for ids [T, K], with its dims labelled "T" and "K".
+
+    Spelled `ids == e` (any cast) or as expert e's slice of a (transposed) `one_hot(ids, E)`.
+    """
+    atom = view.canon(atom)
+    if view.op(atom) == "convert_element_type":
+        atom = view.args(atom)[0]
+    if view.op(atom) == "eq":
+        got = _scalar_operand(view, atom)
+        if got is not None and len(_shape(got[0])) == 2 and float(got[1]).is_integer():
+            return got[0], int(got[1]), ("T", "K")
+        return None
+    sq = view.producer(atom)
+    if sq is None or sq.primitive.name != "squeeze" or len(sq.params["dimensions"]) != 1:
+        return None
+    cut = _column_slice(view, sq.invars[0])
+    if cut is None or cut[1] != sq.params["dimensions"][0] or cut[2][1] - cut[2][0] != 1 or cut[2][2] != 1:
+        return None
+    base, perm = _through_transpose(view, cut[0])
+    oh = idioms.one_hot(view, base)
+    if oh is None or len(_shape(oh[0])) != 2:
+        return None
+    labels = [("T", "K", "E")[p] for p in perm]
+    if labels[cut[1]] != "E":
+        return None
+    del labels[cut[1]]
+    return oh[0], cut[2][0], tuple(labels)
 
 
 def _expert_slice_dot(view: View, atom: Any, e: int, contracted: str) -> tuple[Any, tuple] | None:

@@ -21,12 +21,17 @@ from jax import lax
 from moefuse import idioms
 from moefuse.match import NoMatch, Proposal
 from moefuse.patterns.experts import (
+    Bias,
+    Cols,
     ExpertFfn,
     dense_expert_outputs,
     gathered_expert_outputs,
+    is_ragged_dot,
+    loop_expert_weight,
     looped_expert_outputs,
     sorted_expert_outputs,
     sorted_scatter_combine,
+    token_labels,
 )
 from moefuse.view import View
 
@@ -78,7 +83,7 @@ class MoePattern:
                 continue
             if e.primitive.name in ("scatter-add", "scatter_add"):
                 upd = view.canon(e.invars[2])
-                if view.op(upd) == "mul" and "ragged_dot_general" in [view.op(a) for a in view.args(upd)]:
+                if view.op(upd) == "mul" and any(is_ragged_dot(view, a) for a in view.args(upd)):
                     out.append(i)
             elif e.primitive.name == "add" and _is_loop_sum_root(view, e):
                 out.append(i)
@@ -113,7 +118,7 @@ class MoePattern:
                     "every expert's FFN on every token",
                     OP,
                 )
-            if ffn.labels[o_sum] != "E" or [ffn.labels[d] for d in o_tok] != ["T"]:
+            if ffn.labels[o_sum] != "E" or tuple(ffn.labels[d] for d in o_tok) != token_labels(len(o_tok)):
                 return NoMatch(anchor, "the combine does not sum expert outputs over experts per token", OP)
             return _proposal(view, anchor, ffn, weights, ids, num_e, "dense", w_atom.aval.dtype)
         dispatch, got = "gather", gathered_expert_outputs(view, o_atom)
@@ -122,7 +127,7 @@ class MoePattern:
         if got is None:
             return NoMatch(anchor, "no combine of expert outputs by router weights", OP)
         ffn, ids = got
-        if ffn.labels[o_sum] != "K" or any(ffn.labels[d] != "T" for d in o_tok):
+        if ffn.labels[o_sum] != "K" or tuple(ffn.labels[d] for d in o_tok) != token_labels(len(o_tok)):
             return NoMatch(anchor, "the combine does not sum the k expert outputs per token", OP)
         weights = _skip_convert(view, w_atom)
         combine_dtype = eqn.outvars[0].aval.dtype if eqn.primitive.name == "reduce_sum" else w_atom.aval.dtype
@@ -152,7 +157,7 @@ def _adds_expert_term(view: View, eqn: Any) -> bool:
             continue
         for side in view.args(term):
             base, _ = idioms.unexpand(view, side)
-            if view.op(base) == "reduce_sum" and view.op(view.args(base)[0]) == "select_n":
+            if len(_shape(base)) == 1 and loop_expert_weight(view, base) is not None:
                 return True
     return False
 
@@ -202,13 +207,18 @@ def _skip_convert(view: View, atom: Any) -> Any:
 
 
 def combine_matrix(view: View, atom: Any) -> tuple[Any, Any, int] | None:
-    """(weights [T, k], ids [T, k], E) if atom [T, E] is sum_j weights[t, j] * (ids[t, j] == e)."""
+    """(weights [..T, k], ids [..T, k], E) if atom [..T, E] is sum_j weights[..t, j] * (ids[..t, j] == e).
+
+    Spelled as `sum(one_hot(ids, E) * w[..., None], axis=-2)`, `einsum('tk,tke->te', w, one_hot)`, or a
+    scatter of w into zeros at (..t, ids) (`.at[rows, ids].set(w)` / `put_along_axis`).
+    """
     atom = _skip_convert(view, atom)
     name = view.op(atom)
-    if len(_shape(atom)) != 2:
+    rank = len(_shape(atom))
+    if rank < 2:
         return None
-    num_e = _shape(atom)[1]
-    if name == "reduce_sum" and tuple(view.params(atom)["axes"]) == (1,):
+    num_e, nt = _shape(atom)[-1], rank - 1
+    if name == "reduce_sum" and tuple(view.params(atom)["axes"]) == (nt,):
         (prod,) = view.args(atom)
         if view.op(prod) != "mul":
             return None
@@ -216,7 +226,9 @@ def combine_matrix(view: View, atom: Any) -> tuple[Any, Any, int] | None:
         for oh_side, w_side in ((a, b), (b, a)):
             oh = idioms.one_hot(view, oh_side)
             w_base, dims = idioms.unexpand(view, w_side)
-            if oh is not None and oh[1] == num_e and _shape(w_base) == _shape(oh[0]) and dims.get(1) == 1:
+            if oh is None or oh[1] != num_e or _shape(w_base) != _shape(oh[0]):
+                continue
+            if all(dims.get(i) == i for i in range(nt + 1)):
                 return w_base, oh[0], num_e
         return None
     if name == "dot_general":  # einsum('tk,tke->te', w, one_hot(ids, E))
@@ -224,14 +236,15 @@ def combine_matrix(view: View, atom: Any) -> tuple[Any, Any, int] | None:
         (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
         w, oh_atom = (view.canon(v) for v in eqn.invars)
         (wc, wb), (oc, ob) = (lc, lb), (rc, rb)
-        if len(_shape(w)) == 3:
+        if len(_shape(w)) == nt + 2:
             w, oh_atom, (wc, wb), (oc, ob) = oh_atom, w, (oc, ob), (wc, wb)
         oh = idioms.one_hot(view, oh_atom)
-        if oh is None or oh[1] != num_e or len(_shape(w)) != 2:
+        if oh is None or oh[1] != num_e or len(_shape(w)) != nt + 1:
             return None
-        if (tuple(wc), tuple(wb), tuple(oc), tuple(ob)) != ((1,), (0,), (1,), (0,)) or w is not _skip_convert(
-            view, w
-        ):
+        toks = tuple(range(nt))
+        if (tuple(wc), tuple(wb), tuple(oc), tuple(ob)) != ((nt,), toks, (nt,), toks):
+            return None
+        if w is not _skip_convert(view, w):
             return None
         return (w, oh[0], num_e) if _shape(oh[0]) == _shape(w) else None
     got = idioms.put_along_last_axis(view, atom)
@@ -255,35 +268,29 @@ def _proposal(
 
     y = view.jaxpr.eqns[anchor].outvars[0]
     act = {"geglu_tanh": "geglu", "gelu_tanh": "gelu"}.get(ffn.activation, ffn.activation)
-    approx = ffn.activation.endswith("_tanh")
-    biased = any(b is not None for b in ffn.biases)
+    biases = [b for b in ffn.biases if b is not None]
+    layout = _fused_layout(ffn)
     params = MoeParams(
         num_experts=num_e,
         k=_shape(ids)[-1],
         activation=act,
-        gelu_approximate=approx,
-        has_expert_bias=biased,
+        gelu_approximate=ffn.activation.endswith("_tanh"),
+        fused_gate_up=layout is not None,
+        gate_up_layout=layout or "concat",
+        has_expert_bias=bool(biases),
         weights_dtype=jnp.dtype(combine_dtype).name,
+        **dict(ffn.act_params),
     )
     gated = ffn.w_up is not None
     inputs = [ffn.x, weights, ids, ffn.w_gate] + ([ffn.w_up] if gated else []) + [ffn.w_down]
-    inputs += [b[0] for b in ffn.biases if b is not None]
-    n_w = len(inputs) - sum(b is not None for b in ffn.biases)
-    perms = (
-        _perm(ffn.w_gate_dims, "EDF"),
-        _perm(ffn.w_up_dims, "EDF") if gated else None,
-        _perm(ffn.w_down_dims, "EFD"),
-    )
+    inputs += [b.array for b in biases]
+    n_w = len(inputs) - len(biases)
 
-    def emit(kernel: str, x: Any, w: Any, i: Any, wg: Any, *rest: Any) -> list[Any]:
-        wu, wd = (rest[0], rest[1]) if gated else (None, rest[0])
-        b_in, b_down = _bias_args(ffn, list(rest[n_w - 4 :]), x.dtype, _shape(wd)) if biased else (None, None)
-        wg = jnp.transpose(_cols(wg, ffn.w_gate_dims, ffn.gate_cols), perms[0])
-        wu = None if wu is None else jnp.transpose(_cols(wu, ffn.w_up_dims, ffn.up_cols), perms[1])
-        wd = jnp.transpose(wd, perms[2])
+    def emit(kernel: str, x: Any, w: Any, i: Any, *rest: Any) -> list[Any]:
+        ws, bs = list(rest[: n_w - 3]), list(rest[n_w - 3 :])
+        w_in, wd, b_in, b_down = _kernel_weights(ffn, layout, ws, bs, x.dtype)
         tokens = x.shape[:-1]  # several token dims ([B, S, D]) run as [B * S, D]
         x, w, i = x.reshape(-1, x.shape[-1]), w.reshape(-1, w.shape[-1]), i.reshape(-1, i.shape[-1])
-        w_in = wg if wu is None else (wg, wu)
         out = moe_ffn(x, w, i, w_in, wd, params, b_in=b_in, b_down=b_down, impl=kernel)
         return [out.reshape(*tokens, out.shape[-1]).astype(y.aval.dtype)]
 
@@ -292,21 +299,64 @@ def _proposal(
     return Proposal(op=OP, anchor=anchor, inputs=inputs, outputs=[y], params=described, emit=emit)
 
 
-def _bias_args(ffn: ExpertFfn, given: list[Any], dtype: Any, wd_shape: tuple[int, ...]) -> tuple[Any, Any]:
-    """(b_in, b_down) in the kernel's layout ([E, F] each, [E, D]); zeros where the program has none."""
-    e, f, d = (
-        wd_shape[ffn.w_down_dims.index("E")],
-        wd_shape[ffn.w_down_dims.index("F")],
-        wd_shape[ffn.w_down_dims.index("D")],
-    )
-    out = []
-    for b, want, shape in zip(ffn.biases, ("EF", "EF", "ED"), ((e, f), (e, f), (e, d)), strict=True):
-        if b is None:
-            out.append(jnp.zeros(shape, dtype))
-        else:
-            out.append(jnp.transpose(given.pop(0), tuple(b[1].index(c) for c in want)))
-    b_gate, b_up, b_down = out
-    return (b_gate if ffn.w_up is None else (b_gate, b_up)), b_down
+def _fused_layout(ffn: ExpertFfn) -> str | None:
+    """"concat" / "interleaved" when gate and up are the two halves of one weight (and one bias), else None.
+
+    Then the kernel takes the fused weight as it is, without copying out the halves.
+    """
+    if ffn.w_up is None or ffn.w_up is not ffn.w_gate or ffn.gate_cols is None or ffn.up_cols is None:
+        return None
+    b_gate, b_up, _ = ffn.biases
+    if (b_gate is None) != (b_up is None):
+        return None
+    if b_gate is not None and (
+        b_gate.array is not b_up.array or (b_gate.cols, b_up.cols) != (ffn.gate_cols, ffn.up_cols)
+    ):
+        return None
+    f2 = _shape(ffn.w_gate)[ffn.w_gate_dims.index("F")]
+    g, u = list(range(f2)[slice(*ffn.gate_cols)]), list(range(f2)[slice(*ffn.up_cols)])
+    if g == list(range(f2 // 2)) and u == list(range(f2 // 2, f2)):
+        return "concat"
+    if g == list(range(0, f2, 2)) and u == list(range(1, f2, 2)):
+        return "interleaved"
+    return None
+
+
+def _kernel_weights(ffn: ExpertFfn, layout: str | None, ws: list[Any], bs: list[Any], dtype: Any) -> tuple:
+    """(w_in, w_down, b_in, b_down) in the kernel's layouts ([E, D, F], [E, F, D], [E, F], [E, D])."""
+    wg, wu, wd = (ws[0], ws[1], ws[2]) if ffn.w_up is not None else (ws[0], None, ws[1])
+    given = iter(bs)
+    b_gate, b_up, b_down = ((next(given), b) if b is not None else (None, None) for b in ffn.biases)
+    wd = jnp.transpose(wd, _perm(ffn.w_down_dims, "EFD"))
+    if layout is not None:
+        w_in = jnp.transpose(wg, _perm(ffn.w_gate_dims, "EDF"))
+        b_in = None if b_gate[1] is None else jnp.transpose(b_gate[0], _perm(b_gate[1].labels, "EF"))
+    else:
+        w_in = jnp.transpose(_cols(wg, ffn.w_gate_dims, ffn.gate_cols), _perm(ffn.w_gate_dims, "EDF"))
+        b_in = _bias(b_gate, "EF")
+        if wu is not None:
+            w_in = (w_in, jnp.transpose(_cols(wu, ffn.w_up_dims, ffn.up_cols), _perm(ffn.w_up_dims, "EDF")))
+            b_in = (b_in, _bias(b_up, "EF"))
+    b_down = _bias(b_down, "ED")
+    if not any(b is not None for b in ffn.biases):
+        return w_in, wd, None, None
+    e, f, d = (jnp.shape(wd)[i] for i in range(3))
+    zeros = lambda shape: jnp.zeros(shape, dtype)
+    if isinstance(b_in, tuple):
+        b_in = tuple(zeros((e, f)) if b is None else b for b in b_in)
+    elif b_in is None:
+        b_in = zeros((e, jnp.shape(w_in)[2]))
+    return w_in, wd, b_in, zeros((e, d)) if b_down is None else b_down
+
+
+def _bias(given: tuple[Any, Bias | None], want: str) -> Any:
+    """A bias in the kernel's layout `want`, cut to the columns its projection keeps."""
+    arr, bias = given
+    if bias is None:
+        return None
+    if bias.cols is not None:
+        arr = _cols(arr, bias.labels, bias.cols)
+    return jnp.transpose(arr, _perm(bias.labels, want))
 
 
 def _relevant(params: Any, key: str) -> bool:
@@ -322,9 +372,9 @@ def _relevant(params: Any, key: str) -> bool:
     return True
 
 
-def _cols(w: Any, dims: tuple[str, ...], cols: tuple[int, int] | None) -> Any:
+def _cols(w: Any, dims: tuple[str, ...], cols: Cols | None) -> Any:
     """The F columns `cols` of a fused gate/up weight (all of w when cols is None)."""
-    return w if cols is None else lax.slice_in_dim(w, cols[0], cols[1], axis=dims.index("F"))
+    return w if cols is None else lax.slice_in_dim(w, cols[0], cols[1], cols[2], axis=dims.index("F"))
 
 
 def _perm(dims: tuple[str, ...], want: str) -> tuple[int, ...]:

@@ -48,8 +48,40 @@ def test_not_activations(fn):
 
 def test_gated_activation_binds_gate_and_up():
     view, out = _view(lambda g, u: jax.nn.silu(g) * u, jnp.ones((4,)), jnp.zeros((4,)))
-    name, gate, up = _activation(view, out)
-    assert name == "swiglu" and gate is view.jaxpr.invars[0] and up is view.jaxpr.invars[1]
+    name, gate, up, params = _activation(view, out)
+    assert name == "swiglu" and gate is view.jaxpr.invars[0] and up is view.jaxpr.invars[1] and params == ()
+
+
+def _oai(g, u, alpha=1.702, limit=7.0):
+    g = jnp.clip(g, max=limit)
+    return (jnp.clip(u, -limit, limit) + 1) * (g * jax.nn.sigmoid(g * alpha))
+
+
+def test_clamped_swiglu_binds_alpha_and_limit():
+    view, out = _view(lambda g, u: _oai(g, u, alpha=1.5, limit=3.0), jnp.ones((4,)), jnp.zeros((4,)))
+    name, gate, up, params = _activation(view, out)
+    assert (name, gate, up) == ("swiglu_oai", view.jaxpr.invars[0], view.jaxpr.invars[1])
+    assert dict(params) == {"swiglu_alpha": 1.5, "swiglu_limit": 3.0}
+
+
+def _capped(g, limit=7.0):
+    return jnp.minimum(g, limit)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda g, u: (jnp.clip(u, -7.0, 6.0) + 1) * (_capped(g) * jax.nn.sigmoid(_capped(g) * 1.702)),
+        lambda g, u: (jnp.clip(u, -7.0, 7.0) + 1) * (_capped(g) * jax.nn.sigmoid(g * 1.702)),
+        lambda g, u: (jnp.clip(u, -7.0, 7.0) + 2) * (_capped(g) * jax.nn.sigmoid(_capped(g) * 1.702)),
+        lambda g, u: (jnp.clip(u, -7.0, 7.0) + 1) * (_capped(g, 6.0) * jax.nn.sigmoid(_capped(g, 6.0) * 2)),
+    ],
+    ids=["asymmetric-clip", "sigmoid-of-unclamped-gate", "plus-two", "gate-cap-not-the-clip-limit"],
+)
+def test_clamped_swiglu_near_misses(fn):
+    view, out = _view(fn, jnp.ones((4,)), jnp.zeros((4,)))
+    got = _activation(view, out)
+    assert got is None or got[0] != "swiglu_oai"
 
 
 @pytest.mark.parametrize(
@@ -66,7 +98,7 @@ def test_dense_expert_outputs_labels_dims_through_any_einsum(spec_in, spec_out, 
     view, out = _view(fn, x, wg, wg, jnp.ones(wd_shape))
     ffn = dense_expert_outputs(view, out, 8)
     assert ffn is not None and ffn.activation == "swiglu"
-    assert ffn.labels == ("T", "E", "D")
+    assert ffn.labels == ("T0", "E", "D")
     assert ffn.w_gate_dims == (("E", "D", "F") if spec_in.startswith("td,edf") else ("E", "F", "D"))
 
 

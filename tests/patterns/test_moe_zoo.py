@@ -18,19 +18,35 @@ from tests.zoo.moe_near_misses import MAY_FUSE, NEAR_MOE_MISSES
 # Spellings whose blocks fuse today (by case name), and the dispatch the Plan reports.
 FUSED = {
     "dense_tpu_inference_onehot": "dense",
+    "dense_maxtext_bsd_bf16_scatter": "dense",
     "vmap_experts_swiglu": "dense",
     "shared_ling26_block": "dense",
     "gather_decode_einsum": "gather",
     "sorted_maxtext_ragged_dot": "sorted",
+    "sorted_epmoe_fused_w13_bf16": "sorted",
+    "sorted_segment_sum_geglu_bias": "sorted",
+    "sorted_oai_interleaved_bias": "sorted",
     "shared_deepseek_v3_sorted": "sorted",
     "scan_layers_sorted": "sorted",
     "loop_masks_mixtral": "loop",
+    "loop_qwen2_moe_shared_gate": "loop",
     "checkpoint_two_layers_relu_bias": "dense",
     "vmap_experts_dict_gelu_bias": "dense",
     "gather_take_gelu_bf16_top1": "gather",
+    "gather_gpt_oss_reference": "gather",
     "nnx_moe_module": "gather",
+    "capacity_gshard_top2": "capacity",
+    "capacity_maxtext_token_major": "capacity",
+    "capacity_switch_top1_bf16": "capacity",
 }
 
+# Blocks whose router stays as the program wrote it (the `moe` op takes its weights and ids as given).
+ROUTER_NOT_FUSED = {
+    # top-2 by argmax, then argmax again after multiplying the winner by 0: when every other softmax
+    # probability underflows to exactly 0 and the winner is expert 0, argmax picks expert 0 again
+    # where lax.top_k picks expert 1, and that second choice takes a capacity slot elsewhere.
+    "capacity_gshard_top2",
+}
 
 # The fused `moe` op takes whatever (weights, ids) feed the combine, exactly as the program does;
 # it does not own the router, so weights and ids from two different routers are still computed
@@ -51,12 +67,15 @@ def test_moe_block_spelling(make):
         assert sites == [], str(plan)
         return
     assert len(sites) == case.count, str(plan)
-    assert sum(s.op == "route" for s in plan.fused) == case.count, str(plan)  # the block's router too
+    routers = 0 if case.name in ROUTER_NOT_FUSED else case.count
+    assert sum(s.op == "route" for s in plan.fused) == routers, str(plan)  # the block's router too
     for site in sites:
         assert site.params["dispatch"] == FUSED[case.name]
         assert site.params["num_experts"] == case.expect["num_experts"]
         assert site.params["k"] == case.expect["k"]
         assert site.params["activation"] == case.expect["activation"]
+        if case.expect["dispatch"] == "capacity":
+            assert site.params["capacity"] == case.expect["capacity"]
     got = moefuse.jit(case.fn, verify=True)(*case.args)
     want = jax.jit(case.fn)(*case.args)
     for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
@@ -77,8 +96,13 @@ GRAD_CASES = [m for m in ALL_MOE_BLOCKS if m.__name__.removeprefix("make_") in F
 
 
 @pytest.mark.parametrize("make", GRAD_CASES, ids=lambda m: m.__name__.removeprefix("make_"))
-def test_grad_through_fused_blocks_equals_the_original(make):
-    """Training through the pass: gradients w.r.t. every floating input match the original's."""
+def test_grad_through_fused_blocks_is_as_accurate_as_the_original(make):
+    """Training through the pass: gradients w.r.t. every floating input are as accurate as the original's.
+
+    Both are f32 sums over experts and hidden units in different orders, so they differ by rounding;
+    each is measured against the original's gradient in float64, and the fused one must be within
+    twice the original's own error (plus one f32 ulp at the gradient's scale).
+    """
     case = make()
     dtypes = [{np.asarray(leaf).dtype for leaf in jax.tree_util.tree_leaves(a)} for a in case.args]
     floats = [i for i, d in enumerate(dtypes) if d == {np.dtype(np.float32)}]
@@ -96,5 +120,14 @@ def test_grad_through_fused_blocks_equals_the_original(make):
     want = jax.jit(jax.grad(loss(case.fn), argnums=argnums))(*case.args)
     got = jax.jit(jax.grad(loss(moefuse.fuse(case.fn)), argnums=argnums))(*case.args)
     assert "custom_vjp_call" in str(jax.make_jaxpr(moefuse.fuse(case.fn))(*case.args))
-    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+    wide = jax.tree_util.tree_map(
+        lambda a: np.asarray(a, np.float64) if np.asarray(a).dtype == np.float32 else a, case.args
+    )
+    with jax.enable_x64(True):
+        exact = jax.jit(jax.grad(loss(case.fn), argnums=argnums))(*wide)
+    leaves = zip(*(jax.tree_util.tree_leaves(t) for t in (want, got, exact)), strict=True)
+    for i, (w, g, e) in enumerate(leaves):
+        w, g, e = (np.asarray(a, np.float64) for a in (w, g, e))
+        err_orig, err_fused = np.abs(w - e).max(), np.abs(g - e).max()
+        ulp = np.finfo(np.float32).eps * np.abs(e).max()
+        assert err_fused <= 2 * err_orig + ulp, (i, err_fused, err_orig, ulp)

@@ -339,3 +339,122 @@ NEAR_MOE_MISSES = [
     make_nm_moe_expert_tanh_output,
     make_nm_moe_expert_choice,
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# capacity dispatch near misses: token-dropping blocks whose drop rule is NOT a fused kernel's
+# ---------------------------------------------------------------------------------------------
+
+
+def _gshard_like(seed, variant):
+    """GShard-style top-2 capacity block over [G, S] tokens, with one deliberate deviation."""
+    groups, group_size, d_model, d_ff, num_experts, capacity = 2, 16, 32, 64, 8, 4
+    x = normal(seed, (groups, group_size, d_model))
+    wg = _w(seed + 1, (d_model, num_experts), d_model, gain=2.0)
+    wi = _w(seed + 2, (num_experts, d_model, d_ff), d_model)
+    wo = _w(seed + 3, (num_experts, d_ff, d_model), d_ff)
+
+    def fn(x, wg, wi, wo):
+        probs = jax.nn.softmax(jnp.einsum("gsm,me->gse", x, wg), axis=-1)
+        gates, idx = lax.top_k(probs, 2)
+        gates = gates / gates.sum(-1, keepdims=True)
+        m1 = jax.nn.one_hot(idx[..., 0], num_experts)
+        m2 = jax.nn.one_hot(idx[..., 1], num_experts)
+        if variant == "global_count":  # positions counted over all groups' tokens at once
+            flat = m1.reshape(-1, num_experts)
+            p1 = ((jnp.cumsum(flat, axis=0) - flat) * flat).reshape(m1.shape)
+        else:
+            p1 = (jnp.cumsum(m1, axis=1) - m1) * m1
+        m1 = m1 * (p1 < capacity)
+        if variant == "mixed_order":  # choice 2 offset by choice-1 counts up to the token only
+            p2 = (jnp.cumsum(m2, axis=1) - m2 + jnp.cumsum(m1, axis=1)) * m2
+        else:
+            p2 = (jnp.cumsum(m2, axis=1) - m2 + m1.sum(1, keepdims=True)) * m2
+        m2 = m2 * (p2 < capacity)
+        w1, w2 = gates[..., 0], gates[..., 1]
+        if variant == "swapped_weights":  # the second choice weighted by the first choice's gate
+            w2 = w1
+        c1 = w1[..., None, None] * m1[..., None] * jax.nn.one_hot(p1.sum(-1).astype(jnp.int32), capacity)[
+            ..., None, :
+        ]
+        c2 = w2[..., None, None] * m2[..., None] * jax.nn.one_hot(p2.sum(-1).astype(jnp.int32), capacity)[
+            ..., None, :
+        ]
+        combine = c1 + c2
+        dispatch = (combine != 0).astype(x.dtype)
+        xe = jnp.einsum("gsec,gsm->egcm", dispatch, x)
+        h = jax.nn.relu(jnp.einsum("egcm,emh->egch", xe, wi))
+        return jnp.einsum("gsec,egcm->gsm", combine, jnp.einsum("egch,ehm->egcm", h, wo))
+
+    return fn, (x, wg, wi, wo)
+
+
+def make_nm_moe_capacity_global_count() -> ZooCase:
+    """Per-group buffers, but positions counted over all groups' tokens (cumsum over flattened G*S)."""
+    fn, args = _gshard_like(2120, "global_count")
+    return _case(
+        "nm_moe_capacity_global_count",
+        fn,
+        args,
+        "capacity per group of buffers, but first-choice positions are counted over all groups at once: "
+        "later groups lose their slots; a fused kernel counting per group would keep them",
+    )
+
+
+def make_nm_moe_capacity_mixed_order() -> ZooCase:
+    """Second choices offset by the first choices of earlier tokens only (neither slot- nor token-major)."""
+    fn, args = _gshard_like(2130, "mixed_order")
+    return _case(
+        "nm_moe_capacity_mixed_order",
+        fn,
+        args,
+        "first choices ranked among first choices only, second choices token-major: no single priority "
+        "order, so which assignments are dropped is neither GShard's nor MaxText's",
+    )
+
+
+def make_nm_moe_capacity_swapped_weights() -> ZooCase:
+    """Top-2 capacity block whose second choice is combined with the first choice's gate."""
+    fn, args = _gshard_like(2140, "swapped_weights")
+    return _case(
+        "nm_moe_capacity_swapped_weights",
+        fn,
+        args,
+        "the combine weights the second expert by the first expert's gate: not the router's weights",
+    )
+
+
+def make_nm_moe_capacity_one_based_slots() -> ZooCase:
+    """Switch-style top-1 with 1-based positions: `<= C` keeps C tokens but slot C falls off one_hot."""
+    num_tokens, d_model, d_ff, num_experts, capacity = 64, 32, 64, 16, 4
+    x = normal(2150, (num_tokens, d_model))
+    wr = _w(2151, (d_model, num_experts), d_model, gain=2.0)
+    wi = _w(2152, (num_experts, d_model, d_ff), d_model)
+    wo = _w(2153, (num_experts, d_ff, d_model), d_ff)
+
+    def fn(x, wr, wi, wo):
+        gate, idx = lax.top_k(jax.nn.softmax(x @ wr, axis=-1), 1)
+        mask = jax.nn.one_hot(idx[:, 0], num_experts, dtype=jnp.int32)
+        prio = jnp.cumsum(mask, axis=0) * mask  # 1-based: the first token of an expert is 1
+        mask = mask * (prio <= capacity)
+        dispatch = jax.nn.one_hot(prio, capacity, dtype=jnp.int32) * mask[..., None]
+        combine = dispatch.astype(jnp.float32) * gate[:, 0, None, None]
+        xe = jnp.einsum("tec,td->ecd", dispatch.astype(x.dtype), x)
+        y = jnp.einsum("ecf,efd->ecd", jax.nn.relu(jnp.einsum("ecd,edf->ecf", xe, wi)), wo)
+        return jnp.einsum("tec,ecd->td", combine, y)
+
+    return _case(
+        "nm_moe_capacity_one_based_slots",
+        fn,
+        (x, wr, wi, wo),
+        "positions are 1-based (cumsum * mask, no -1): slot 0 is never used and each expert's C-th token "
+        "is kept by `<= C` but falls off one_hot(., C), so only C-1 tokens per expert are processed",
+    )
+
+
+NEAR_MOE_MISSES += [
+    make_nm_moe_capacity_global_count,
+    make_nm_moe_capacity_mixed_order,
+    make_nm_moe_capacity_swapped_weights,
+    make_nm_moe_capacity_one_based_slots,
+]
