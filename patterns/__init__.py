@@ -13,6 +13,7 @@ from moefuse.patterns.moe_block import MOE
 from moefuse.patterns.moe_block import SUPPORTED as _MOE_SUPPORTED
 from moefuse.patterns.router import ROUTER
 from moefuse.patterns.router import SUPPORTED as _ROUTER_SUPPORTED
+from moefuse.patterns.shared import SUPPORTED as _SHARED_SUPPORTED
 
 PATTERNS = (ROUTER, MOE, CAPACITY)
 
@@ -20,6 +21,7 @@ PATTERNS = (ROUTER, MOE, CAPACITY)
 def supported_table() -> str:
     """The supported-patterns table (Markdown), as shown in the README."""
     rows = ["| op | family | recognised spellings | bound parameters |", "|---|---|---|---|"]
-    for op, family, spellings, params in _ROUTER_SUPPORTED + _MOE_SUPPORTED + _CAPACITY_SUPPORTED:
+    supported = _ROUTER_SUPPORTED + _MOE_SUPPORTED + _CAPACITY_SUPPORTED + _SHARED_SUPPORTED
+    for op, family, spellings, params in supported:
         rows.append(f"| `{op}` | {family} | {spellings} | {params} |")
     return "\n".join(rows)

@@ -39,7 +39,7 @@ import numpy as np
 from moefuse import _compat as C
 from moefuse import idioms
 from moefuse.match import NoMatch, Proposal
-from moefuse.patterns.experts import _activation, _dot, _dot_labels, _through_transpose
+from moefuse.patterns.experts import _dot, _dot_labels, _through_transpose, activation_of
 from moefuse.view import View
 
 OP = "moe"
@@ -731,7 +731,7 @@ def _expert_outputs(view: View, out: Any, num_e: int) -> _Ffn | None:
     h, wd, hc, wc, hb, wb, wd_lab, perm, w_first = down
     if view.op(h) == "convert_element_type":
         return None  # hidden activations rounded to another dtype: not the kernel's compute dtype
-    inner = _activation(view, h)
+    inner = activation_of(view, h)
     if inner is None or inner[0] not in _ACTIVATIONS:
         return None
     act, gate, up = inner[0], inner[1], inner[2]

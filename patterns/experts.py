@@ -112,7 +112,7 @@ def _bias_labels(bias: Any, dims: dict[int, int] | None, labels: tuple[str, ...]
     return Bias(bias, got, None) if set(got) == want else False
 
 
-def _column_slice(view: View, atom: Any) -> tuple[Any, int, Cols] | None:
+def column_slice(view: View, atom: Any) -> tuple[Any, int, Cols] | None:
     """(inner, axis, cols) if atom keeps the columns start:limit:stride of inner along one axis.
 
     Spelled as a `slice` (`a[..., :F]`, `a[..., ::2]`) or one part of a `split`.
@@ -158,7 +158,7 @@ def dense_expert_outputs(view: View, out: Any, num_experts: int) -> ExpertFfn | 
     for act_side, w_side, ac, wc, ab, wb in ((lhs, rhs, lc, rc, lb, rb), (rhs, lhs, rc, lc, rb, lb)):
         if len(_shape(w_side)) != 3 or len(wb) != 1 or len(wc) != 1 or _shape(w_side)[wb[0]] != num_experts:
             continue
-        inner = _activation(view, act_side)
+        inner = activation_of(view, act_side)
         if inner is None:
             continue
         act, gate, up, act_params = inner
@@ -218,7 +218,7 @@ def _up_projection(view: View, atom: Any, num_experts: int) -> tuple | None:
         if got is None or got[5] is not None:
             return None
         return (*got[:5], _bias_labels(bias, bias_map, got[2], {"E", "F"}))
-    cut = _column_slice(view, atom)
+    cut = column_slice(view, atom)
     if cut is not None:
         inner_atom, axis, cols = cut
         inner = _up_projection(view, inner_atom, num_experts)
@@ -255,7 +255,7 @@ def _up_projection(view: View, atom: Any, num_experts: int) -> tuple | None:
     return None
 
 
-def _activation(view: View, atom: Any) -> tuple[str, Any, Any | None, tuple] | None:
+def activation_of(view: View, atom: Any) -> tuple[str, Any, Any | None, tuple] | None:
     """(name, gate, up, params) for a gated activation act(gate) * up, or (name, h, None, ()) for act(h).
 
     A cast of the result (the program rounds the hidden activations) is looked through.
@@ -407,7 +407,7 @@ def gathered_expert_outputs(view: View, out: Any) -> tuple[ExpertFfn, Any] | Non
     down = _gathered(view, base, up=False)
     if down is None or down.cols is not None:
         return None
-    inner = _activation(view, down.act)
+    inner = activation_of(view, down.act)
     if inner is None:
         return None
     act, gate, up, act_params = inner
@@ -470,7 +470,7 @@ def _gathered(view: View, atom: Any, up: bool) -> _Gathered | None:
                 return None
             return got._replace(bias=Bias(taken[0], ("E", "F"), None), bias_rows=taken[1])
         return None
-    cut = _column_slice(view, atom)
+    cut = column_slice(view, atom)
     if cut is not None:
         inner_atom, axis, cols = cut
         inner = _gathered(view, inner_atom, up)
@@ -558,7 +558,7 @@ def sorted_rows_ffn(view: View, o_sorted: Any) -> tuple[ExpertFfn, Any, Any, Any
     if down is None or down.cols is not None:
         return None
     swap = {"D": "F", "F": "D"}  # the down projection contracts F and keeps D
-    inner = _activation(view, down.rows)
+    inner = activation_of(view, down.rows)
     if inner is None:
         return None
     act, gate, up, act_params = inner
@@ -662,7 +662,7 @@ def _ragged(view: View, atom: Any) -> _Ragged | None:
                 return None
             return got._replace(bias=Bias(taken[0], ("E", "F"), None), bias_rows=taken[1])
         return None
-    cut = _column_slice(view, atom)
+    cut = column_slice(view, atom)
     if cut is not None:
         inner_atom, axis, cols = cut
         inner = _ragged(view, inner_atom)
@@ -750,7 +750,7 @@ def _loop_term(view: View, term: Any) -> tuple[int, tuple] | None:
         if down is None:
             continue
         a, wd = down
-        inner = _activation(view, a)
+        inner = activation_of(view, a)
         if inner is None:
             continue
         act, gate, up, act_params = inner
@@ -816,7 +816,7 @@ def _onehot_column(view: View, atom: Any) -> tuple[Any, int, tuple[str, ...]] | 
     sq = view.producer(atom)
     if sq is None or sq.primitive.name != "squeeze" or len(sq.params["dimensions"]) != 1:
         return None
-    cut = _column_slice(view, sq.invars[0])
+    cut = column_slice(view, sq.invars[0])
     if cut is None or cut[1] != sq.params["dimensions"][0] or cut[2][1] - cut[2][0] != 1 or cut[2][2] != 1:
         return None
     base, perm = _through_transpose(view, cut[0])

@@ -33,6 +33,7 @@ from moefuse.patterns.experts import (
     sorted_scatter_combine,
     token_labels,
 )
+from moefuse.patterns.shared import with_shared_expert
 from moefuse.view import View
 
 OP = "moe"
@@ -296,7 +297,8 @@ def _proposal(
 
     described = {key: val for key, val in params.describe().items() if _relevant(params, key)}
     described["dispatch"] = dispatch
-    return Proposal(op=OP, anchor=anchor, inputs=inputs, outputs=[y], params=described, emit=emit)
+    routed = Proposal(op=OP, anchor=anchor, inputs=inputs, outputs=[y], params=described, emit=emit)
+    return with_shared_expert(view, routed, ffn.x)
 
 
 def _fused_layout(ffn: ExpertFfn) -> str | None:

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from moefuse.patterns.experts import _activation, _plain_activation, dense_expert_outputs
+from moefuse.patterns.experts import _plain_activation, activation_of, dense_expert_outputs
 from moefuse.rewrite import inline_jits
 from moefuse.view import View
 
@@ -48,7 +48,7 @@ def test_not_activations(fn):
 
 def test_gated_activation_binds_gate_and_up():
     view, out = _view(lambda g, u: jax.nn.silu(g) * u, jnp.ones((4,)), jnp.zeros((4,)))
-    name, gate, up, params = _activation(view, out)
+    name, gate, up, params = activation_of(view, out)
     assert name == "swiglu" and gate is view.jaxpr.invars[0] and up is view.jaxpr.invars[1] and params == ()
 
 
@@ -59,7 +59,7 @@ def _oai(g, u, alpha=1.702, limit=7.0):
 
 def test_clamped_swiglu_binds_alpha_and_limit():
     view, out = _view(lambda g, u: _oai(g, u, alpha=1.5, limit=3.0), jnp.ones((4,)), jnp.zeros((4,)))
-    name, gate, up, params = _activation(view, out)
+    name, gate, up, params = activation_of(view, out)
     assert (name, gate, up) == ("swiglu_oai", view.jaxpr.invars[0], view.jaxpr.invars[1])
     assert dict(params) == {"swiglu_alpha": 1.5, "swiglu_limit": 3.0}
 
@@ -80,7 +80,7 @@ def _capped(g, limit=7.0):
 )
 def test_clamped_swiglu_near_misses(fn):
     view, out = _view(fn, jnp.ones((4,)), jnp.zeros((4,)))
-    got = _activation(view, out)
+    got = activation_of(view, out)
     assert got is None or got[0] != "swiglu_oai"
 
 

@@ -74,6 +74,7 @@ def test_moe_block_spelling(make):
         assert site.params["num_experts"] == case.expect["num_experts"]
         assert site.params["k"] == case.expect["k"]
         assert site.params["activation"] == case.expect["activation"]
+        assert ("shared_expert" in site.params) == case.expect["shared_expert"]  # the whole block, one op
         if case.expect["dispatch"] == "capacity":
             assert site.params["capacity"] == case.expect["capacity"]
     got = moefuse.jit(case.fn, verify=True)(*case.args)
