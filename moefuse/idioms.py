@@ -169,10 +169,18 @@ def _exp_shifted(view: View, e: Any, axis: int) -> Any | None:
     if _first_of_sorted(view, base, x, axis):
         return x  # max of top_k values (sorted descending) taken as their first column
     red = reduction(view, base, "max")
-    if red is None or not view.same(red[0], x) or red[1] != (axis,):
+    if red is None:
         return None
-    kept = [d for d in range(len(_shape(x))) if d != axis]
-    if any(dims.get(b) != od for b, od in enumerate(kept)):
+    perm = list(range(len(_shape(x))))  # x's dim d is dim perm[d] of the array the max reads
+    if not view.same(red[0], x):
+        t = view.producer(view.canon(x))  # the max taken before a transpose (vmap over tokens)
+        if t is None or t.primitive.name != "transpose" or not view.same(view.canon(t.invars[0]), red[0]):
+            return None
+        perm = list(t.params["permutation"])
+    if red[1] != (perm[axis],):
+        return None
+    kept = [d for d in range(len(perm)) if d != perm[axis]]
+    if any(dims.get(b) != perm.index(sd) for b, sd in enumerate(kept)):
         return None
     return x
 

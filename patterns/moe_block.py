@@ -99,7 +99,12 @@ class MoePattern:
         if eqn.primitive.name == "add":
             got = looped_expert_outputs(view, eqn.outvars[0])
             if got is None:
-                return NoMatch(anchor, "a sum of per-expert terms, but not one term per expert FFN", OP)
+                return NoMatch(
+                    anchor,
+                    "a sum of per-expert terms, but not one term per expert FFN on the e-th slice of "
+                    "weights stacked on an expert axis (separate per-expert arrays are not fused)",
+                    OP,
+                )
             ffn, weights, ids = got
             return _proposal(
                 view, anchor, ffn, weights, ids, _shape(ffn.w_down)[0], "loop", weights.aval.dtype
@@ -210,8 +215,8 @@ def _skip_convert(view: View, atom: Any) -> Any:
 def combine_matrix(view: View, atom: Any) -> tuple[Any, Any, int] | None:
     """(weights [..T, k], ids [..T, k], E) if atom [..T, E] is sum_j weights[..t, j] * (ids[..t, j] == e).
 
-    Spelled as `sum(one_hot(ids, E) * w[..., None], axis=-2)`, `einsum('tk,tke->te', w, one_hot)`, or a
-    scatter of w into zeros at (..t, ids) (`.at[rows, ids].set(w)` / `put_along_axis`).
+    Spelled as `sum(one_hot(ids, E) * w[..., None], axis=-2)` or `where(one_hot, w, 0)` summed,
+    `einsum('tk,tke->te', w, one_hot)`, or a scatter of w into zeros at (..t, ids) (`.at[rows, ids].set(w)`).
     """
     atom = _skip_convert(view, atom)
     name = view.op(atom)
@@ -221,10 +226,15 @@ def combine_matrix(view: View, atom: Any) -> tuple[Any, Any, int] | None:
     num_e, nt = _shape(atom)[-1], rank - 1
     if name == "reduce_sum" and tuple(view.params(atom)["axes"]) == (nt,):
         (prod,) = view.args(atom)
-        if view.op(prod) != "mul":
+        if view.op(prod) == "select_n":  # where(one_hot(ids, E), w[..., None], 0)
+            pred, zero, w_side = view.args(prod)
+            pairs = [(pred, w_side)] if view.scalar(zero) == 0.0 else []
+        elif view.op(prod) == "mul":
+            a, b = view.args(prod)
+            pairs = [(a, b), (b, a)]
+        else:
             return None
-        a, b = view.args(prod)
-        for oh_side, w_side in ((a, b), (b, a)):
+        for oh_side, w_side in pairs:
             oh = idioms.one_hot(view, oh_side)
             w_base, dims = idioms.unexpand(view, w_side)
             if oh is None or oh[1] != num_e or _shape(w_base) != _shape(oh[0]):

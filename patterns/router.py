@@ -173,7 +173,7 @@ def _check_gate(view: View, logits: Any) -> None:
     x = logits
     for _ in range(8):
         name = view.op(x)
-        if name == "convert_element_type":
+        if name in ("convert_element_type", "transpose"):  # a transpose: [E, T] logits (vmap over tokens)
             x = view.args(x)[0]
         elif name == "add":
             a, b = view.args(x)
