@@ -680,6 +680,9 @@ def _ragged(view: View, atom: Any) -> _Ragged | None:
         return None
     rows, w, sizes = (view.canon(v) for v in eqn.invars)
     dims = ("E", "D", "F") if rc[0] == 1 else ("E", "F", "D")
+    base, perm = _through_transpose(view, w)  # torch-layout weights swapped for ragged_dot
+    if perm[0] == 0:
+        w, dims = base, tuple(dims[perm.index(d)] for d in range(3))
     return _Ragged(rows, w, sizes, dims, None, None, None)
 
 

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import moefuse
 from moefuse.patterns.experts import _plain_activation, activation_of, dense_expert_outputs
 from moefuse.rewrite import inline_jits
 from moefuse.view import View
@@ -108,3 +109,24 @@ def test_dense_expert_outputs_rejects_an_expert_transform_after_the_ffn():
 
     view, out = _view(fn, jnp.ones((3, 4)), jnp.ones((8, 4, 16)), jnp.ones((8, 16, 4)))
     assert dense_expert_outputs(view, out, 8) is None
+
+
+def test_sorted_ragged_dot_reads_torch_layout_weights_through_swapaxes():
+    """ragged_dot(rows, swapaxes(w13 [E, 2F, D]), sizes): the fused op takes w13 as it is, gate/up halves."""
+    t, d, f, e, k = 16, 8, 12, 4, 2
+
+    def block(x, wr, w13, w2):
+        w, ids = jax.lax.top_k(jax.nn.softmax(x @ wr, -1), k)
+        flat = ids.reshape(-1)
+        perm = jnp.argsort(flat)
+        sizes = jnp.bincount(flat, length=e)
+        g, u = jnp.split(jax.lax.ragged_dot(x[perm // k], jnp.swapaxes(w13, 1, 2), sizes), 2, axis=-1)
+        y = jax.lax.ragged_dot(jax.nn.silu(g) * u, jnp.swapaxes(w2, 1, 2), sizes)
+        return jnp.einsum("tkd,tk->td", y[jnp.argsort(perm)].reshape(t, k, d), w)
+
+    ks = jax.random.split(jax.random.PRNGKey(0), 4)
+    shapes = [(t, d), (d, e), (e, 2 * f, d), (e, d, f)]
+    args = [jax.random.normal(key, s) * 0.3 for key, s in zip(ks, shapes, strict=True)]
+    (site,) = [s for s in moefuse.plan(block, *args).fused if s.op == "moe"]
+    assert site.params["fused_gate_up"] and site.params["gate_up_layout"] == "concat"
+    moefuse.jit(block, verify=True)(*args)
