@@ -22,6 +22,7 @@ Then::
     moefuse explain my_model.py:target --jaxpr    # ... and the rewritten jaxpr
     moefuse explain my_pkg.models:target          # a module on sys.path (or in the cwd)
     moefuse patterns                              # the MoE patterns moefuse knows
+    moefuse kernels                               # which kernel runs each fused op, per platform
     python -m moefuse ...                         # the same without the entry point
 
 Exit status: 0 on success, 2 for a bad target (syntax, file, module, attribute), 1 when the
@@ -90,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
         "  moefuse explain examples/demo.py:target          # the Ling-style demo model\n"
         "  moefuse explain my_model.py:target --json        # machine-readable\n"
-        "  moefuse patterns                                 # what moefuse can fuse\n\n"
+        "  moefuse patterns                                 # what moefuse can fuse\n"
+        "  moefuse kernels                                  # which kernel each op uses, per platform\n\n"
         "Run 'moefuse explain --help' for how to write a target.\n"
         "Environment: MOEFUSE_DISABLE=1 turns the pass off, MOEFUSE_LOG=debug logs matching decisions.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -121,6 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the table of MoE patterns moefuse detects and fuses.",
     )
     patterns.add_argument("--traceback", action="store_true", help="on failure, print the full traceback")
+
+    kernels = sub.add_parser(
+        "kernels",
+        help="print the kernel selection table",
+        description="Print which implementation runs each fused op on each platform: rows are tried in\n"
+        "order, the first available one is used, and unavailable rows say why.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    kernels.add_argument("--traceback", action="store_true", help="on failure, print the full traceback")
     return parser
 
 
@@ -137,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "explain":
             out = _explain(args.target, as_json=args.json, with_jaxpr=args.jaxpr)
+        elif args.command == "kernels":
+            out = _kernels()
         else:
             out = _patterns()
         _write(out)
@@ -283,6 +296,17 @@ def _import_module(name: str) -> Any:
 
 # --------------------------------------------------------------------------------------------
 # patterns
+
+
+def _kernels() -> str:
+    from moefuse.select import TABLE, select
+
+    rows = ["| op | platform | kernel | status | note |", "|---|---|---|---|---|"]
+    for r in TABLE:
+        chosen = select(r.op, r.platform)[0] == r.kernel
+        status = "used" if chosen else "available" if r.available else "not built"
+        rows.append(f"| `{r.op}` | {r.platform} | {r.kernel} | {status} | {r.note} |")
+    return "\n".join(rows)
 
 
 def _patterns() -> str:

@@ -302,6 +302,21 @@ def test_patterns_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert "route" in out
 
 
+def test_kernels_table_marks_the_selected_kernel(capsys: pytest.CaptureFixture[str]) -> None:
+    from moefuse.select import TABLE
+
+    code, out, err = _run(["kernels"], capsys)
+    assert code == 0, err
+    first: dict[tuple[str, str], str] = {}
+    for r in TABLE:  # the first available row per (op, platform) is the one used
+        if r.available:
+            first.setdefault((r.op, r.platform), r.kernel)
+    for r in TABLE:
+        status = "available" if r.available else "not built"
+        status = "used" if first.get((r.op, r.platform)) == r.kernel else status
+        assert f"| `{r.op}` | {r.platform} | {r.kernel} | {status} |" in out, (r, out)
+
+
 # ---------------------------------------------------------------------------------------------
 # as a user runs it: `python -m moefuse` and the `moefuse` entry point
 
