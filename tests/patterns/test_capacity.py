@@ -132,3 +132,67 @@ def test_keep_rule_off_by_one_declines():
 def test_capacity_near_miss_declines_with_reason(make, reason):
     case = make()
     assert reason in _moe_decline(case.fn, case.args)
+
+
+def _gshard_argmax(variant="ok", skew=0.0):
+    """GShard top-2 via two argmaxes; positions are recovered as `sum(position * keep, E)` (so 0 where
+    dropped) and turned into slots by `one_hot(pos, C)` masked by the keep bit (blind zoo spelling)."""
+    G, S, M, H, E, C = 2, 16, 32, 64, 4, 6
+    x = normal(3200, (G, S, M))
+    wg = normal(3201, (M, E), scale=M**-0.5)
+    wg = wg.at[:, :2].add(skew * jnp.sign(x.mean((0, 1)))[:, None])  # skew: experts 0, 1 overflow
+    wi = normal(3202, (E, M, H), scale=M**-0.5)
+    wo = normal(3203, (E, H, M), scale=H**-0.5)
+
+    def fn(x, wg, wi, wo):
+        raw = jax.nn.softmax(jnp.einsum("gsm,me->gse", x, wg), axis=-1)
+        mask_1 = onehot_1 = jax.nn.one_hot(jnp.argmax(raw, axis=-1), E)
+        gate_1 = jnp.sum(raw * mask_1, axis=-1)
+        rest = raw * (1.0 - mask_1)
+        mask_2 = jax.nn.one_hot(jnp.argmax(rest, axis=-1), E)
+        gate_2 = jnp.sum(rest * mask_2, axis=-1)
+        pos_in_1 = jnp.cumsum(mask_1, axis=1) - mask_1
+        mask_1 = mask_1 * (pos_in_1 < C)
+        local_2 = jnp.cumsum(mask_2, axis=1) - mask_2
+        pos_in_2 = local_2 + jnp.sum(mask_1, axis=1, keepdims=True)
+        mask_2 = mask_2 * (pos_in_2 < C)
+        if variant == "second_without_counts":  # keep bit right, slot from the per-choice position
+            pos_in_2 = local_2
+        pos_1 = jnp.sum(pos_in_1 * mask_1, axis=-1).astype(jnp.int32)
+        pos_2 = jnp.sum(pos_in_2 * mask_2, axis=-1).astype(jnp.int32)
+        gate_1 = gate_1 * jnp.sum(mask_1, axis=-1)
+        gate_2 = gate_2 * jnp.sum(mask_2, axis=-1)
+        expert_1 = mask_1 if variant != "unmasked_slots" else onehot_1  # not masked by the keep bit
+        dispatch_1 = jax.nn.one_hot(pos_1, C)[:, :, None, :] * expert_1[..., None]
+        dispatch_2 = mask_2[..., None] * jax.nn.one_hot(pos_2, C)[:, :, None, :]
+        combine = gate_1[..., None, None] * dispatch_1 + gate_2[..., None, None] * dispatch_2
+        xe = jnp.einsum("gsec,gsm->egcm", dispatch_1 + dispatch_2, x)
+        h = jax.nn.relu(jnp.einsum("egcm,emh->egch", xe, wi))
+        return jnp.einsum("gsec,egcm->gsm", combine, jnp.einsum("egch,ehm->egcm", h, wo))
+
+    return fn, (x, wg, wi, wo)
+
+
+def test_gshard_position_times_keep_bit_fuses_with_exact_drops():
+    fn, args = _gshard_argmax(skew=10.0)
+    (site,) = _moe_sites(moefuse.plan(fn, *args))
+    assert (site.params["k"], site.params["capacity"], site.params["capacity_order"]) == (2, 6, "slot_major")
+    assert site.params["capacity_groups"] == 2
+    want = np.asarray(jax.jit(fn)(*args))
+    got = np.asarray(jax.jit(moefuse.fuse(fn))(*args))
+    assert np.all(want == 0, axis=-1).sum() >= 2, "the skewed router should overflow the buffers"
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("variant", "reason"),
+    [
+        # dropped first choices keep position 0 and are scattered into slot 0 of their expert
+        ("unmasked_slots", "sends dropped assignments to slot 0"),
+        # second choices' slots counted without the first choices' kept counts (collide with them)
+        ("second_without_counts", "without the earlier choices' counts"),
+    ],
+)
+def test_gshard_position_times_keep_bit_near_misses_decline(variant, reason):
+    fn, args = _gshard_argmax(variant)
+    assert reason in _moe_decline(fn, args)
