@@ -174,6 +174,11 @@ class View:
             return float("nan") if np.isnan(flat).all() else None
         return float(first) if (flat == first).all() else None
 
+    def uncast(self, atom: Any) -> Any:
+        """The canonical atom, or its operand when it is a `convert_element_type` (a dtype cast)."""
+        atom = self.canon(atom)
+        return self.args(atom)[0] if self.op(atom) == "convert_element_type" else atom
+
     def is_nonneg_index(self, atom: Any) -> bool:
         """Whether `atom` is an integer index known to be >= 0 (top_k/argsort ids, iota, ...)."""
         atom = self.canon(atom)

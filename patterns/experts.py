@@ -649,9 +649,7 @@ class _Ragged(NamedTuple):
 
 def _ragged(view: View, atom: Any) -> _Ragged | None:
     """atom = ragged_dot(rows, W, sizes), maybe cut to some columns, maybe + b[expert_of_row]."""
-    atom = view.canon(atom)
-    if view.op(atom) == "convert_element_type":  # preferred_element_type, or a cast back
-        atom = view.args(atom)[0]
+    atom = view.uncast(atom)  # preferred_element_type, or a cast back
     if view.op(atom) == "add":
         for inner, b in (view.args(atom), view.args(atom)[::-1]):
             taken = idioms.take(view, b)
@@ -865,3 +863,109 @@ def _expert_slice_dot(view: View, atom: Any, e: int, contracted: str) -> tuple[A
     labels[w_dim] = contracted
     labels[3 - w_dim] = "F" if contracted == "D" else "D"
     return lhs, (stacked, tuple(labels))
+
+
+def slot_column(view: View, atom: Any) -> tuple[Any, int] | None:
+    """(a, j) if atom [T] is column j of a 2-D array a [T, K] (`a[:, j]`), looking through broadcasts."""
+    atom, _ = idioms.unexpand(view, atom)
+    sq = view.producer(view.canon(atom))
+    if sq is None or sq.primitive.name != "squeeze" or tuple(sq.params["dimensions"]) != (1,):
+        return None
+    cut = column_slice(view, sq.invars[0])
+    if cut is None or cut[1] != 1 or len(_shape(cut[0])) != 2:
+        return None
+    start, limit, stride = cut[2]
+    return (cut[0], start) if limit - start == 1 and stride == 1 else None
+
+
+def slot_loop_outputs(view: View, y: Any) -> tuple[ExpertFfn, Any, Any] | None:
+    """(ffn, weights, ids) for y = sum over slots j < K of w[:, j, None] * FFN(x; W[ids[:, j]]).
+
+    The decode-style loop over the k slots: each slot gathers its experts' weights per token
+    (`w_fc[ids[:, j]]`) and runs a batched matvec; every slot of the same ids and weights appears once.
+    """
+    terms = [t for t in _sum_terms(view, y) if view.scalar(t) != 0.0]
+    seen: dict[int, tuple] = {}
+    for term in terms:
+        got = _slot_term(view, term)
+        if got is None or got[0] in seen:
+            return None
+        seen[got[0]] = got[1]
+    if len(set(seen.values())) != 1:
+        return None
+    ((x, stacks, act, act_params, w, ids),) = set(seen.values())
+    if sorted(seen) != list(range(_shape(ids)[1])):
+        return None
+    (wg, wg_dims), up, (wd, wd_dims) = stacks if len(stacks) == 3 else (stacks[0], None, stacks[1])
+    ffn = ExpertFfn(
+        x=x,
+        w_gate=wg,
+        w_up=None if up is None else up[0],
+        w_down=wd,
+        activation=act,
+        labels=("T0", "D"),
+        w_gate_dims=wg_dims,
+        w_up_dims=None if up is None else up[1],
+        w_down_dims=wd_dims,
+        act_params=act_params,
+    )
+    return ffn, w, ids
+
+
+def _slot_term(view: View, term: Any) -> tuple[int, tuple] | None:
+    """(j, key) for term = w[:, j, None] * FFN(x; W[ids[:, j]]); key must agree across slots."""
+    if view.op(term) != "mul" or len(_shape(term)) != 2:
+        return None
+    for wexp, cur in (view.args(term), view.args(term)[::-1]):
+        col = slot_column(view, wexp)
+        down = _slot_matvec(view, view.uncast(cur))
+        if col is None or down is None:
+            continue
+        h, wd, ids_j, wd_dims = down
+        ids_col = slot_column(view, ids_j)
+        inner = activation_of(view, h)
+        if ids_col is None or ids_col[1] != col[1] or inner is None:
+            continue
+        act, gate, up, act_params = inner
+        g = _slot_matvec(view, gate)
+        u = None if up is None else _slot_matvec(view, up)
+        if g is None or (up is not None and (u is None or not view.same(u[0], g[0]))):
+            continue
+        if any(not view.same(p[2], ids_j) for p in (g, u) if p is not None):
+            continue
+        swap = {"D": "F", "F": "D"}  # the down projection contracts F and keeps D
+        stacks = ((g[1], g[3]),) + (() if u is None else ((u[1], u[3]),))
+        stacks += ((wd, tuple(swap[c] if c in swap else c for c in wd_dims)),)
+        return col[1], (view.canon(g[0]), stacks, act, act_params, col[0], ids_col[0])
+    return None
+
+
+
+def _slot_matvec(view: View, atom: Any) -> tuple[Any, Any, Any, tuple[str, ...]] | None:
+    """(v, W, ids_j, W labels) for atom [T, out] = W[ids_j] @ v per token.
+
+    Spelled `matmul(W[e], v[:, :, None])[..., 0]` or `einsum('tod,td->to', W[e], v)`; W's contracted
+    dim is labelled "D", its output dim "F".
+    """
+    atom = view.canon(atom)
+    eqn = view.producer(atom)
+    if eqn is not None and eqn.primitive.name == "squeeze" and len(_shape(eqn.invars[0])) == 3:
+        if tuple(eqn.params["dimensions"]) != (2,):
+            return None
+        atom = view.canon(eqn.invars[0])
+    got = _dot(view, atom)
+    if got is None:
+        return None
+    lhs, rhs, lc, rc, lb, rb = got
+    if tuple(lb) != (0,) or tuple(rb) != (0,) or len(lc) != 1:
+        return None
+    for g_side, v_side, gc, vc in ((lhs, rhs, lc, rc), (rhs, lhs, rc, lc)):
+        taken = idioms.take(view, g_side)
+        if taken is None or len(_shape(taken[0])) != 3 or len(_shape(taken[1])) != 1:
+            continue
+        v, dims = idioms.unexpand(view, v_side)
+        if len(_shape(v)) != 2 or tuple(vc) != (1,) or dims.get(0) != 0 or dims.get(1) != 1:
+            continue
+        labels = ("E", "D", "F") if gc[0] == 1 else ("E", "F", "D")
+        return v, taken[0], taken[1], labels
+    return None

@@ -29,6 +29,8 @@ from moefuse.patterns.experts import (
     is_ragged_dot,
     loop_expert_weight,
     looped_expert_outputs,
+    slot_column,
+    slot_loop_outputs,
     sorted_expert_outputs,
     sorted_scatter_combine,
     token_labels,
@@ -41,30 +43,33 @@ SUPPORTED = (
     (
         OP,
         "dense experts + combine matrix",
-        "`einsum('td,edf->tef')` per projection (any dim order, "
-        "fused gate/up split), `vmap` over experts; combine by `one_hot(ids) * w` summed over k or by "
-        "scatter of w",
+        "`einsum('td,edf->tef')` per projection (any dim order, `[B, S, D]` tokens, fused gate/up split, "
+        "biases), `vmap` over experts; combine `[..., E]` by `one_hot(ids) * w` or `where(one_hot, w, 0)` "
+        "summed over k, by einsum with the one-hot, or by a scatter of w",
         "num_experts, k, activation",
     ),
     (
         OP,
         "sorted dispatch",
-        "argsort of flat ids, `x[perm // k]`, bincount / one_hot-sum group sizes, `lax.ragged_dot` "
-        "(separate or split gate/up), unpermute by inverse-permutation gather or scatter, or a weighted "
-        "`.at[perm // k].add`",
+        "argsort of flat ids, `x[perm // k]`, bincount / one_hot-sum / segment_sum group sizes, "
+        "`lax.ragged_dot` (separate, split or interleaved gate/up, torch layout via swapaxes, biases "
+        "`b[flat[perm]]`), unpermute by inverse-permutation gather or scatter, or a weighted "
+        "`.at[perm // k].add` / `segment_sum`",
         "num_experts, k, activation",
     ),
     (
         OP,
         "Python loop over experts",
-        "`for e in range(E)`: `sum(where(ids == e, w, 0), -1)[:, None] * ffn(x, w1[e], ...)`",
+        "`for e in range(E)`: `w_e[:, None] * ffn(x, w1[e], ...)` with `w_e = sum(where(ids == e, w, 0), -1)`, "
+        "`sum(w * (ids == e), -1)` or `einsum('kt,tk->t', one_hot(ids).T[e], w)`",
         "num_experts, k, activation",
     ),
     (
         OP,
         "per-token weight gather",
-        "`w[ids]` / `jnp.take` -> `einsum('td,tkdf->tkf')` (also `[B, S, D]` tokens), combine "
-        "`einsum('tkd,tk->td')` or `sum(y * w[..., None], k)`",
+        "`w[ids]` / `jnp.take` -> `einsum('td,tkdf->tkf')` (also `[B, S, D]` tokens, either operand order, "
+        "gathered biases), combine `einsum('tkd,tk->td')` or `sum(y * w[..., None], k)`; or a loop over the "
+        "k slots of `matmul(w1[ids[:, j]], x[..., None])`",
         "num_experts, k, activation",
     ),
 )
@@ -97,6 +102,12 @@ class MoePattern:
         if eqn.primitive.name in ("scatter-add", "scatter_add"):
             return self._match_scatter(view, anchor)
         if eqn.primitive.name == "add":
+            got = slot_loop_outputs(view, eqn.outvars[0])
+            if got is not None:
+                ffn, weights, ids = got
+                return _proposal(
+                    view, anchor, ffn, weights, ids, _shape(ffn.w_down)[0], "gather", weights.aval.dtype
+                )
             got = looped_expert_outputs(view, eqn.outvars[0])
             if got is None:
                 return NoMatch(
@@ -135,7 +146,7 @@ class MoePattern:
         ffn, ids = got
         if ffn.labels[o_sum] != "K" or tuple(ffn.labels[d] for d in o_tok) != token_labels(len(o_tok)):
             return NoMatch(anchor, "the combine does not sum the k expert outputs per token", OP)
-        weights = _skip_convert(view, w_atom)
+        weights = view.uncast(w_atom)
         combine_dtype = eqn.outvars[0].aval.dtype if eqn.primitive.name == "reduce_sum" else w_atom.aval.dtype
         return _proposal(view, anchor, ffn, weights, ids, _shape(ffn.w_down)[0], dispatch, combine_dtype)
 
@@ -149,7 +160,8 @@ class MoePattern:
 
 
 def _is_loop_sum_root(view: View, eqn: Any) -> bool:
-    """The last add of a chain that adds per-expert weighted terms (w_e[:, None] * FFN_e(x))."""
+    """The last add of a chain that adds weighted expert terms: w_e[:, None] * FFN_e(x) per expert,
+    or w[:, j, None] * FFN(x; W[ids[:, j]]) per slot."""
     if not _adds_expert_term(view, eqn):
         return False
     return not any(
@@ -165,6 +177,8 @@ def _adds_expert_term(view: View, eqn: Any) -> bool:
             base, _ = idioms.unexpand(view, side)
             if len(_shape(base)) == 1 and loop_expert_weight(view, base) is not None:
                 return True
+            if slot_column(view, side) is not None and jnp.issubdtype(side.aval.dtype, jnp.floating):
+                return True  # w[:, j, None] * FFN_slot_j(x): the loop over the k slots
     return False
 
 
@@ -187,14 +201,14 @@ def _weighted_sum(view: View, eqn: Any) -> tuple[Any, Any, int, tuple[int, ...]]
                 return o, w, o_con[0], tuple(o_bat)
         return None
     if eqn.primitive.name == "reduce_sum" and len(eqn.params["axes"]) == 1:
-        prod = _skip_convert(view, eqn.invars[0])  # products may be upcast before the sum
+        prod = view.uncast(eqn.invars[0])  # products may be upcast before the sum
         if view.op(prod) != "mul":
             return None
         (axis,) = eqn.params["axes"]
         a, b = view.args(prod)
         for o, wexp in ((a, b), (b, a)):
-            w, dims = idioms.unexpand(view, _skip_convert(view, wexp))
-            w = _skip_convert(view, w)
+            w, dims = idioms.unexpand(view, view.uncast(wexp))
+            w = view.uncast(w)
             nt = len(_shape(w)) - 1
             if nt < 1 or len(_shape(o)) != nt + 2 or dims.get(nt) != axis:
                 continue
@@ -207,10 +221,6 @@ def _weighted_sum(view: View, eqn: Any) -> tuple[Any, Any, int, tuple[int, ...]]
 MOE = MoePattern()
 
 
-def _skip_convert(view: View, atom: Any) -> Any:
-    atom = view.canon(atom)
-    return view.args(atom)[0] if view.op(atom) == "convert_element_type" else atom
-
 
 def combine_matrix(view: View, atom: Any) -> tuple[Any, Any, int] | None:
     """(weights [..T, k], ids [..T, k], E) if atom [..T, E] is sum_j weights[..t, j] * (ids[..t, j] == e).
@@ -218,7 +228,7 @@ def combine_matrix(view: View, atom: Any) -> tuple[Any, Any, int] | None:
     Spelled as `sum(one_hot(ids, E) * w[..., None], axis=-2)` or `where(one_hot, w, 0)` summed,
     `einsum('tk,tke->te', w, one_hot)`, or a scatter of w into zeros at (..t, ids) (`.at[rows, ids].set(w)`).
     """
-    atom = _skip_convert(view, atom)
+    atom = view.uncast(atom)
     name = view.op(atom)
     rank = len(_shape(atom))
     if rank < 2:
@@ -255,7 +265,7 @@ def combine_matrix(view: View, atom: Any) -> tuple[Any, Any, int] | None:
         toks = tuple(range(nt))
         if (tuple(wc), tuple(wb), tuple(oc), tuple(ob)) != ((nt,), toks, (nt,), toks):
             return None
-        if w is not _skip_convert(view, w):
+        if w is not view.uncast(w):
             return None
         return (w, oh[0], num_e) if _shape(oh[0]) == _shape(w) else None
     got = idioms.put_along_last_axis(view, atom)

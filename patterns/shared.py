@@ -50,10 +50,6 @@ def _shape(a: Any) -> tuple[int, ...]:
     return tuple(a.aval.shape)
 
 
-def _skip_convert(view: View, atom: Any) -> Any:
-    atom = view.canon(atom)
-    return view.args(atom)[0] if view.op(atom) == "convert_element_type" else atom
-
 
 def _matmul(view: View, atom: Any, lhs: Any | None) -> tuple[Any, Any, int, Cols | None] | None:
     """(lhs, W, W's contracted dim, columns) for atom = lhs[..T, n] . W (W 2-D), maybe cut to columns."""
@@ -78,7 +74,7 @@ def _matmul(view: View, atom: Any, lhs: Any | None) -> tuple[Any, Any, int, Cols
 def shared_ffn(view: View, atom: Any, x: Any) -> SharedFfn | None:
     """The shared expert computing `atom` from the tokens x, or None."""
     dtype = view.canon(atom).aval.dtype
-    atom = _skip_convert(view, atom)
+    atom = view.uncast(atom)
     sig = None
     if view.op(atom) == "mul":
         for s, other in (view.args(atom), view.args(atom)[::-1]):

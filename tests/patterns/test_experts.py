@@ -130,3 +130,32 @@ def test_sorted_ragged_dot_reads_torch_layout_weights_through_swapaxes():
     (site,) = [s for s in moefuse.plan(block, *args).fused if s.op == "moe"]
     assert site.params["fused_gate_up"] and site.params["gate_up_layout"] == "concat"
     moefuse.jit(block, verify=True)(*args)
+
+
+def _slot_loop(pairing):
+    """A decode-style loop over the k slots; pairing[j] = (weight column, ids column) of slot j."""
+
+    def block(x, wr, w1, w2):
+        w, ids = jax.lax.top_k(jax.nn.softmax(x @ wr, -1), 2)
+        acc = jnp.zeros_like(x)
+        for wj, ij in pairing:
+            h = jax.nn.relu(jnp.einsum("tfd,td->tf", w1[ids[:, ij]], x))
+            acc = acc + w[:, wj, None] * jnp.einsum("tdf,tf->td", w2[ids[:, ij]], h)
+        return acc
+
+    return block
+
+
+@pytest.mark.parametrize(
+    "pairing, fuses",
+    [(((0, 0), (1, 1)), True), (((0, 1), (1, 0)), False), (((0, 0),), False), (((0, 0), (1, 0)), False)],
+    ids=["slots", "weights-of-the-other-slot", "first-slot-only", "one-expert-twice"],
+)
+def test_slot_loop_fuses_only_when_every_slot_pairs_its_own_weight_and_expert(pairing, fuses):
+    ks = jax.random.split(jax.random.PRNGKey(1), 4)
+    shapes = [(6, 8), (8, 4), (4, 16, 8), (4, 8, 16)]
+    args = [jax.random.normal(k, s) * 0.5 for k, s in zip(ks, shapes, strict=True)]
+    block = _slot_loop(pairing)
+    sites = [s for s in moefuse.plan(block, *args).fused if s.op == "moe"]
+    assert len(sites) == int(fuses)
+    moefuse.jit(block, verify=True)(*args)

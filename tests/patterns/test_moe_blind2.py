@@ -23,6 +23,7 @@ FUSED = {
     "vmap_experts_pytree_swiglu": "dense",
     "deepseek_v3_group_limited_shared": "dense",
     "capacity_gshard_top2_relu": "capacity",
+    "decode_gather_bf16_gelu": "gather",
 }
 
 # Fused blocks whose router stays as written, and why.
@@ -42,8 +43,6 @@ NOT_FUSED = {
     "sorted_cumsum_segment_sum_geglu": "scatter-add of expert rows not recognised",
     # every expert its own nnx module: weights not stacked on an expert axis (declined by design)
     "loop_nnx_relu_bias": "weights stacked on an expert axis",
-    # a Python loop over the k slots of w[ids] matmuls: no weighted-sum anchor is recognised
-    "decode_gather_bf16_gelu": None,
 }
 
 
