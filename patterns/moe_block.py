@@ -60,8 +60,9 @@ SUPPORTED = (
     (
         OP,
         "Python loop over experts",
-        "`for e in range(E)`: `w_e[:, None] * ffn(x, w1[e], ...)` with `w_e = sum(where(ids == e, w, 0), -1)`, "
-        "`sum(w * (ids == e), -1)` or `einsum('kt,tk->t', one_hot(ids).T[e], w)`",
+        "`for e in range(E)`: `w_e[:, None] * ffn(x, w1[e], ...)` with "
+        "`w_e = sum(where(ids == e, w, 0), -1)`, `sum(w * (ids == e), -1)` or "
+        "`einsum('kt,tk->t', one_hot(ids).T[e], w)`",
         "num_experts, k, activation",
     ),
     (
