@@ -4,10 +4,11 @@ Each case runs SwiGLU experts (f32) on T tokens routed with a skewed, Zipf-like 
 (p_e proportional to 1 / rank^s over a random permutation of the experts; each token draws k
 distinct experts by Gumbel-top-k, so popular experts get several times the mean load, as real
 routers do). All implementations are `jax.jit`-compiled in one process and timed in alternating
-rounds (median over all runs, after warm-up). Results go to benchmarks/results/moe_cpu.json with
-the machine, JAX version and date::
+rounds (median over all runs, after warm-up). Each row records the expert loads and what the XLA
+schedule did with them (its C0, loop blocks, and whether it ran the capacity pass). Results go to
+benchmarks/results/moe_cpu.json with the machine, JAX version and date::
 
-    python benchmarks/moe_cpu.py                 # the issue-3 cases, forward only
+    python benchmarks/moe_cpu.py                 # the issue-3 cases at Zipf s = 2, 1, 0, forward only
     python benchmarks/moe_cpu.py --grad          # also time jax.grad of each (forward + backward)
 """
 
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moefuse.kernels.moe import MoeParams, moe_ffn, schedule
+from moefuse.kernels.moe import MoeParams, moe_ffn, schedule, xla
 
 CASES = (  # (T, D, F, E, k)
     (256, 256, 512, 32, 2),
@@ -55,7 +56,8 @@ def dense_moe(x, weights, ids, w_gate, w_up, w_down):
 
 
 def time_all(fns: dict, args: tuple, rounds: int, reps: int) -> dict[str, list[float]]:
-    """Seconds per call: `rounds` rounds (order rotating) of `reps` back-to-back calls of each fn."""
+    """Seconds per call: `rounds` rounds (order rotating) of, per fn, one untimed call and then `reps`
+    timed back-to-back calls (so one fn's memory churn does not land on the next fn's timings)."""
     for f in fns.values():  # compile + warm up
         jax.block_until_ready(f(*args))
         jax.block_until_ready(f(*args))
@@ -63,6 +65,7 @@ def time_all(fns: dict, args: tuple, rounds: int, reps: int) -> dict[str, list[f
     names = list(fns)
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
+            jax.block_until_ready(fns[name](*args))
             for _ in range(reps):
                 t0 = time.perf_counter()
                 jax.block_until_ready(fns[name](*args))
@@ -104,11 +107,14 @@ def run_case(t, d, f, e, k, skew, seed, rounds, reps, grad) -> dict:
     times = time_all(fns, args, rounds, reps)
     med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
     counts = np.bincount(np.asarray(ids).ravel(), minlength=e)
-    c0, sizes = schedule(t, k, e)
+    sched = schedule(t, k, e)
+    capacity_pass = bool(xla.use_capacity_pass(jnp.asarray(counts), sched))
     row = {
         "T": t, "D": d, "F": f, "E": e, "k": k, "dtype": "float32", "activation": "swiglu",
         "routing": f"zipf s={skew}", "max_load_over_mean": float(counts.max() / counts.mean()),
-        "experts_over_c0": int((counts > c0).sum()), "schedule": {"C0": c0, "overflow_blocks": list(sizes)},
+        "experts_used": int((counts > 0).sum()),
+        "experts_in_loop": int((counts > (sched.c0 if capacity_pass else 0)).sum()),
+        "schedule": {"C0": sched.c0, "loop_blocks": list(sched.blocks), "capacity_pass": capacity_pass},
         "median_ms": med, "min_ms": {name: min(ts) * 1e3 for name, ts in times.items()},
         "runs": len(times["dense"]), "xla_vs_dense_max_rel_err": err,
         "flop_ratio": e / k, "goal_speedup": e / k / 2,
@@ -122,32 +128,36 @@ def run_case(t, d, f, e, k, skew, seed, rounds, reps, grad) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--skew", type=float, nargs="+", default=[1.0], help="Zipf exponents s")
+    ap.add_argument("--skew", type=float, nargs="+", default=[2.0, 1.0, 0.0], help="Zipf exponents s")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--grad", action="store_true", help="also time jax.grad (forward + backward)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe_cpu.json"))
     args = ap.parse_args()
+    load_start = os.getloadavg()[0]  # other jobs on a shared machine inflate absolute times
     rows = [run_case(*case, s, args.seed, args.rounds, args.reps, args.grad)
             for case in CASES for s in args.skew]
     names = list(rows[0]["median_ms"])
-    head = f"{'T':>4} {'D':>4} {'F':>4} {'E':>3} {'k':>2} {'routing':>11} {'max/mean':>8} " + " ".join(
-        f"{n + ' ms':>16}" for n in names) + f" {'dense/xla':>9} {'goal':>5} {'ref/xla':>7}"
+    head = f"{'T':>4} {'D':>4} {'F':>4} {'E':>3} {'k':>2} {'routing':>11} {'max/mean':>8} {'xla':>4} "
+    head += " ".join(f"{n + ' ms':>16}" for n in names) + f" {'dense/xla':>9} {'goal':>5} {'ref/xla':>7}"
     print(head)
     for r in rows:
         line = f"{r['T']:>4} {r['D']:>4} {r['F']:>4} {r['E']:>3} {r['k']:>2} {r['routing']:>11} "
-        line += f"{r['max_load_over_mean']:>8.1f} " + " ".join(f"{r['median_ms'][n]:>16.2f}" for n in names)
+        line += f"{r['max_load_over_mean']:>8.1f} {'cap' if r['schedule']['capacity_pass'] else 'loop':>4} "
+        line += " ".join(f"{r['median_ms'][n]:>16.2f}" for n in names)
         line += f" {r['speedup_xla_vs_dense']:>9.2f} {r['goal_speedup']:>5.1f}"
         line += f" {r['speedup_xla_vs_reference']:>7.2f}"
         if "speedup_grad_xla_vs_dense" in r:
             line += f"  grad dense/xla {r['speedup_grad_xla_vs_dense']:.2f}"
         print(line)
     result = {
-        "what": "moe_ffn on CPU: dense all-experts einsum vs reference vs xla impl, SwiGLU f32, Zipf routing",
-        "timing": f"median of {rows[0]['runs']} runs per impl ({args.rounds} rotating rounds x {args.reps}) "
-                  "after warm-up, one process, jax.jit",
+        "what": "moe_ffn on CPU: dense all-experts einsum vs reference vs xla impl, SwiGLU f32, Zipf routing "
+                "(s=2: a few hot experts and a long tail; s=0: uniform)",
+        "timing": f"median of {rows[0]['runs']} runs per impl ({args.rounds} rotating rounds x {args.reps}, "
+                  "each burst after one untimed call) after warm-up, one process, jax.jit",
         "results": rows,
+        "load_avg_1min_start_end": [load_start, os.getloadavg()[0]],
         "jax": jax.__version__,
         "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
         "device": jax.devices()[0].device_kind,

@@ -1,8 +1,10 @@
 """MoE spellings through jax.jit and moefuse.jit side by side, on CPU.
 
-Each spelling is an unmodified MoE block (router + experts + combine) at a small realistic scale;
-both versions run in one process, interleaved, and the median times and their ratio go to
-benchmarks/results/spellings_cpu.json with the machine, JAX version and date::
+Each spelling is an unmodified MoE block (router + experts + combine) at a small realistic scale,
+under two routers (see ROUTINGS): "zipf2-skewed", a very skewed one (a Zipf s=2 bias, the busiest
+expert gets ~15x the mean load), and "balanced", a router as a load-balancing loss leaves it (max/mean
+load ~1.4-1.9). Both versions run in one process, interleaved, and the median times and their ratio go
+to benchmarks/results/spellings_cpu.json with the expert loads, machine, JAX version and date::
 
     python benchmarks/spellings_cpu.py            # T=256 D=256 F=512, (E=32, k=2) and (E=64, k=4)
 """
@@ -11,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
+import os
 import platform
 import statistics
 import time
@@ -23,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import moefuse
+from moefuse.kernels.moe import schedule, xla
 
 
 def router(x, wr, k):
@@ -57,11 +62,26 @@ def gather(k: int) -> Callable:
 SPELLINGS = {"dense": dense, "gather": gather}
 
 
-def inputs(t: int, d: int, f: int, e: int, seed: int = 0) -> tuple:
+ROUTINGS = {
+    # gate N(0, 1/D) plus a Zipf s=2 bias over experts (the inputs' mean of 1 turns skew / D into a
+    # logit bias of ~skew): a few experts get most tokens
+    "zipf2-skewed": "gate N(0, 1/D) + log(1/rank^2) / D: busiest expert ~15x the mean load",
+    # gate N(0, 1/D) with each expert's column centred over D, so the inputs' shared offset favours no
+    # expert: the loads a router trained with a load-balancing loss has (max/mean ~1.4-1.9)
+    "balanced": "gate N(0, 1/D), columns centred over D: max/mean load ~1.4-1.9",
+}
+
+
+def inputs(t: int, d: int, f: int, e: int, routing: str = "zipf2-skewed", seed: int = 0) -> tuple:
+    """(x, router gate, w_gate, w_up, w_down) for one block; `routing` is a key of ROUTINGS."""
     keys = jax.random.split(jax.random.PRNGKey(seed), 5)
-    # a skewed router: a few experts get most tokens (realistic, not uniform)
-    skew = jnp.log(1.0 / jnp.arange(1, e + 1)) * 2.0
-    wr = jax.random.normal(keys[0], (d, e)) * d**-0.5 + skew[None, :] / d
+    wr = jax.random.normal(keys[0], (d, e)) * d**-0.5
+    if routing == "zipf2-skewed":
+        wr = wr + jnp.log(1.0 / jnp.arange(1, e + 1))[None, :] * 2.0 / d
+    elif routing == "balanced":
+        wr = wr - jnp.mean(wr, axis=0, keepdims=True)
+    else:
+        raise ValueError(f"unknown routing {routing!r}; valid: {list(ROUTINGS)}")
     x = jax.random.normal(keys[1], (t, d)) + 1.0
     wg = jax.random.normal(keys[2], (e, d, f)) * d**-0.5
     wu = jax.random.normal(keys[3], (e, d, f)) * d**-0.5
@@ -69,37 +89,55 @@ def inputs(t: int, d: int, f: int, e: int, seed: int = 0) -> tuple:
     return x, wr, wg, wu, wd
 
 
-def median_ms(fns: dict[str, Callable], args: tuple, repeats: int) -> dict[str, float]:
+def median_ms(fns: dict[str, Callable], args: tuple, rounds: int, reps: int = 3) -> dict[str, float]:
+    """Median ms per call: `rounds` interleaved rounds (order alternating); in each, every fn is called
+    once untimed and then timed `reps` times back to back. (The untimed call keeps one fn's memory
+    churn, e.g. the gather spelling's ~270 MB of gathered weights under jax.jit, from inflating the
+    next fn's first call: measured, that alone doubled moefuse's times in the gather rows.)"""
     for fn in fns.values():
         jax.block_until_ready(fn(*args))
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
+    names = list(fns)
+    for r in range(rounds):
+        for name in names[r % 2:] + names[: r % 2]:
+            fn = fns[name]
             jax.block_until_ready(fn(*args))
-            times[name].append((time.perf_counter() - t0) * 1e3)
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(*args))
+                times[name].append((time.perf_counter() - t0) * 1e3)
     return {name: statistics.median(v) for name, v in times.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "spellings_cpu.json"))
     args = ap.parse_args()
+    load_start = os.getloadavg()[0]  # other jobs on a shared machine inflate absolute times
     rows = []
-    for e, k in ((32, 2), (64, 4)):
-        data = inputs(256, 256, 512, e)
+    for (e, k), routing in itertools.product(((32, 2), (64, 4)), ROUTINGS):
+        data = inputs(256, 256, 512, e, routing)
+        _, ids = jax.jit(router, static_argnums=2)(data[0], data[1], k)
+        counts = np.bincount(np.asarray(ids).ravel(), minlength=e)
+        capacity_pass = bool(xla.use_capacity_pass(jnp.asarray(counts), schedule(256, k, e)))
         for name, make in SPELLINGS.items():
             fn = make(k)
             plan = moefuse.plan(fn, *data)
             ops = sorted(s.op for s in plan.fused)
             ref, got = jax.jit(fn)(*data), moefuse.jit(fn)(*data)
             err = float(np.max(np.abs(np.asarray(ref) - np.asarray(got))))
-            t = median_ms({"jax.jit": jax.jit(fn), "moefuse.jit": moefuse.jit(fn)}, data, args.repeats)
+            fns = {"jax.jit": jax.jit(fn), "moefuse.jit": moefuse.jit(fn)}
+            t = median_ms(fns, data, args.rounds, args.reps)
             row = {
                 "spelling": name,
+                "routing": routing,
                 "E": e,
                 "k": k,
+                "max_load_over_mean": float(counts.max() / counts.mean()),
+                "experts_used": int((counts > 0).sum()),
+                "xla_capacity_pass": capacity_pass,
                 "fused": ops,
                 "max_abs_diff": err,
                 "jax_ms": t["jax.jit"],
@@ -109,13 +147,18 @@ def main() -> None:
             }
             rows.append(row)
             print(
-                f"{name:<8} E={e:<3} k={k}  fused={','.join(ops) or '-':<10} jax {row['jax_ms']:8.2f} ms  "
+                f"{name:<7} {routing:<13} E={e:<3} k={k} max/mean {row['max_load_over_mean']:5.2f}  "
+                f"fused={','.join(ops) or '-':<10} jax {row['jax_ms']:8.2f} ms  "
                 f"moefuse {row['moefuse_ms']:8.2f} ms  speedup {row['speedup']:5.2f}x  "
                 f"(FLOP ratio {row['flop_ratio'] or '-'})  max|diff| {err:.2e}"
             )
     result = {
-        "what": "MoE spellings, jax.jit vs moefuse.jit, T=256 D=256 F=512 f32 SwiGLU, skewed routing",
+        "what": "MoE spellings, jax.jit vs moefuse.jit, T=256 D=256 F=512 f32 SwiGLU, two routers: "
+                + "; ".join(f"{name}: {how}" for name, how in ROUTINGS.items()),
+        "timing": f"median of {args.rounds * args.reps} runs each: {args.rounds} interleaved rounds "
+                  f"(order alternating), each one untimed call then {args.reps} timed; one process",
         "rows": rows,
+        "load_avg_1min_start_end": [load_start, os.getloadavg()[0]],
         "jax": jax.__version__,
         "device": jax.devices()[0].device_kind,
         "machine": f"{platform.machine()} python {platform.python_version()}",

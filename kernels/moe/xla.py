@@ -3,19 +3,20 @@
 It does only the routed work. The T*k assignments are sorted by expert (stable), so each expert's
 rows are contiguous, and then run in two parts:
 
-1. the *capacity pass*: one batched matmul chain over all E experts with a static capacity C0
-   (rows 0..C0-1 of every expert's group; missing rows read a zero row). The weights are the
-   stacked arrays themselves, so nothing is copied, and all cores work on it;
-2. the *overflow loop*: a `fori_loop` over only the experts with more than C0 rows (a dynamic trip
-   count, usually a handful of heavy experts under skewed routing), which slices that expert's
-   weights once and runs its remaining rows in blocks: full blocks of the large size (e.g. 64)
-   while they fit, then the tail in masked blocks of the small size (e.g. 16). Every dot packs
-   its weights again, so big blocks amortise that; the small tail size bounds the padding.
+1. the *capacity pass* (when it runs): one batched matmul chain over all E experts with a static
+   capacity C0 (rows 0..C0-1 of every expert's group; missing rows read a zero row). The weights are
+   the stacked arrays themselves, so nothing is copied, and all cores work on it;
+2. the *loop*: a `fori_loop` over only the experts with rows beyond C0 (a dynamic trip count), which
+   slices that expert's weights once and runs its remaining rows in masked blocks of powers of two
+   (largest first, a block partly padding when that saves a block: `block_counts`). Every dot packs
+   its weights again, so few big blocks beat many small ones.
 
-Results are un-permuted with one gather (no scatter) and combined over k. When tokens are few
-(T*k < 2E, e.g. decode) the capacity pass is skipped (C0 = 0) and the loop visits only the experts
-that received tokens. C0 and the block sizes come from `schedule` (a table keyed by T*k/E); see
-benchmarks/moe_cpu.py for the measurements behind it. Everything is static-shaped; no array
+Whether the capacity pass runs is decided at run time from the expert loads (`use_capacity_pass`, a
+cost model in units of one row's FFN): it reads every expert's weights, which pays when most experts
+have rows (balanced routing) and is wasted when a few hot experts hold most rows (skewed routing),
+where the loop alone visits only the experts that have rows. Results are un-permuted with one gather
+(no scatter) and combined over k. When tokens are few (T*k < 2E, e.g. decode) there is no capacity
+pass (C0 = 0). C0 and the blocks come from `schedule`. Everything is static-shaped; no array
 constants are captured.
 
 Why not a plain block loop: on XLA:CPU every `dynamic_slice` of an expert's weights inside a loop
@@ -25,7 +26,22 @@ on 2 cores (T=256 D=256 F=512 E=64 k=4, f32, Zipf routing; dense all-experts ein
 `lax.ragged_dot` ~305 ms; fori over all padded blocks of 16 with per-block weight slices ~40 ms
 (only the used blocks ~32; unpadded blocks ~28); per-expert loop with inner blocks 20-44 ms;
 batched matmul over blocks with gathered weights [blocks, D, F] ~70 ms; extra capacity passes over
-the top experts with gathered weights 17-36 ms; this schedule ~14-15 ms.
+the top experts with gathered weights 17-36 ms; capacity pass always (C0 = 1.5 T*k/E) plus an
+overflow loop in blocks of 64 then 16: ~14-15 ms.
+Per piece (same shapes): the capacity pass costs ~0.17 ms per expert (reading its weights; batched
+dots with M <= 32 reach about half the memory bandwidth) plus ~6.5 us per row; one loop block of M
+rows ~0.3 ms + ~6.3 us per row, an extra block of the same expert ~0.1-0.18 ms, the weight slice
+~0.05 ms. With the always-on capacity pass, the spelling benchmark's skewed router (E=32 k=2: 4
+experts hold every row; E=64 k=4: 19 experts have rows, 4 hold 90%) ran the kernel at ~6-7x the
+dense einsum and 2.1-2.7x slower than the loop alone, which reads only the used experts' weights (now
+chosen there: ~15-19x). On balanced loads (uniform Zipf s=0) the capacity pass is ~8-17% faster than
+the loop alone and is kept; at Zipf s=1 the two are within ~10% either way. Loop blocks 256, 64, 16
+vs blocks of 64 then 16 (loop only, skewed router): the same at E=32 k=2, ~5% faster at E=64 k=4;
+every power of two 256 ... 16 about the same again, with two more loop bodies to compile (the
+backward's compile time grows with every block size); adding blocks of 8 (for experts with a few
+rows): ~15% faster at E=64 k=4 under moe_cpu's Zipf s=2 (51 experts have rows, a long tail), within
+noise at E=32. These were measured on a shared machine (load from other jobs): differences under
+~10% are not resolved.
 
 The backward (`backward`) is routed too and follows the same schedule: per block the VJP of the
 block FFN, weight gradients accumulated per expert. It equals the VJP of the reference except that
@@ -63,31 +79,80 @@ from .reference import (
     validate_inputs,
 )
 
-# Tile table, keyed by r = T*k / E (the mean number of rows per expert).
-#   r < 2:   C0 = 0 (no capacity pass; the loop touches only experts with tokens), blocks of 8 or 16
+# Schedule table (see benchmarks/moe_cpu.py for the measurements behind it), keyed by r = T*k / E:
+#   r < 2:   C0 = 0 (no capacity pass; the loop touches only experts with tokens)
 #   r >= 2:  C0 = 1.5 r rounded up to a multiple of 8 (at most T rounded up; at most the capacity
-#            rounded up), overflow blocks by r (largest first, the tail in the last size)
+#            rounded up); whether the capacity pass runs is decided at run time by `use_capacity_pass`
+# Loop blocks: MAX_BLOCK (or the most rows one expert can have, rounded up to a power of two), a quarter
+# of it, ... down to 8 (every block size compiles its own loop body, forward and VJP).
 SPARSE_RATIO = 2
-OVERFLOW_BLOCKS = ((128, (64, 16)), (math.inf, (128, 32)))  # (r below, block sizes)
+MAX_BLOCK = 256
+# Cost model of the run-time choice, in units of one row's expert FFN (measured on XLA:CPU: a row is
+# ~6 us at D=256 F=512 f32 on 2 cores; reading an expert's weights ~0.15-0.3 ms, i.e. tens of rows).
+CAPACITY_EXPERT_COST = 30  # the capacity pass reads every expert's weights once
+LOOP_EXPERT_COST = 20  # the loop visits an expert: weight slice, loop overhead
+BLOCK_COST = 25  # every block's dots read (pack) that expert's weights again
+
+
+class Schedule(NamedTuple):
+    """Static part of the schedule: the capacity pass's rows per expert (0: never) and the loop's blocks."""
+
+    c0: int
+    blocks: tuple[int, ...]  # largest first
 
 
 def _round_up(v: float, m: int) -> int:
     return int(math.ceil(v / m)) * m
 
 
-def schedule(
-    t: int, k: int, num_experts: int, capacity: int | None = None
-) -> tuple[int, tuple[int, ...]]:
-    """(C0, block sizes): the capacity pass's rows per expert and the overflow loop's block sizes."""
+def _pow2_at_least(v: int) -> int:
+    return 1 << max(int(v) - 1, 0).bit_length()
+
+
+def schedule(t: int, k: int, num_experts: int, capacity: int | None = None) -> Schedule:
+    """(C0, block sizes): the capacity pass's rows per expert and the per-expert loop's block sizes."""
     n = t * k
     r = n / num_experts
+    most = n if capacity is None else min(n, capacity)  # most rows one expert can have
+    smallest = 8
+    largest = max(min(MAX_BLOCK, _pow2_at_least(most)), smallest)
+    blocks = tuple(largest >> i for i in range(0, largest.bit_length(), 2) if largest >> i > smallest)
+    blocks += (smallest,)
     if r < SPARSE_RATIO:
-        return 0, (8 if r <= 1 else 16,)
+        return Schedule(0, blocks)
     c0 = min(_round_up(1.5 * r, 8), _round_up(t, 8))
     if capacity is not None:  # no expert has more than `capacity` live rows
         c0 = min(c0, _round_up(capacity, 8))
-    sizes = next(b for bound, b in OVERFLOW_BLOCKS if r < bound)
-    return c0, tuple(b for b in sizes if b <= _round_up(n, 8)) or (8,)
+    return Schedule(c0, blocks)
+
+
+def block_counts(rows: jax.Array, blocks: tuple[int, ...]) -> list[jax.Array]:
+    """How many blocks of each size the loop runs for `rows` rows (elementwise): largest first, and a
+    block may be partly padding (less than half of it, at most 2 BLOCK_COST rows) when that saves blocks."""
+    counts, rest = [], rows
+    for size in blocks[:-1]:
+        count = (rest + min(size // 2 - 1, 2 * BLOCK_COST)) // size
+        counts.append(count)
+        rest = jnp.maximum(rest - count * size, 0)
+    counts.append((rest + blocks[-1] - 1) // blocks[-1])
+    return counts
+
+
+def _loop_cost(rows: jax.Array, blocks: tuple[int, ...]) -> jax.Array:
+    """Modelled cost of the loop over experts with rows [E] (0: not visited)."""
+    per_size = [c * (BLOCK_COST + s) for c, s in zip(block_counts(rows, blocks), blocks)]
+    return jnp.sum(jnp.where(rows > 0, LOOP_EXPERT_COST + sum(per_size), 0))
+
+
+def use_capacity_pass(counts: jax.Array, sched: Schedule) -> jax.Array:
+    """Bool scalar: whether the capacity pass (C0 rows of every expert) plus the loop over the rest
+    is modelled cheaper than the loop over every expert with rows, for per-expert row counts [E]."""
+    if not sched.c0:
+        return jnp.zeros((), bool)
+    e = counts.shape[0]
+    with_pass = e * (CAPACITY_EXPERT_COST + sched.c0) + _loop_cost(jnp.maximum(counts - sched.c0, 0),
+                                                                     sched.blocks)
+    return with_pass < _loop_cost(counts, sched.blocks)
 
 
 class Layout(NamedTuple):
@@ -96,7 +161,8 @@ class Layout(NamedTuple):
     live: jax.Array  # [T, k] bool
     order: jax.Array  # [N] int32: sorted row -> p
     starts: jax.Array  # [E + 1] int32: first sorted row of each expert; starts[E] = live rows
-    gather_idx: jax.Array  # [T, k] int32: row in concat(capacity table [E*C0], overflow table)
+    c0: jax.Array  # int32 scalar: rows per expert the capacity pass runs (Schedule.c0, or 0: skipped)
+    gather_idx: jax.Array  # [T, k] int32: row in concat(capacity table [E*C0], loop table)
 
 
 def live_mask(ids: jax.Array, params: MoeParams) -> jax.Array:
@@ -122,7 +188,8 @@ def live_mask(ids: jax.Array, params: MoeParams) -> jax.Array:
     return in_range & (pos.reshape(t, k) < params.capacity)
 
 
-def layout(ids: jax.Array, params: MoeParams, c0: int) -> Layout:
+def layout(ids: jax.Array, params: MoeParams, sched: Schedule) -> Layout:
+    """Sort the live assignments by expert and decide (from the loads) whether the capacity pass runs."""
     e = params.num_experts
     t, k = ids.shape
     n = t * k
@@ -130,11 +197,12 @@ def layout(ids: jax.Array, params: MoeParams, c0: int) -> Layout:
     key = jnp.where(live, ids, e).reshape(-1)
     order = jnp.argsort(key, stable=True).astype(jnp.int32)
     starts = jnp.searchsorted(key[order], lax.iota(jnp.int32, e + 1), side="left").astype(jnp.int32)
+    c0 = jnp.where(use_capacity_pass(starts[1:] - starts[:-1], sched), sched.c0, 0).astype(jnp.int32)
     inv = jnp.zeros((n,), jnp.int32).at[order].set(lax.iota(jnp.int32, n))  # p -> sorted row
     rank = inv - starts[key]
     in_capacity_pass = (key < e) & (rank < c0)
-    gather_idx = jnp.where(in_capacity_pass, key * c0 + rank, e * c0 + inv)
-    return Layout(live, order, starts, gather_idx.reshape(t, k))
+    gather_idx = jnp.where(in_capacity_pass, key * sched.c0 + rank, e * sched.c0 + inv)
+    return Layout(live, order, starts, c0, gather_idx.reshape(t, k))
 
 
 def block_ffn(xb: jax.Array, ew: ExpertWeights, params: MoeParams) -> jax.Array:
@@ -163,9 +231,9 @@ def _capacity_rows(lay: Layout, e: int, c0: int, n: int) -> jax.Array:
     return jnp.where(slot < counts[:, None], lay.starts[:-1, None] + slot, n)
 
 
-def _overflow_experts(lay: Layout, c0: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(experts with more than C0 rows first, their number, rows beyond C0 per expert)."""
-    over = jnp.maximum(lay.starts[1:] - lay.starts[:-1] - c0, 0)
+def _loop_experts(lay: Layout) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(experts with rows beyond C0 first, their number, rows beyond C0 per expert)."""
+    over = jnp.maximum(lay.starts[1:] - lay.starts[:-1] - lay.c0, 0)
     eorder = jnp.argsort(over == 0, stable=True).astype(jnp.int32)
     return eorder, jnp.sum(over > 0).astype(jnp.int32), over
 
@@ -180,25 +248,22 @@ def _add_at_expert(a: jax.Array, e: jax.Array, v: jax.Array) -> jax.Array:
 
 
 def _run_blocks(start, rows, sizes: tuple[int, ...], fn, carry):
-    """fn(r, size, keep, carry) over rows [start, start + rows): full blocks of sizes[0] while they
-    fit, then of sizes[1] ..., the rest in blocks of sizes[-1] with keep [size, 1] masking the tail
-    (keep is None for full blocks). Bigger blocks amortise the per-dot weight packing."""
+    """fn(r, size, keep, carry) over rows [start, start + rows) in the blocks of `block_counts`, keep
+    [size, 1] masking rows past the end. Bigger blocks amortise the per-dot weight packing."""
     done = jnp.zeros((), jnp.int32)
-    for size in sizes[:-1]:
-        base, count = start + done, (rows - done) // size
-        carry = lax.fori_loop(0, count, lambda j, c, b=base, s=size: fn(b + j * s, s, None, c), carry)
+    for size, count in zip(sizes, block_counts(rows, sizes)):
+        def block(j, c, base=done, size=size):
+            off = base + j * size
+            return fn(start + off, size, (off + lax.iota(jnp.int32, size) < rows)[:, None], c)
+
+        carry = lax.fori_loop(0, count, block, carry)
         done = done + count * size
-    size, base, rest = sizes[-1], start + done, rows - done
-
-    def masked(j, c):
-        return fn(base + j * size, size, (j * size + lax.iota(jnp.int32, size) < rest)[:, None], c)
-
-    return lax.fori_loop(0, (rest + size - 1) // size, masked, carry)
+    return carry
 
 
-def _overflow_forward(xs, ew, lay, params, c0, sizes):
+def _loop_forward(xs, ew, lay, params, sizes):
     n_pad, d = xs.shape
-    eorder, n_over, over = _overflow_experts(lay, c0)
+    eorder, n_over, over = _loop_experts(lay)
 
     def expert(i, ys):
         e = eorder[i]
@@ -206,11 +271,10 @@ def _overflow_forward(xs, ew, lay, params, c0, sizes):
 
         def block(r, size, keep, ys):
             yb = block_ffn(lax.dynamic_slice_in_dim(xs, r, size)[None], w_e, params)[0]
-            if keep is not None:
-                yb = jnp.where(keep, yb, lax.dynamic_slice_in_dim(ys, r, size))
+            yb = jnp.where(keep, yb, lax.dynamic_slice_in_dim(ys, r, size))
             return lax.dynamic_update_slice_in_dim(ys, yb, r, 0)
 
-        return _run_blocks(lay.starts[e] + c0, over[e], sizes, block, ys)
+        return _run_blocks(lay.starts[e] + lay.c0, over[e], sizes, block, ys)
 
     return lax.fori_loop(0, n_over, expert, jnp.zeros((n_pad, d), xs.dtype))
 
@@ -226,7 +290,7 @@ def _padded_index(index: jax.Array, pad: int, fill: int) -> jax.Array:
 
 
 def _unsort(table_l1: jax.Array | None, table_over: jax.Array, lay: Layout) -> jax.Array:
-    """Per-assignment rows [T, k, D] from the capacity-pass table and the overflow table; 0 if not live."""
+    """Per-assignment rows [T, k, D] from the capacity-pass table and the loop table; 0 if not live."""
     parts = [table_over] if table_l1 is None else [table_l1.reshape(-1, table_l1.shape[-1]), table_over]
     v = jnp.concatenate(parts)[lay.gather_idx]
     return jnp.where(lay.live[..., None], v, jnp.zeros((), v.dtype))
@@ -247,16 +311,20 @@ def forward(
     t, d = x.shape
     e, k = params.num_experts, params.k
     n = t * k
-    c0, sizes = schedule(t, k, e, params.capacity)
+    sched = schedule(t, k, e, params.capacity)
+    c0 = sched.c0
     cdt = compute_dtype(params, x)
     wdt = combine_dtype(params, cdt, weights)
-    lay = layout(ids, params, c0)
+    lay = layout(ids, params, sched)
     ewc = {name: a.astype(cdt) for name, a in ew.items()}
     x0 = _with_zero_row(x.astype(cdt))  # [T + 1, D]
-    tok = _padded_index(lay.order // k, max(sizes), t)  # token of each sorted row, then row T
-    xs = x0[tok]  # [N + pad, D] sorted by expert
-    y1 = block_ffn(x0[tok[_capacity_rows(lay, e, c0, n)]], ewc, params) if c0 else None
-    y2 = _overflow_forward(xs, ewc, lay, params, c0, sizes)
+    tok = _padded_index(lay.order // k, max(sched.blocks), t)  # token of each sorted row, then row T
+    y1 = None
+    if c0:
+        y1 = lax.cond(lay.c0 > 0,
+                      lambda: block_ffn(x0[tok[_capacity_rows(lay, e, c0, n)]], ewc, params),
+                      lambda: jnp.zeros((e, c0, d), cdt))
+    y2 = _loop_forward(x0[tok], ewc, lay, params, sched.blocks)
     y = _unsort(y1, y2, lay)
     contrib = weights.astype(wdt)[..., None] * y.astype(wdt)
     contrib = jnp.where(lay.live[..., None], contrib, jnp.zeros((), wdt))
@@ -271,9 +339,9 @@ def routed_ffn_xla(
     return forward(x, weights, ids, ew, params)[0]
 
 
-def _overflow_backward(xs, dys, ew, dw, lay, params, c0, sizes):
+def _loop_backward(xs, dys, ew, dw, lay, params, sizes):
     n_pad, d = xs.shape
-    eorder, n_over, over = _overflow_experts(lay, c0)
+    eorder, n_over, over = _loop_experts(lay)
 
     def expert(i, carry):
         dxs, dw = carry
@@ -282,20 +350,16 @@ def _overflow_backward(xs, dys, ew, dw, lay, params, c0, sizes):
 
         def block(r, size, keep, carry):
             dxs, acc = carry
-            xb = lax.dynamic_slice_in_dim(xs, r, size)
-            dyb = lax.dynamic_slice_in_dim(dys, r, size)
-            if keep is not None:  # rows past the expert's end: no gradient, and no NaN * 0 from them
-                xb = jnp.where(keep, xb, jnp.zeros((), xb.dtype))
-                dyb = jnp.where(keep, dyb, jnp.zeros((), dyb.dtype))
+            # rows past the expert's end: no gradient, and no NaN * 0 from them
+            xb = jnp.where(keep, lax.dynamic_slice_in_dim(xs, r, size), jnp.zeros((), xs.dtype))
+            dyb = jnp.where(keep, lax.dynamic_slice_in_dim(dys, r, size), jnp.zeros((), dys.dtype))
             _, pullback = jax.vjp(lambda v, w: block_ffn(v, w, params), xb[None], w_e)
             dxb, dwb = pullback(dyb[None])
-            dxb = dxb[0]
-            if keep is not None:
-                dxb = jnp.where(keep, dxb, lax.dynamic_slice_in_dim(dxs, r, size))
+            dxb = jnp.where(keep, dxb[0], lax.dynamic_slice_in_dim(dxs, r, size))
             return lax.dynamic_update_slice_in_dim(dxs, dxb, r, 0), jax.tree.map(jnp.add, acc, dwb)
 
         acc0 = jax.tree.map(jnp.zeros_like, w_e)
-        dxs, acc = _run_blocks(lay.starts[e] + c0, over[e], sizes, block, (dxs, acc0))
+        dxs, acc = _run_blocks(lay.starts[e] + lay.c0, over[e], sizes, block, (dxs, acc0))
         return dxs, {name: _add_at_expert(a, e, acc[name]) for name, a in dw.items()}
 
     return lax.fori_loop(0, n_over, expert, (jnp.zeros((n_pad, d), xs.dtype), dw))
@@ -309,7 +373,8 @@ def backward(
     t, d = x.shape
     e, k = params.num_experts, params.k
     n = t * k
-    c0, sizes = schedule(t, k, e, params.capacity)
+    sched = schedule(t, k, e, params.capacity)
+    c0 = sched.c0
     cdt = compute_dtype(params, x)
     wdt = combine_dtype(params, cdt, weights)
     live = lay.live[..., None]
@@ -319,16 +384,22 @@ def backward(
     dy = jnp.where(live, weights.astype(wdt)[..., None] * gw, zero).astype(cdt)  # [T, k, D]
     ewc = {name: a.astype(cdt) for name, a in ew.items()}
     x0, dy0 = _with_zero_row(x.astype(cdt)), _with_zero_row(dy.reshape(n, d))
-    row = _padded_index(lay.order, max(sizes), n)  # assignment of each sorted row, then row N
+    row = _padded_index(lay.order, max(sched.blocks), n)  # assignment of each sorted row, then row N
     tok = jnp.where(row < n, row // k, t)
-    xs, dys = x0[tok], dy0[row]
+    dx1 = None
     if c0:
-        rows = _capacity_rows(lay, e, c0, n)
-        _, pullback = jax.vjp(lambda v, w: block_ffn(v, w, params), x0[tok[rows]], ewc)
-        dx1, dw = pullback(dy0[row[rows]])
+        def capacity_pass():
+            rows = _capacity_rows(lay, e, c0, n)
+            _, pullback = jax.vjp(lambda v, w: block_ffn(v, w, params), x0[tok[rows]], ewc)
+            return pullback(dy0[row[rows]])
+
+        def skipped():
+            return jnp.zeros((e, c0, d), cdt), jax.tree.map(jnp.zeros_like, ewc)
+
+        dx1, dw = lax.cond(lay.c0 > 0, capacity_pass, skipped)
     else:
-        dx1, dw = None, jax.tree.map(jnp.zeros_like, ewc)
-    dx2, dw = _overflow_backward(xs, dys, ewc, dw, lay, params, c0, sizes)
+        dw = jax.tree.map(jnp.zeros_like, ewc)
+    dx2, dw = _loop_backward(x0[tok], dy0[row], ewc, dw, lay, params, sched.blocks)
     dx = jnp.sum(_unsort(dx1, dx2, lay), axis=1).astype(x.dtype)
     return dx, dweights, {name: dw[name].astype(a.dtype) for name, a in ew.items()}
 

@@ -6,11 +6,15 @@ from) and a Python/numpy capacity counter. Both implementations ("reference", "x
 f32 within 1e-5, bf16 within ~1e-2, NaN positions equal, gradients (f32) equal to jax.grad of it.
 
 Shapes are chosen to drive every path of the XLA implementation: the sparse path (T*k < 2E, no
-capacity pass), the capacity pass alone, and the overflow loop with one and several blocks.
+capacity pass), the capacity pass alone, and the per-expert loop with one and several blocks of each
+size. The XLA implementation decides at run time (from the expert loads) whether its capacity pass
+runs, so every check runs it three ways: as it decides, with the capacity pass forced on, and forced
+off (the loop over every expert with rows).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
@@ -19,9 +23,10 @@ import numpy as np
 import pytest
 from jax.scipy.special import erf
 
-from moefuse.kernels.moe import MoeParams, moe_ffn, schedule
+from moefuse.kernels.moe import MoeParams, moe_ffn, schedule, xla
 
-IMPLS = ("reference", "xla")
+# impl or impl/branch: the XLA implementation with its run-time choice of the capacity pass forced
+VARIANTS = ("reference", "xla", "xla/capacity-pass", "xla/loop-only")
 F32 = dict(rtol=1e-5, atol=1e-5)
 BF16 = dict(rtol=1e-2, atol=1e-2)
 
@@ -117,7 +122,7 @@ def make_inputs(p: MoeParams, t, d=8, f=16, ids=None, dtype=jnp.float32, seed=0,
     e = p.num_experts
     x = normal((t, d), scale)
     weights = jnp.asarray(rng.random((t, p.k)) + 0.1, dtype)
-    if ids is None:  # skewed: expert 0 popular, so the overflow loop runs
+    if ids is None:  # skewed: expert 0 popular, so the loop runs
         ids = np.stack([rng.permutation(e)[: p.k] for _ in range(t)])
         popular = np.argwhere(ids[: t - t // 8] == 0)
         ids[popular[:, 0], popular[:, 1]] = ids[popular[:, 0], 0]  # swap expert 0 into slot 0 ...
@@ -143,20 +148,36 @@ def op_args(ew):
     return w_in, ew["w_down"], b_in, ew.get("b_down")
 
 
-def run(p: MoeParams, impl, x, weights, ids, ew):
+@contextlib.contextmanager
+def forced_branch(branch: str):
+    """Trace the XLA implementation with its capacity pass forced on ("capacity-pass") or off."""
+    if not branch:
+        yield
+        return
+    decide = xla.use_capacity_pass
+    xla.use_capacity_pass = lambda counts, sched: jnp.full((), branch == "capacity-pass" and sched.c0 > 0)
+    try:
+        yield
+    finally:
+        xla.use_capacity_pass = decide
+
+
+def run(p: MoeParams, variant, x, weights, ids, ew):
+    impl, _, branch = variant.partition("/")
     w_in, w_down, b_in, b_down = op_args(ew)
     f = jax.jit(lambda x, w, i, wi, wd, bi, bd: moe_ffn(x, w, i, wi, wd, p, b_in=bi, b_down=bd, impl=impl))
-    return f(x, weights, ids, w_in, w_down, b_in, b_down)
+    with forced_branch(branch):
+        return f(x, weights, ids, w_in, w_down, b_in, b_down)
 
 
 def check(p: MoeParams, x, weights, ids, ew, tol=F32):
     live = independent_live(ids, p)
     want = jax.jit(lambda x, w, i, ew: independent_moe(p, x, w, i, ew, live))(x, weights, ids, ew)
-    for impl in IMPLS:
-        got = run(p, impl, x, weights, ids, ew)
-        assert got.dtype == x.dtype and got.shape == x.shape, impl
+    for variant in VARIANTS:
+        got = run(p, variant, x, weights, ids, ew)
+        assert got.dtype == x.dtype and got.shape == x.shape, variant
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **tol,
-                                   err_msg=f"impl={impl}")
+                                   err_msg=variant)
     return want, live
 
 
@@ -181,9 +202,9 @@ ACTIVATION_CASES = [  # (activation, fused_gate_up, layout, bias, gelu_approxima
 def test_activations_and_layouts(act, fused, layout, bias, approx):
     p = MoeParams(num_experts=4, k=2, activation=act, fused_gate_up=fused, gate_up_layout=layout,
                   has_expert_bias=bias, gelu_approximate=approx)
-    # T*k/E = 16: capacity pass (C0=24) plus the overflow loop for the popular expert 0 (> 24 rows)
+    # T*k/E = 16: capacity pass (C0=24) plus the loop for the popular expert 0 (> 24 rows)
     x, weights, ids, ew = make_inputs(p, t=32, scale=4.0)  # large enough that the GPT-OSS clamp bites
-    assert np.bincount(np.asarray(ids).ravel()).max() > schedule(32, 2, 4)[0]
+    assert np.bincount(np.asarray(ids).ravel()).max() > schedule(32, 2, 4).c0
     check(p, x, weights, ids, ew)
 
 
@@ -191,10 +212,10 @@ def test_activations_and_layouts(act, fused, layout, bias, approx):
     (1, 2, 8, [[5, 2]]),                                    # T=1 (sparse path)
     (6, 1, 8, None),                                        # k=1, sparse path, most experts empty
     (8, 4, 4, [[0, 1, 2, 3]] * 8),                          # k=E: every token to every expert
-    (128, 1, 4, [[2]] * 128),                               # all tokens to one expert: C0=48, then
-                                                            # overflow blocks of 64 (full) and 16 (tail)
+    (128, 1, 4, [[2]] * 128),                               # all tokens to one expert: one block of
+                                                            # 128 (all rows, or the 80 past C0=48)
     (32, 2, 16, None),                                      # experts with no tokens (T*k/E = 4)
-    (24, 2, 32, None),                                      # sparse path with blocks of 16
+    (24, 2, 32, None),                                      # sparse path, blocks of 64, 16 and 8
     (16, 2, 4, [[1, 1]] * 8 + [[3, 3]] * 8),                # ties: one expert twice for a token
     (12, 2, 4, [[-1, 0], [4, 1], [2, 9], [3, -5]] * 3),     # out-of-range ids contribute nothing
 ])
@@ -263,7 +284,7 @@ def test_nan_in_x_stays_in_its_token(t, e):
 
 # ---- gradients -----------------------------------------------------------------------------------
 
-GRAD_CASES = [  # (params kwargs, T): capacity pass + overflow, sparse path, capacity drops
+GRAD_CASES = [  # (params kwargs, T): capacity pass + loop, sparse path, capacity drops
     (dict(num_experts=4, k=2, activation="swiglu"), 32),
     (dict(num_experts=4, k=1, activation="relu", has_expert_bias=True), 128),  # full + tail blocks
     (dict(num_experts=4, k=2, activation="swiglu_oai", fused_gate_up=True, gate_up_layout="interleaved",
@@ -284,30 +305,36 @@ def test_grad_matches_independent(kw, t):
         return jnp.sum(independent_moe(p, x, w, ids, ew, live) * cot)
 
     want = jax.jit(jax.grad(loss_independent, argnums=(0, 1, 2)))(x, weights, ew)
-    for impl in IMPLS:
+    for variant in VARIANTS:
+        impl, _, branch = variant.partition("/")
+
         def loss(x, w, ew, impl=impl):
             w_in, w_down, b_in, b_down = op_args(ew)
             return jnp.sum(moe_ffn(x, w, ids, w_in, w_down, p, b_in=b_in, b_down=b_down, impl=impl) * cot)
 
-        got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, weights, ew)
+        with forced_branch(branch):
+            got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, weights, ew)
         for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
             assert g.dtype == w.dtype and g.shape == w.shape
             np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4,
-                                       err_msg=f"impl={impl} {jax.tree_util.keystr(path)}")
+                                       err_msg=f"{variant} {jax.tree_util.keystr(path)}")
 
 
-def test_xla_grad_nan_stays_in_its_token():
+@pytest.mark.parametrize("branch", ["", "capacity-pass", "loop-only"])
+def test_xla_grad_nan_stays_in_its_token(branch):
     """The routed backward keeps a NaN token's poison to its own row and its own experts.
 
     (The reference's dense VJP multiplies the NaN row by zero cotangents of every expert, so there
     every expert-weight gradient turns NaN; this is where the two backwards are allowed to differ.)
     """
     p = MoeParams(num_experts=4, k=2, activation="swiglu", has_expert_bias=True)
-    # expert 0 gets 60 rows: capacity pass (C0=48) plus one overflow block that reads past its rows
-    # into expert 1's first rows, where the poisoned token sits
+    # expert 0 gets 60 rows: capacity pass (C0=48) plus two loop blocks of 8, or (loop only) two blocks
+    # of 32; either reads past its rows into expert 1's first rows, where the poisoned token sits
     ids = np.array([[0, 2]] * 60 + [[1, 3]] * 4, np.int32)
     x, weights, ids, ew = make_inputs(p, t=64, ids=ids, seed=5)
-    assert schedule(64, 2, 4) == (48, (64, 16))
+    assert schedule(64, 2, 4) == (48, (128, 32, 8))
+    assert [int(c) for c in xla.block_counts(jnp.array(60), (128, 32, 8))] == [0, 2, 0]
+    assert [int(c) for c in xla.block_counts(jnp.array(12), (128, 32, 8))] == [0, 0, 2]
     bad = 60
     x = x.at[bad, 1].set(jnp.nan)
 
@@ -318,7 +345,8 @@ def test_xla_grad_nan_stays_in_its_token():
         w_in, w_down, b_in, b_down = op_args(ew)
         return moe_ffn(x, w, i, w_in, w_down, p, b_in=b_in, b_down=b_down)
 
-    gx, gw, gew = grads(xla_fn, x, weights, ids)
+    with forced_branch(branch):
+        gx, gw, gew = grads(xla_fn, x, weights, ids)
     keep = np.arange(64) != bad
     ids_c = ids[keep]
     live = independent_live(ids_c, p)
@@ -330,6 +358,55 @@ def test_xla_grad_nan_stays_in_its_token():
     untouched = [e for e in range(4) if e not in np.asarray(ids[bad])]
     for name in ew:
         np.testing.assert_allclose(np.asarray(gew[name])[untouched], np.asarray(cew[name])[untouched], **F32)
+
+
+def zipf_ids(t: int, k: int, e: int, s: float, seed: int = 0) -> np.ndarray:
+    """[T, k] distinct experts per token, expert popularity ~ 1 / rank^s (Gumbel top-k)."""
+    rng = np.random.default_rng(seed)
+    scores = -s * np.log(np.arange(1, e + 1))[rng.permutation(e)] + rng.gumbel(size=(t, e))
+    return np.argsort(-scores, axis=1)[:, :k].astype(np.int32)
+
+
+@pytest.mark.parametrize("t, k, e, ids", [
+    (600, 1, 2, [[0]] * 600),             # all tokens to one expert: loop blocks 256, 256, 64, 16, 8
+    (128, 2, 16, zipf_ids(128, 2, 16, 2.0)),  # heavy skew (busiest expert ~6x the mean load)
+    (96, 4, 8, zipf_ids(96, 4, 8, 0.0)),  # balanced: the capacity pass holds almost every row
+])
+def test_heavy_skew_and_balanced_forward_and_grad(t, k, e, ids):
+    p = MoeParams(num_experts=e, k=k, activation="swiglu", has_expert_bias=True)
+    x, weights, ids, ew = make_inputs(p, t=t, ids=ids, seed=t)
+    live = independent_live(ids, p)
+    check(p, x, weights, ids, ew)
+    cot = jnp.asarray(np.random.default_rng(1).standard_normal(x.shape), jnp.float32)
+    want = jax.jit(jax.grad(lambda x, w, ew: jnp.sum(independent_moe(p, x, w, ids, ew, live) * cot),
+                            argnums=(0, 1, 2)))(x, weights, ew)
+
+    def loss(x, w, ew):
+        w_in, w_down, b_in, b_down = op_args(ew)
+        return jnp.sum(moe_ffn(x, w, ids, w_in, w_down, p, b_in=b_in, b_down=b_down) * cot)
+
+    for branch in ("", "capacity-pass", "loop-only"):
+        with forced_branch(branch):
+            got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, weights, ew)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4, err_msg=branch)
+
+
+def test_capacity_pass_decision():
+    """The run-time choice: the capacity pass for balanced loads, the loop alone under heavy skew."""
+    sched = schedule(256, 4, 64)
+    assert bool(xla.use_capacity_pass(jnp.full((64,), 16, jnp.int32), sched))
+    zipf = np.bincount(zipf_ids(256, 4, 64, 1.0).ravel(), minlength=64)
+    assert bool(xla.use_capacity_pass(jnp.asarray(zipf), sched))
+    hot = jnp.zeros((64,), jnp.int32).at[:4].set(240).at[4:10].set(10)
+    assert not bool(xla.use_capacity_pass(hot, sched))
+    assert not bool(xla.use_capacity_pass(jnp.ones((64,), jnp.int32), schedule(4, 2, 64)))  # decode
+    blocks = sched.blocks
+    assert [int(c) for c in xla.block_counts(jnp.array(600), blocks)] == [2, 1, 1, 1]
+    assert [int(c) for c in xla.block_counts(jnp.array(240), blocks)] == [1, 0, 0, 0]  # 16 rows padding
+    assert [int(c) for c in xla.block_counts(jnp.array(100), blocks)] == [0, 2, 0, 0]
+    assert [int(c) for c in xla.block_counts(jnp.array(8), blocks)] == [0, 0, 0, 1]
+    assert [int(c) for c in xla.block_counts(jnp.array(0), blocks)] == [0, 0, 0, 0]
 
 
 # ---- lowering, structure, validation ---------------------------------------------------------------
@@ -362,9 +439,10 @@ def test_no_captured_constants_and_schedule():
 
         for fn in (fwd, jax.grad(lambda *a: jnp.sum(fwd(*a)), argnums=(0, 1, 3, 4))):
             assert jax.make_jaxpr(fn)(x, weights, ids, w_in, w_down).consts == []
-    assert schedule(256, 4, 64) == (24, (64, 16))  # capacity pass of 1.5 x mean rows; overflow blocks
+    # capacity pass of 1.5 x mean rows (when it runs); loop blocks of 256, a quarter of it, ... 8
+    assert schedule(256, 4, 64) == (24, (256, 64, 16, 8))
     assert schedule(4, 2, 64) == (0, (8,))          # decode: no capacity pass
-    assert schedule(256, 4, 64, capacity=20)[0] == 24 and schedule(256, 4, 64, capacity=9)[0] == 16
+    assert schedule(256, 4, 64, capacity=20) == (24, (32, 8)) and schedule(256, 4, 64, capacity=9).c0 == 16
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

@@ -366,9 +366,15 @@ def route_cases(draw):
         expose_scores=draw(st.booleans()))
     shape = draw(st.sampled_from([(), (1,), (5,), (2, 3)])) + (e,)
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    # values on a grid: many exact ties, no near-ties that rounding could flip
-    logits = jnp.asarray(rng.integers(-8, 9, shape) / 4, jnp.float32)
-    bias = jnp.asarray(rng.integers(-4, 5, e) / 8, jnp.float32) if params.selection_bias else None
+    # values on a grid: many exact ties, no near-ties that rounding could flip. Values that get
+    # renormalised are kept positive (raw logits, selection values with a bias): a renorm of mixed signs
+    # divides by a sum that can cancel to near zero, which amplifies any rounding (ill-conditioned, not
+    # a semantic difference)
+    renorms = any(step[0] == "renorm" for step in params.post)
+    low = 1 if params.score == "none" and renorms else -8
+    logits = jnp.asarray(rng.integers(low, 9, shape) / 4, jnp.float32)
+    bias_low = 0 if renorms and params.weights_from == "selection" else -4
+    bias = jnp.asarray(rng.integers(bias_low, 5, e) / 8, jnp.float32) if params.selection_bias else None
     expert_scale = jnp.asarray(rng.integers(1, 9, e) / 4, jnp.float32) if params.uses_expert_scale else None
     return params, logits, bias, expert_scale
 
