@@ -1,6 +1,8 @@
 """MoE spellings through jax.jit and moefuse.jit side by side, on CPU.
 
-Each spelling is an unmodified MoE block (router + experts + combine) at a small realistic scale,
+Each spelling (dense all-experts + combine matrix, per-token weight gather, sorted `lax.ragged_dot`,
+Python loop over experts, capacity dispatch with token dropping) is an unmodified MoE block (router +
+experts + combine) at a small realistic scale,
 under two routers (see ROUTINGS): "zipf2-skewed", a very skewed one (a Zipf s=2 bias, the busiest
 expert gets ~15x the mean load), and "balanced", a router as a load-balancing loss leaves it (max/mean
 load ~1.4-1.9). Both versions run in one process, interleaved, and the median times and their ratio go
@@ -59,7 +61,70 @@ def gather(k: int) -> Callable:
     return block
 
 
-SPELLINGS = {"dense": dense, "gather": gather}
+def sorted_ragged(k: int) -> Callable:
+    """MaxText sparse_matmul: argsort of flat ids, bincount sizes, lax.ragged_dot x3, inverse-perm gather."""
+
+    def block(x, wr, wg, wu, wd):
+        w, ids = router(x, wr, k)
+        flat = ids.reshape(-1)
+        perm = jnp.argsort(flat)
+        sizes = jnp.bincount(flat, length=wr.shape[1])
+        xs = x[perm // k]
+        h = jax.nn.silu(jax.lax.ragged_dot(xs, wg, sizes)) * jax.lax.ragged_dot(xs, wu, sizes)
+        y = jax.lax.ragged_dot(h, wd, sizes)[jnp.argsort(perm)].reshape(x.shape[0], k, -1)
+        return jnp.einsum("tkd,tk->td", y, w)
+
+    return block
+
+
+def loop(k: int) -> Callable:
+    """HF Mixtral port: a Python loop over experts, each on every token, weighted by its routing weight."""
+
+    def block(x, wr, wg, wu, wd):
+        w, ids = router(x, wr, k)
+        out = jnp.zeros_like(x)
+        for e in range(wr.shape[1]):
+            w_e = jnp.sum(jnp.where(ids == e, w, 0.0), axis=-1)
+            out = out + w_e[:, None] * ((jax.nn.silu(x @ wg[e]) * (x @ wu[e])) @ wd[e])
+        return out
+
+    return block
+
+
+def capacity(k: int, capacity_factor: float = 1.25) -> Callable:
+    """MaxText dense_matmul with a capacity factor: token-major cumsum positions, [T, E, C] dispatch and
+    combine einsums; choices over capacity are dropped."""
+
+    def block(x, wr, wg, wu, wd):
+        t, e = x.shape[0], wr.shape[1]
+        c = int(t * k / e * capacity_factor)
+        top_w, top_i = jax.lax.top_k(x @ wr, k)
+        probs = jax.nn.softmax(top_w, axis=-1)
+        mask = jax.nn.one_hot(top_i, e, dtype=jnp.int32)  # [T, K, E]
+        count = jnp.cumsum(mask.reshape(t * k, e), axis=0).reshape(t, k, e) * mask
+        kept = mask * (count <= c).astype(jnp.int32)
+        position = jnp.sum(count * kept, axis=-1) - 1  # [T, K]
+        position = jnp.where(jnp.sum(kept, axis=-1) > 0, position, c)
+        slot = jax.nn.one_hot(position, c, dtype=jnp.int32)  # [T, K, C]
+        dispatch = jnp.einsum("tke,tkc->tec", kept, slot).astype(x.dtype)
+        combine = jnp.einsum("tk,tke,tkc->tec", probs, kept.astype(x.dtype), slot.astype(x.dtype))
+        xe = jnp.einsum("td,tec->ecd", x, dispatch)
+        h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", xe, wg)) * jnp.einsum("ecd,edf->ecf", xe, wu)
+        return jnp.einsum("ecd,tec->td", jnp.einsum("ecf,efd->ecd", h, wd), combine)
+
+    return block
+
+
+SPELLINGS = {"dense": dense, "gather": gather, "sorted": sorted_ragged, "loop": loop, "capacity": capacity}
+
+# the original's expert-FFN FLOPs over the routed work (None: not FLOP-bound, it gathers weights per token)
+FLOP_RATIO = {
+    "dense": lambda e, k: e / k,
+    "loop": lambda e, k: e / k,
+    "gather": lambda e, k: None,
+    "sorted": lambda e, k: 1.0,
+    "capacity": lambda e, k: 1.25,  # E * C rows for T * k assignments, C = 1.25 T k / E
+}
 
 
 ROUTINGS = {
@@ -143,7 +208,7 @@ def main() -> None:
                 "jax_ms": t["jax.jit"],
                 "moefuse_ms": t["moefuse.jit"],
                 "speedup": t["jax.jit"] / t["moefuse.jit"],
-                "flop_ratio": e / k if name == "dense" else None,
+                "flop_ratio": FLOP_RATIO[name](e, k),
             }
             rows.append(row)
             print(

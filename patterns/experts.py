@@ -695,22 +695,22 @@ def looped_expert_outputs(view: View, y: Any) -> tuple[ExpertFfn, Any, Any] | No
     The Python-loop spelling (HF Mixtral / Qwen2-MoE ports): weight_e = sum(where(ids == e, w, 0), -1)
     and each expert's FFN reads the e-th slice of stacked weights. Every expert must appear once.
     """
-    terms = [t for t in _sum_terms(view, y) if view.scalar(t) != 0.0]
+    return _unrolled_sum(view, y, _loop_term, lambda stacks, ids: _shape(stacks[-1][0])[0])
+
+
+def _unrolled_sum(view: View, y: Any, term_of: Any, count: Any) -> tuple[ExpertFfn, Any, Any] | None:
+    """A sum of unrolled terms, term_of(view, term) -> (index, key), one term for each index in
+    range(count(stacks, ids)), all with the same key (x, weight stacks, activation, weights, ids)."""
     seen: dict[int, tuple] = {}
-    for term in terms:
-        got = _loop_term(view, term)
-        if got is None:
+    for term in (t for t in _sum_terms(view, y) if view.scalar(t) != 0.0):
+        got = term_of(view, term)
+        if got is None or got[0] in seen:
             return None
-        e, key = got
-        if e in seen:
-            return None
-        seen[e] = key
-    keys = set(seen.values())
-    if len(keys) != 1:
+        seen[got[0]] = got[1]
+    if len(set(seen.values())) != 1:
         return None
-    ((x, stacks, act, act_params, w, ids),) = keys
-    num_e = _shape(stacks[-1][0])[0]
-    if sorted(seen) != list(range(num_e)):
+    ((x, stacks, act, act_params, w, ids),) = set(seen.values())
+    if sorted(seen) != list(range(count(stacks, ids))):
         return None
     (wg, wg_dims), up, (wd, wd_dims) = stacks if len(stacks) == 3 else (stacks[0], None, stacks[1])
     ffn = ExpertFfn(
@@ -884,32 +884,7 @@ def slot_loop_outputs(view: View, y: Any) -> tuple[ExpertFfn, Any, Any] | None:
     The decode-style loop over the k slots: each slot gathers its experts' weights per token
     (`w_fc[ids[:, j]]`) and runs a batched matvec; every slot of the same ids and weights appears once.
     """
-    terms = [t for t in _sum_terms(view, y) if view.scalar(t) != 0.0]
-    seen: dict[int, tuple] = {}
-    for term in terms:
-        got = _slot_term(view, term)
-        if got is None or got[0] in seen:
-            return None
-        seen[got[0]] = got[1]
-    if len(set(seen.values())) != 1:
-        return None
-    ((x, stacks, act, act_params, w, ids),) = set(seen.values())
-    if sorted(seen) != list(range(_shape(ids)[1])):
-        return None
-    (wg, wg_dims), up, (wd, wd_dims) = stacks if len(stacks) == 3 else (stacks[0], None, stacks[1])
-    ffn = ExpertFfn(
-        x=x,
-        w_gate=wg,
-        w_up=None if up is None else up[0],
-        w_down=wd,
-        activation=act,
-        labels=("T0", "D"),
-        w_gate_dims=wg_dims,
-        w_up_dims=None if up is None else up[1],
-        w_down_dims=wd_dims,
-        act_params=act_params,
-    )
-    return ffn, w, ids
+    return _unrolled_sum(view, y, _slot_term, lambda stacks, ids: _shape(ids)[1])
 
 
 def _slot_term(view: View, term: Any) -> tuple[int, tuple] | None:

@@ -40,9 +40,9 @@ from .reference import (
     routed_ffn_reference,
     validate_inputs,
 )
-from .xla import moe_ffn_xla, routed_ffn_xla, schedule
+from .xla import routed_ffn_xla, schedule
 
-__all__ = ["IMPLS", "MoeParams", "moe_ffn", "moe_ffn_reference", "moe_ffn_xla", "schedule"]
+__all__ = ["IMPLS", "MoeParams", "moe_ffn", "moe_ffn_reference", "schedule"]
 
 IMPLS = {"reference": routed_ffn_reference, "xla": routed_ffn_xla}
 

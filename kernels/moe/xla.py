@@ -51,18 +51,18 @@ Example::
 
     import jax.numpy as jnp
     from moefuse.kernels.moe.params import MoeParams
-    from moefuse.kernels.moe.xla import moe_ffn_xla
+    from moefuse.kernels.moe import moe_ffn
 
     p = MoeParams(num_experts=4, k=2, activation="gelu")
     x, w = jnp.ones((3, 8)), jnp.full((3, 2), 0.5)
     ids = jnp.array([[0, 1], [1, 2], [3, 0]], jnp.int32)
-    out = moe_ffn_xla(x, w, ids, jnp.ones((4, 8, 16)) * 0.1, jnp.ones((4, 16, 8)) * 0.1, p)  # [3, 8]
+    out = moe_ffn(x, w, ids, jnp.ones((4, 8, 16)) * 0.1, jnp.ones((4, 16, 8)) * 0.1, p, impl="xla")  # [3, 8]
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -74,9 +74,7 @@ from .reference import (
     activation,
     combine_dtype,
     compute_dtype,
-    expert_weights,
     split_gate_up,
-    validate_inputs,
 )
 
 # Schedule table (see benchmarks/moe_cpu.py for the measurements behind it), keyed by r = T*k / E:
@@ -402,19 +400,3 @@ def backward(
     dx2, dw = _loop_backward(x0[tok], dy0[row], ewc, dw, lay, params, sched.blocks)
     dx = jnp.sum(_unsort(dx1, dx2, lay), axis=1).astype(x.dtype)
     return dx, dweights, {name: dw[name].astype(a.dtype) for name, a in ew.items()}
-
-
-def moe_ffn_xla(
-    x: jax.Array,
-    weights: jax.Array,
-    ids: jax.Array,
-    w_in: Any,
-    w_down: jax.Array,
-    params: MoeParams,
-    b_in: Any = None,
-    b_down: jax.Array | None = None,
-) -> jax.Array:
-    """Same contract as `reference.moe_ffn_reference` (forward only; `moe_ffn` adds the VJP)."""
-    ew = expert_weights(w_in, w_down, b_in, b_down, params)
-    validate_inputs(x, weights, ids, ew, params)
-    return routed_ffn_xla(x, weights, ids, ew, params)
