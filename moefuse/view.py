@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from moefuse import _compat as C
@@ -175,9 +176,17 @@ class View:
         return float(first) if (flat == first).all() else None
 
     def uncast(self, atom: Any) -> Any:
-        """The canonical atom, or its operand when it is a `convert_element_type` (a dtype cast)."""
+        """The canonical atom, or its operand when it is a float-to-float `convert_element_type`.
+
+        Only a change of float precision is looked through (a rounding); a cast to or from an
+        integer or bool changes values and is kept.
+        """
         atom = self.canon(atom)
-        return self.args(atom)[0] if self.op(atom) == "convert_element_type" else atom
+        if self.op(atom) != "convert_element_type":
+            return atom
+        src = self.args(atom)[0]
+        floats = all(jnp.issubdtype(a.aval.dtype, jnp.floating) for a in (src, atom))
+        return src if floats else atom
 
     def is_nonneg_index(self, atom: Any) -> bool:
         """Whether `atom` is an integer index known to be >= 0 (top_k/argsort ids, iota, ...)."""

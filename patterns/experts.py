@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NamedTuple
 
+import jax.numpy as jnp
 import numpy as np
 
 from moefuse import _compat as C
@@ -71,6 +72,12 @@ def _through_transpose(view: View, atom: Any) -> tuple[Any, tuple[int, ...]]:
     if eqn is not None and eqn.primitive.name == "transpose":
         return view.canon(eqn.invars[0]), tuple(eqn.params["permutation"])
     return atom, tuple(range(len(_shape(atom))))
+
+
+def _down_labels(labels: tuple[str, ...]) -> tuple[str, ...]:
+    """Labels of a down projection's weight: it contracts F and keeps D (a projection's own labels
+    call the contracted dim "D" and the output dim "F")."""
+    return tuple({"D": "F", "F": "D"}.get(c, c) for c in labels)
 
 
 def _dot(view: View, atom: Any) -> tuple[Any, Any, tuple, tuple, tuple, tuple] | None:
@@ -422,8 +429,7 @@ def gathered_expert_outputs(view: View, out: Any) -> tuple[ExpertFfn, Any] | Non
     if u is not None and (g.cols is None) != (u.cols is None):
         return None
     nt = len(_shape(down.ids)) - 1
-    swap = {"D": "F", "F": "D"}  # the down projection contracts F and keeps D
-    d_bias = down.bias and down.bias._replace(labels=tuple(swap.get(c, c) for c in down.bias.labels))
+    d_bias = down.bias and down.bias._replace(labels=_down_labels(down.bias.labels))
     o_labels = (*token_labels(nt), "K", "D")
     ffn = ExpertFfn(
         x=g.act,
@@ -434,7 +440,7 @@ def gathered_expert_outputs(view: View, out: Any) -> tuple[ExpertFfn, Any] | Non
         labels=tuple(o_labels[p] for p in perm),
         w_gate_dims=g.dims,
         w_up_dims=None if u is None else u.dims,
-        w_down_dims=tuple(swap.get(c, c) for c in down.dims),
+        w_down_dims=_down_labels(down.dims),
         gate_cols=g.cols,
         up_cols=None if u is None else u.cols,
         biases=(g.bias, None if u is None else u.bias, d_bias),
@@ -557,7 +563,6 @@ def sorted_rows_ffn(view: View, o_sorted: Any) -> tuple[ExpertFfn, Any, Any, Any
     down = _ragged(view, o_sorted)
     if down is None or down.cols is not None:
         return None
-    swap = {"D": "F", "F": "D"}  # the down projection contracts F and keeps D
     inner = activation_of(view, down.rows)
     if inner is None:
         return None
@@ -595,7 +600,7 @@ def sorted_rows_ffn(view: View, o_sorted: Any) -> tuple[ExpertFfn, Any, Any, Any
     t, k = _shape(ids)
     if view.scalar(view.args(src)[1]) != k or _shape(x)[0] != t or counts[1] != _shape(down.w)[0]:
         return None
-    d_bias = down.bias and down.bias._replace(labels=tuple(swap.get(c, c) for c in down.bias.labels))
+    d_bias = down.bias and down.bias._replace(labels=_down_labels(down.bias.labels))
     ffn = ExpertFfn(
         x=x,
         w_gate=g.w,
@@ -605,7 +610,7 @@ def sorted_rows_ffn(view: View, o_sorted: Any) -> tuple[ExpertFfn, Any, Any, Any
         labels=("T0", "K", "D"),
         w_gate_dims=g.dims,
         w_up_dims=None if u is None else u.dims,
-        w_down_dims=tuple(swap.get(c, c) for c in down.dims),
+        w_down_dims=_down_labels(down.dims),
         gate_cols=g.cols,
         up_cols=None if u is None else u.cols,
         biases=(g.bias, None if u is None else u.bias, d_bias),
@@ -811,7 +816,9 @@ def _onehot_column(view: View, atom: Any) -> tuple[Any, int, tuple[str, ...]] | 
         atom = view.args(atom)[0]
     if view.op(atom) == "eq":
         got = _scalar_operand(view, atom)
-        if got is not None and len(_shape(got[0])) == 2 and float(got[1]).is_integer():
+        if got is None or not jnp.issubdtype(got[0].aval.dtype, jnp.integer):
+            return None
+        if len(_shape(got[0])) == 2 and float(got[1]).is_integer():
             return got[0], int(got[1]), ("T", "K")
         return None
     sq = view.producer(atom)
@@ -867,7 +874,9 @@ def _expert_slice_dot(view: View, atom: Any, e: int, contracted: str) -> tuple[A
 
 def slot_column(view: View, atom: Any) -> tuple[Any, int] | None:
     """(a, j) if atom [T] is column j of a 2-D array a [T, K] (`a[:, j]`), looking through broadcasts."""
-    atom, _ = idioms.unexpand(view, atom)
+    atom, dims = idioms.unexpand(view, atom)
+    if dims.get(0) != 0:  # w[:, j, None]: the column must run along the tokens
+        return None
     sq = view.producer(view.canon(atom))
     if sq is None or sq.primitive.name != "squeeze" or tuple(sq.params["dimensions"]) != (1,):
         return None
@@ -908,9 +917,8 @@ def _slot_term(view: View, term: Any) -> tuple[int, tuple] | None:
             continue
         if any(not view.same(p[2], ids_j) for p in (g, u) if p is not None):
             continue
-        swap = {"D": "F", "F": "D"}  # the down projection contracts F and keeps D
         stacks = ((g[1], g[3]),) + (() if u is None else ((u[1], u[3]),))
-        stacks += ((wd, tuple(swap[c] if c in swap else c for c in wd_dims)),)
+        stacks += ((wd, _down_labels(wd_dims)),)
         return col[1], (view.canon(g[0]), stacks, act, act_params, col[0], ids_col[0])
     return None
 

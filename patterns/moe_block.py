@@ -1,8 +1,11 @@
 """Whole-MoE pattern: every expert's FFN combined by the router's weights, fused into `moe`.
 
-Recognised today: the dense spelling (all experts on all tokens, then a [T, E] combine matrix
-built from the router's (weights, ids) by one-hot or scatter), in any einsum dim order, with
-SwiGLU / GeGLU / GELU / ReLU / SiLU experts. The fused op does only the routed work::
+Anchors on the combine (a weighted sum over experts or over the k slots, a scatter-add of sorted
+rows, or the last add of an unrolled loop) and recognises what feeds it with `experts.py`: the dense
+spelling (all experts on all tokens, then a [..T, E] combine matrix), the per-token weight gather,
+sorted `lax.ragged_dot`, and the Python loops over experts or over slots; a shared expert added to
+the result joins the op (`shared.py`). Capacity dispatch is `capacity.py`. The fused op does only
+the routed work::
 
     gate = jnp.einsum("td,edf->tef", x, w_gate); up = jnp.einsum("td,edf->tef", x, w_up)
     out = jnp.einsum("tef,efd->ted", jax.nn.silu(gate) * up, w_down)
@@ -270,9 +273,22 @@ def combine_matrix(view: View, atom: Any) -> tuple[Any, Any, int] | None:
             return None
         return (w, oh[0], num_e) if _shape(oh[0]) == _shape(w) else None
     got = idioms.put_along_last_axis(view, atom)
-    if got is not None and view.is_nonneg_index(got[0]):
-        return got[1], got[0], num_e
-    return None
+    if got is None or not view.is_nonneg_index(got[0]):
+        return None
+    if name == "scatter" and not _distinct_per_row(view, got[0]):
+        return None  # `.set` keeps one of two weights written to the same expert; the op sums them
+    return got[1], got[0], num_e
+
+
+def _distinct_per_row(view: View, ids: Any) -> bool:
+    """Whether ids [..T, k] never repeat an expert within a row: `lax.top_k` indices along the last axis."""
+    eqn = view.producer(view.canon(ids))
+    return (
+        eqn is not None
+        and eqn.primitive.name == "top_k"
+        and view.out_index(view.canon(ids)) == 1
+        and eqn.params.get("axis", len(_shape(ids)) - 1) in (-1, len(_shape(ids)) - 1)
+    )
 
 
 def _proposal(

@@ -78,7 +78,11 @@ def shared_ffn(view: View, atom: Any, x: Any) -> SharedFfn | None:
     sig = None
     if view.op(atom) == "mul":
         for s, other in (view.args(atom), view.args(atom)[::-1]):
-            z = idioms.sigmoid(view, idioms.unexpand(view, s)[0])
+            gate, dims = idioms.unexpand(view, s)
+            z = idioms.sigmoid(view, gate)
+            # the [..T, 1] gate must scale each token's row: its token dims stay where they are
+            if any(dims.get(i) != i for i in range(len(_shape(gate)) - 1)):
+                continue
             got = None if z is None else _matmul(view, z, x)
             if got is not None and _shape(got[1])[1 - got[2]] == 1 and got[3] is None:
                 sig, atom = (got[1], got[2]), view.canon(other)
