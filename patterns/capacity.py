@@ -47,7 +47,8 @@ from moefuse import idioms
 from moefuse.match import NoMatch, Proposal
 from moefuse.patterns.capacity_buffers import Ffn, expert_outputs
 from moefuse.patterns.capacity_masks import ZERO, Ctx, Reject, Val, describe, interpret, shape, token_labels
-from moefuse.patterns.experts import _dot_labels
+from moefuse.patterns.experts import _dot_labels, kernel_activation
+from moefuse.patterns.moe_block import plan_params
 from moefuse.view import View
 
 OP = "moe"
@@ -340,12 +341,10 @@ def _proposal(view, anchor, ffn: Ffn, slots, weights, k, num_e, cap, order, grou
     from moefuse.kernels.moe import MoeParams, moe_ffn
 
     y = view.jaxpr.eqns[anchor].outvars[0]
-    act = {"geglu_tanh": "geglu", "gelu_tanh": "gelu"}.get(ffn.activation, ffn.activation)
     params = MoeParams(
         num_experts=num_e,
         k=k,
-        activation=act,
-        gelu_approximate=ffn.activation.endswith("_tanh"),
+        **kernel_activation(ffn.activation),
         capacity=cap,
         capacity_order=order,
         capacity_groups=groups,
@@ -382,10 +381,5 @@ def _proposal(view, anchor, ffn: Ffn, slots, weights, k, num_e, cap, order, grou
         out = moe_ffn(x2, w, i, w_in, jnp.transpose(wd, perms[2]), params, impl=kernel)
         return [out.reshape(*tokens, out.shape[-1]).astype(y.aval.dtype)]
 
-    described = params.describe()
-    for key in ("swiglu_alpha", "swiglu_limit", "gate_up_layout"):
-        described.pop(key, None)
-    if act not in ("gelu", "geglu"):
-        described.pop("gelu_approximate", None)
-    described["dispatch"] = "capacity"
+    described = plan_params(params, "capacity")
     return Proposal(op=OP, anchor=anchor, inputs=inputs, outputs=[y], params=described, emit=emit)

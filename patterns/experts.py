@@ -60,6 +60,12 @@ def _shape(a: Any) -> tuple[int, ...]:
     return tuple(a.aval.shape)
 
 
+def kernel_activation(name: str) -> dict[str, Any]:
+    """MoeParams fields for a recognised activation name ("gelu_tanh" -> gelu, approximate=True)."""
+    base = {"geglu_tanh": "geglu", "gelu_tanh": "gelu"}.get(name, name)
+    return {"activation": base, "gelu_approximate": name.endswith("_tanh")}
+
+
 def token_labels(n: int) -> tuple[str, ...]:
     """Labels of n token dims, in the order of x's dims: ("T0", "T1", ...)."""
     return tuple(f"T{i}" for i in range(n))
@@ -428,16 +434,24 @@ def gathered_expert_outputs(view: View, out: Any) -> tuple[ExpertFfn, Any] | Non
             return None
     if u is not None and (g.cols is None) != (u.cols is None):
         return None
-    nt = len(_shape(down.ids)) - 1
+    o_labels = (*token_labels(len(_shape(down.ids)) - 1), "K", "D")
+    labels = tuple(o_labels[p] for p in perm)
+    return _ffn_of_parts(g.act, g, u, down, act, act_params, labels), down.ids
+
+
+def _ffn_of_parts(
+    x: Any, g: Any, u: Any, down: Any, act: str, act_params: tuple, labels: tuple
+) -> ExpertFfn:
+    """The ExpertFfn of recognised gate / up (or None) / down projections (`_Gathered` or `_Ragged`:
+    each with w, dims, cols and bias, labelled as an up projection)."""
     d_bias = down.bias and down.bias._replace(labels=_down_labels(down.bias.labels))
-    o_labels = (*token_labels(nt), "K", "D")
-    ffn = ExpertFfn(
-        x=g.act,
+    return ExpertFfn(
+        x=x,
         w_gate=g.w,
         w_up=None if u is None else u.w,
         w_down=down.w,
         activation=act,
-        labels=tuple(o_labels[p] for p in perm),
+        labels=labels,
         w_gate_dims=g.dims,
         w_up_dims=None if u is None else u.dims,
         w_down_dims=_down_labels(down.dims),
@@ -446,7 +460,6 @@ def gathered_expert_outputs(view: View, out: Any) -> tuple[ExpertFfn, Any] | Non
         biases=(g.bias, None if u is None else u.bias, d_bias),
         act_params=act_params,
     )
-    return ffn, down.ids
 
 
 class _Gathered(NamedTuple):
@@ -600,23 +613,7 @@ def sorted_rows_ffn(view: View, o_sorted: Any) -> tuple[ExpertFfn, Any, Any, Any
     t, k = _shape(ids)
     if view.scalar(view.args(src)[1]) != k or _shape(x)[0] != t or counts[1] != _shape(down.w)[0]:
         return None
-    d_bias = down.bias and down.bias._replace(labels=_down_labels(down.bias.labels))
-    ffn = ExpertFfn(
-        x=x,
-        w_gate=g.w,
-        w_up=None if u is None else u.w,
-        w_down=down.w,
-        activation=act,
-        labels=("T0", "K", "D"),
-        w_gate_dims=g.dims,
-        w_up_dims=None if u is None else u.dims,
-        w_down_dims=_down_labels(down.dims),
-        gate_cols=g.cols,
-        up_cols=None if u is None else u.cols,
-        biases=(g.bias, None if u is None else u.bias, d_bias),
-        act_params=act_params,
-    )
-    return ffn, ids, perm, src
+    return _ffn_of_parts(x, g, u, down, act, act_params, ("T0", "K", "D")), ids, perm, src
 
 
 def _unpermuted(view: View, flat: Any) -> tuple[Any, Any] | tuple[None, None]:
@@ -921,7 +918,6 @@ def _slot_term(view: View, term: Any) -> tuple[int, tuple] | None:
         stacks += ((wd, _down_labels(wd_dims)),)
         return col[1], (view.canon(g[0]), stacks, act, act_params, col[0], ids_col[0])
     return None
-
 
 
 def _slot_matvec(view: View, atom: Any) -> tuple[Any, Any, Any, tuple[str, ...]] | None:

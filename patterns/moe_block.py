@@ -30,6 +30,7 @@ from moefuse.patterns.experts import (
     dense_expert_outputs,
     gathered_expert_outputs,
     is_ragged_dot,
+    kernel_activation,
     loop_expert_weight,
     looped_expert_outputs,
     slot_column,
@@ -225,7 +226,6 @@ def _weighted_sum(view: View, eqn: Any) -> tuple[Any, Any, int, tuple[int, ...]]
 MOE = MoePattern()
 
 
-
 def combine_matrix(view: View, atom: Any) -> tuple[Any, Any, int] | None:
     """(weights [..T, k], ids [..T, k], E) if atom [..T, E] is sum_j weights[..t, j] * (ids[..t, j] == e).
 
@@ -305,14 +305,12 @@ def _proposal(
     from moefuse.kernels.moe import MoeParams, moe_ffn
 
     y = view.jaxpr.eqns[anchor].outvars[0]
-    act = {"geglu_tanh": "geglu", "gelu_tanh": "gelu"}.get(ffn.activation, ffn.activation)
     biases = [b for b in ffn.biases if b is not None]
     layout = _fused_layout(ffn)
     params = MoeParams(
         num_experts=num_e,
         k=_shape(ids)[-1],
-        activation=act,
-        gelu_approximate=ffn.activation.endswith("_tanh"),
+        **kernel_activation(ffn.activation),
         fused_gate_up=layout is not None,
         gate_up_layout=layout or "concat",
         has_expert_bias=bool(biases),
@@ -332,8 +330,7 @@ def _proposal(
         out = moe_ffn(x, w, i, w_in, wd, params, b_in=b_in, b_down=b_down, impl=kernel)
         return [out.reshape(*tokens, out.shape[-1]).astype(y.aval.dtype)]
 
-    described = {key: val for key, val in params.describe().items() if _relevant(params, key)}
-    described["dispatch"] = dispatch
+    described = plan_params(params, dispatch)
     routed = Proposal(op=OP, anchor=anchor, inputs=inputs, outputs=[y], params=described, emit=emit)
     return with_shared_expert(view, routed, ffn.x)
 
@@ -398,8 +395,14 @@ def _bias(given: tuple[Any, Bias | None], want: str) -> Any:
     return jnp.transpose(arr, _perm(bias.labels, want))
 
 
+def plan_params(params: Any, dispatch: str) -> dict[str, Any]:
+    """The MoeParams fields that matter for this op (the Plan shows only those), and the dispatch."""
+    shown = {key: val for key, val in params.describe().items() if _relevant(params, key)}
+    return shown | {"dispatch": dispatch}
+
+
 def _relevant(params: Any, key: str) -> bool:
-    """Whether a MoeParams field matters for this op (the Plan shows only those)."""
+    """Whether a MoeParams field matters for this op."""
     if key in ("swiglu_alpha", "swiglu_limit"):
         return params.activation == "swiglu_oai"
     if key == "gelu_approximate":

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from moefuse import idioms
 from moefuse.match import Proposal, escaping, region_of
-from moefuse.patterns.experts import Cols, activation_of, column_slice
+from moefuse.patterns.experts import Cols, activation_of, column_slice, kernel_activation
 from moefuse.view import View
 
 SUPPORTED = (
@@ -48,7 +48,6 @@ class SharedFfn:
 
 def _shape(a: Any) -> tuple[int, ...]:
     return tuple(a.aval.shape)
-
 
 
 def _matmul(view: View, atom: Any, lhs: Any | None) -> tuple[Any, Any, int, Cols | None] | None:
@@ -141,8 +140,7 @@ def _shared_value(ffn: SharedFfn, x: Any, ws: list[Any]) -> jax.Array:
         out = jnp.tensordot(v, w, axes=(v.ndim - 1, c))
         return out if cols is None else jax.lax.slice_in_dim(out, cols[0], cols[1], cols[2], axis=-1)
 
-    name = {"geglu_tanh": "geglu", "gelu_tanh": "gelu"}.get(ffn.activation, ffn.activation)
-    p = MoeParams(1, 1, name, gelu_approximate=ffn.activation.endswith("_tanh"), **dict(ffn.act_params))
+    p = MoeParams(1, 1, **kernel_activation(ffn.activation), **dict(ffn.act_params))
     ins = [proj(x, w, c, cols) for w, (_, c, cols) in zip(ws, ffn.projections[:-1], strict=False)]
     _, c_down, _ = ffn.projections[-1]
     out = proj(activation(p, *ins), ws[len(ins)], c_down, None)
