@@ -26,6 +26,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from host import cpu_model  # benchmarks/ is this script's directory
 
 from moefuse.kernels.moe import MoeParams, moe_ffn, schedule, xla
 
@@ -74,13 +75,8 @@ def time_all(fns: dict, args: tuple, rounds: int, reps: int) -> dict[str, list[f
 
 
 def machine() -> str:
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "")
-    except OSError:
-        pass
-    return f"{platform.machine()} {model} ({os.cpu_count()} cpus) python {platform.python_version()}".strip()
+    cpus = f"({os.cpu_count()} cpus) python {platform.python_version()}"
+    return f"{platform.machine()} {cpu_model()} {cpus}".strip()
 
 
 def run_case(t, d, f, e, k, skew, seed, rounds, reps, grad) -> dict:

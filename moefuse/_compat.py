@@ -32,6 +32,7 @@ DropVar = jex.DropVar
 
 # Primitive names, as different JAX versions spell them.
 JIT_NAMES = frozenset({"pjit", "jit", "closed_call", "core_call"})
+CUSTOM_VJP_NAMES = frozenset({"custom_vjp_call", "custom_vjp_call_jaxpr"})
 CUSTOM_JVP_NAMES = frozenset({"custom_jvp_call", "custom_jvp_call_jaxpr"})
 SHARD_MAP_NAMES = frozenset({"shard_map"})
 # Params that are not program bodies to rewrite: custom differentiation rules (only the primal
@@ -120,6 +121,54 @@ def with_sub_jaxprs(eqn: JaxprEqn, replaced: dict[tuple[str, int | None], Closed
     return params
 
 
+def inline_custom_vjps(
+    closed: ClosedJaxpr, inline_body: Callable[[ClosedJaxpr], ClosedJaxpr]
+) -> tuple[ClosedJaxpr, list[int]]:
+    """`closed` with each `custom_vjp_call` replaced by its primal body, for matching only, and for
+    each equation of the result the index of the equation of `closed` it comes from.
+
+    `inline_body` flattens a body (nested `jit`s) and gives it fresh vars. A body with constants,
+    or whose outputs are not each made by one of its own equations, is kept as the call. The
+    result's top-level vars are `closed`'s, so a match found in it names `closed`'s values.
+    """
+    eqns: list[JaxprEqn] = []
+    origin: list[int] = []
+    for i, eqn in enumerate(closed.jaxpr.eqns):
+        inner = _inlined_body(eqn, inline_body) if eqn.primitive.name in CUSTOM_VJP_NAMES else None
+        for e in inner if inner is not None else [eqn]:
+            eqns.append(e)
+            origin.append(i)
+    if len(eqns) == len(closed.jaxpr.eqns):
+        return closed, origin
+    j = closed.jaxpr
+    jaxpr = Jaxpr(j.constvars, j.invars, j.outvars, eqns, j.effects, j.debug_info)
+    return ClosedJaxpr(jaxpr, closed.consts), origin
+
+
+def _inlined_body(eqn: JaxprEqn, inline_body: Callable[[ClosedJaxpr], ClosedJaxpr]) -> list[JaxprEqn] | None:
+    try:
+        body = inline_body(as_closed(eqn.params["call_jaxpr"]))
+    except Exception:  # noqa: BLE001 - a body we cannot flatten is matched as the call itself
+        return None
+    outs = body.jaxpr.outvars
+    made = {v for e in body.jaxpr.eqns for v in e.outvars}
+    if body.consts or len(set(map(id, outs))) != len(outs) or not all(v in made for v in outs):
+        return None
+    rename: dict[Any, Any] = dict(zip(body.jaxpr.invars, eqn.invars))
+    rename.update((o, c) for o, c in zip(outs, eqn.outvars) if not is_dropvar(c))
+    swap = lambda vs: [v if is_literal(v) else rename.get(v, v) for v in vs]
+    return [e.replace(invars=swap(e.invars), outvars=swap(e.outvars)) for e in body.jaxpr.eqns]
+
+
+def custom_rule_name(eqn: JaxprEqn) -> str:
+    """A readable name of a custom_vjp call's rule (its function name where JAX keeps it)."""
+    name = eqn.params.get("name")
+    if name:
+        return str(name)
+    bwd = eqn.params.get("bwd")
+    return str(getattr(bwd, "__name__", None) or getattr(getattr(bwd, "f", None), "__name__", "custom_vjp"))
+
+
 def as_closed(j: ClosedJaxpr | Jaxpr) -> ClosedJaxpr:
     return j if isinstance(j, ClosedJaxpr) else ClosedJaxpr(j, ())
 
@@ -162,8 +211,25 @@ def eqn_scope(eqn: JaxprEqn) -> str:
 
 
 def relpath(path: str) -> str:
+    """`path` as the Plan shows it: inside an installed library, relative to the folder it is
+    installed in (`/venv/lib/python3.11/site-packages/maxtext/layers/moe.py` -> `maxtext/layers/moe.py`);
+    otherwise relative to the current folder when it is under it, else unchanged."""
+    parts = os.path.normpath(path).split(os.sep)
+    installed = [i for i, part in enumerate(parts) if part in ("site-packages", "dist-packages")]
+    if installed and installed[-1] + 1 < len(parts):
+        return os.path.join(*parts[installed[-1] + 1 :])
     try:
         rel = os.path.relpath(path)
     except ValueError:
         return path
     return path if rel.startswith("..") else rel
+
+
+def mesh_device() -> tuple[str, str] | None:
+    """(platform, device_kind) of the abstract device of the current mesh (`jax.set_mesh`,
+    `use_abstract_mesh`), or None when no mesh with a device is set."""
+    get = getattr(jax.sharding, "get_abstract_mesh", None)
+    device = getattr(get(), "abstract_device", None) if get is not None else None
+    if device is None:
+        return None
+    return str(device.platform), str(device.device_kind)

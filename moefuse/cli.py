@@ -20,6 +20,7 @@ Then::
     moefuse explain my_model.py:target            # the Plan as a table
     moefuse explain my_model.py:target --json     # the Plan as JSON
     moefuse explain my_model.py:target --jaxpr    # ... and the rewritten jaxpr
+    moefuse explain my_model.py:target --platform tpu   # kernels chosen for TPU (from any host)
     moefuse explain my_pkg.models:target          # a module on sys.path (or in the cwd)
     moefuse patterns                              # the MoE patterns moefuse knows
     moefuse kernels                               # which kernel runs each fused op, per platform
@@ -115,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the Plan as JSON (with --jaxpr: the rewritten jaxpr under the key 'jaxpr')",
     )
     explain.add_argument("--jaxpr", action="store_true", help="also print the rewritten jaxpr")
+    explain.add_argument(
+        "--platform",
+        choices=("tpu", "gpu", "cpu"),
+        help="choose kernels for this platform instead of the default backend (each site shows its "
+        "kernel, tiles and the reason for every fallback)",
+    )
     explain.add_argument("--traceback", action="store_true", help="on failure, print the full traceback")
 
     patterns = sub.add_parser(
@@ -147,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         if args.command == "explain":
-            out = _explain(args.target, as_json=args.json, with_jaxpr=args.jaxpr)
+            out = _explain(args.target, as_json=args.json, with_jaxpr=args.jaxpr, platform=args.platform)
         elif args.command == "kernels":
             out = _kernels()
         else:
@@ -169,13 +176,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 # explain
 
 
-def _explain(target: str, *, as_json: bool, with_jaxpr: bool) -> str:
+def _explain(target: str, *, as_json: bool, with_jaxpr: bool, platform: str | None = None) -> str:
     import moefuse
 
     with _target_context(target) as factory:
         fun, args, kwargs = _call_factory(target, factory)
         try:
-            plan = moefuse.plan(fun, *args, **kwargs)
+            plan = moefuse.jit(fun, platform=platform).plan(*args, **kwargs)
         except Exception as e:
             raise CliError(f"moefuse.plan failed on {_name(fun)}: {_one_line(e)}") from e
         jaxpr = None
@@ -239,6 +246,12 @@ def _target_context(target: str) -> Iterator[Callable[[], Any]]:
     is_file = where.endswith(".py") or "/" in where or os.sep in where
     if is_file:
         path = Path(where).expanduser()
+        if path.is_dir():
+            raise CliError(
+                f"{where} is a directory, not a Python file: name a file in it, as {where.rstrip('/')}/"
+                f"file.py:{attr}, or a module, as pkg.module:{attr}",
+                EXIT_USAGE,
+            )
         if not path.is_file():
             raise CliError(f"file not found: {where}", EXIT_USAGE)
         search_dir = str(path.resolve().parent)
@@ -259,7 +272,7 @@ def _target_context(target: str) -> Iterator[Callable[[], Any]]:
                 raise CliError(f"{where} has no attribute {attr!r}", EXIT_USAGE)
             obj = getattr(obj, part)
         if not callable(obj):
-            raise CliError(f"{where}:{attr} is not callable (it is a {type(obj).__name__})", EXIT_USAGE)
+            raise CliError(f"{where}:{attr} is not callable (it is {_a(type(obj).__name__)})", EXIT_USAGE)
         yield obj
     finally:
         sys.path[:] = saved
@@ -299,14 +312,9 @@ def _import_module(name: str) -> Any:
 
 
 def _kernels() -> str:
-    from moefuse.select import TABLE, select
+    from moefuse import select
 
-    rows = ["| op | platform | kernel | status | note |", "|---|---|---|---|---|"]
-    for r in TABLE:
-        chosen = select(r.op, r.platform)[0] == r.kernel
-        status = "used" if chosen else "available" if r.available else "not built"
-        rows.append(f"| `{r.op}` | {r.platform} | {r.kernel} | {status} | {r.note} |")
-    return "\n".join(rows)
+    return select.format_table()
 
 
 def _patterns() -> str:
@@ -336,6 +344,11 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
     elif len(lines) > 1:
         msg += " ..."
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def _a(noun: str) -> str:
+    """`noun` with its indefinite article: 'an int', 'a str'."""
+    return ("an " if noun[:1].lower() in "aeiou" else "a ") + noun
 
 
 def _name(fun: Any) -> str:

@@ -7,17 +7,20 @@ Each recogniser takes a view and an atom and returns what the idiom binds, or No
     sigmoid(view, s)                 # -> operand of lax.logistic
     take_along_axis(view, w)         # -> (array, indices) for x[..., idx] along the last axis
     take(view, g)                    # -> (vector, indices) for vec[idx]
+    repeated_rows(view, r)           # -> (x, k) for jnp.repeat(x, k, axis=0)
     one_hot(view, m)                 # -> (indices, n)
     argsort(view, order)             # -> (keys, axis)
     reduction(view, r, "sum")        # -> (operand, axes), keepdims spellings included
 
 Softmax is recognised inline (`exp(x - max) / sum`, with or without `stop_gradient`), as a
-`custom_jvp` function whose body is that, and as `exp(log_softmax(x))`.
+`custom_jvp` function whose body is that, as `exp(log_softmax(x))` and as `exp(x - logsumexp(x))`
+(jax.nn.logsumexp's guards included). Sigmoid is `lax.logistic` or `1 / (1 + exp(-x))`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any
 
 import numpy as np
@@ -137,7 +140,7 @@ def softmax(view: View, atom: Any) -> Softmax | None:
         return _softmax_custom_jvp(view, atom)
     if name == "exp":
         (inner,) = view.args(atom)
-        ls = log_softmax(view, inner)
+        ls = log_softmax(view, inner) or _minus_logsumexp(view, inner)
         return None if ls is None else Softmax(ls.operand, ls.axis)
     if name != "div":
         return None
@@ -150,8 +153,9 @@ def softmax(view: View, atom: Any) -> Softmax | None:
     return None if got is None else Softmax(got, axis)
 
 
-def _exp_shifted(view: View, e: Any, axis: int) -> Any | None:
-    """x for `e = exp(x - stop_gradient(max(x, axis)))` (the -inf clamp optional)."""
+def _exp_shifted(view: View, e: Any, axis: int, guarded: bool = False) -> Any | None:
+    """x for `e = exp(x - stop_gradient(max(x, axis)))` (the -inf clamp optional; with `guarded`, also
+    logsumexp's shift `where(isfinite(max), max, 0)`)."""
     if view.op(e) != "exp":
         return None
     (shifted,) = view.args(e)
@@ -159,6 +163,7 @@ def _exp_shifted(view: View, e: Any, axis: int) -> Any | None:
         return None
     x, m = view.args(shifted)
     m = view.canon(m, through_stop_gradient=True)
+    m = _unguarded(view, m) if guarded else m
     base, dims = unexpand(view, m)
     base = view.canon(base, through_stop_gradient=True)
     if view.op(base) == "max":  # max(-inf, reduce_max(x)) guards all -inf rows
@@ -183,6 +188,19 @@ def _exp_shifted(view: View, e: Any, axis: int) -> Any | None:
     if any(dims.get(b) != perm.index(sd) for b, sd in enumerate(kept)):
         return None
     return x
+
+
+def _unguarded(view: View, m: Any) -> Any:
+    """m for `where(isfinite(m), m, 0)` (logsumexp's guard of an infinite shift), else m itself.
+
+    The guard acts only on rows whose max is infinite: a row of -inf is NaN both ways; a row holding
+    +inf is NaN at the +inf entries and 0 elsewhere here, NaN everywhere in jax.nn.softmax."""
+    if view.op(m) != "select_n" or len(view.args(m)) != 3:
+        return m
+    pred, on_false, on_true = view.args(m)
+    if view.op(pred) == "is_finite" and view.same(view.args(pred)[0], on_true) and view.scalar(on_false) == 0:
+        return on_true
+    return m
 
 
 def _first_of_sorted(view: View, m: Any, x: Any, axis: int) -> bool:
@@ -224,6 +242,35 @@ def log_softmax(view: View, atom: Any) -> Softmax | None:
     return None if x is None else Softmax(x, red[1][0])
 
 
+def _minus_logsumexp(view: View, atom: Any) -> Softmax | None:
+    """`x - logsumexp(x)` as jax.nn.logsumexp spells it: `x - (log(|sum(exp(x - c))|) + c)` with the shift
+    c = stop_gradient(max(x)) (zero where the max is not finite); |.| of a sum of exps is the sum."""
+    if view.op(atom) != "sub":
+        return None
+    x, lse = view.args(atom)
+    if view.op(lse) != "add":
+        return None
+    for logged, shift in itertools.permutations(view.args(lse)):
+        logged, _ = unexpand(view, logged)
+        if view.op(logged) != "log":
+            continue
+        total = view.args(logged)[0]
+        if view.op(total) == "abs":
+            total = view.args(total)[0]
+        red = reduction(view, total, "sum")
+        if red is None or len(red[1]) != 1:
+            continue
+        e = red[0]
+        if view.op(e) != "exp" or view.op(view.args(e)[0]) != "sub":
+            continue
+        if not view.same(view.args(view.args(e)[0])[1], shift):
+            continue
+        got = _exp_shifted(view, e, red[1][0], guarded=True)
+        if got is not None and view.same(got, x):
+            return Softmax(x, red[1][0])
+    return None
+
+
 def _softmax_custom_jvp(view: View, atom: Any) -> Softmax | None:
     eqn = view.producer(atom)
     body = C.as_closed(eqn.params["call_jaxpr"])
@@ -237,8 +284,18 @@ def _softmax_custom_jvp(view: View, atom: Any) -> Softmax | None:
 
 
 def sigmoid(view: View, atom: Any) -> Any | None:
-    """Operand of `lax.logistic` (jax.nn.sigmoid)."""
-    return view.args(atom)[0] if view.op(atom) == "logistic" else None
+    """x for `lax.logistic(x)` (jax.nn.sigmoid) or `1 / (1 + exp(-x))` (which XLA computes the same way)."""
+    if view.op(atom) == "logistic":
+        return view.args(atom)[0]
+    if view.op(atom) != "div" or view.scalar(view.args(atom)[0]) != 1.0:
+        return None
+    den = view.args(atom)[1]
+    if view.op(den) != "add":
+        return None
+    for one, e in itertools.permutations(view.args(den)):
+        if view.scalar(one) == 1.0 and view.op(e) == "exp" and view.op(view.args(e)[0]) == "neg":
+            return view.args(view.args(e)[0])[0]
+    return None
 
 
 def take_along_axis(view: View, atom: Any) -> tuple[Any, Any] | None:
@@ -249,17 +306,15 @@ def take_along_axis(view: View, atom: Any) -> tuple[Any, Any] | None:
     arr, ind = (view.canon(v) for v in eqn.invars)
     dn = eqn.params["dimension_numbers"]
     r = len(_shape(arr))
-    if tuple(eqn.params["slice_sizes"]) != (1,) * r or tuple(dn.offset_dims) != ():
+    if tuple(eqn.params["slice_sizes"]) != (1,) * r:
         return None
-    lead = tuple(range(r - 1))
-    if (
-        tuple(dn.collapsed_slice_dims) == (r - 1,)
-        and tuple(dn.start_index_map) == (r - 1,)
-        and tuple(dn.operand_batching_dims) == lead
-        and tuple(dn.start_indices_batching_dims) == lead
-    ):
+    if tuple(dn.collapsed_slice_dims) == (r - 1,) and tuple(dn.start_index_map) == (r - 1,):
+        if not _batched_along_last(dn, _shape(arr), _shape(ind), len(_shape(atom))):
+            return None
         idx, _ = unexpand(view, ind)
         return (arr, idx) if _shape(idx) == _shape(atom) else None
+    if tuple(dn.offset_dims) != ():
+        return None
     if (
         tuple(dn.collapsed_slice_dims) == tuple(range(r))
         and tuple(dn.start_index_map) == tuple(range(r))
@@ -267,6 +322,28 @@ def take_along_axis(view: View, atom: Any) -> tuple[Any, Any] | None:
     ):
         return take_along_concat(view, arr, ind, _shape(atom))
     return None
+
+
+def _batched_along_last(
+    dn: Any, arr_shape: tuple[int, ...], ind_shape: tuple[int, ...], out_rank: int
+) -> bool:
+    """Whether a gather indexing arr's last axis keeps every other dim d of arr at output dim d and puts
+    the one free dim of the indices last: each leading dim batched with an indices dim, or of size 1
+    and kept as an offset dim (jnp.take_along_axis leaves size-1 dims out of the batching)."""
+    r = len(arr_shape)
+    if out_rank != r or not ind_shape or ind_shape[-1] != 1:
+        return False
+    batched = dict(zip(dn.operand_batching_dims, dn.start_indices_batching_dims))
+    kept = [d for d in range(r - 1) if d not in batched]
+    if any(arr_shape[d] != 1 for d in kept) or len(kept) != len(dn.offset_dims):
+        return False
+    ind_out = [p for p in range(out_rank) if p not in dn.offset_dims]  # output dims of the indices' dims
+    if len(ind_out) != len(ind_shape) - 1:
+        return False
+    out_of = {d: dn.offset_dims[i] for i, d in enumerate(kept)}
+    out_of.update({d: ind_out[i] for d, i in batched.items()})
+    free = [i for i in range(len(ind_shape) - 1) if i not in batched.values()]
+    return all(out_of[d] == d for d in range(r - 1)) and len(free) == 1 and ind_out[free[0]] == r - 1
 
 
 def take_along_concat(view: View, arr: Any, ind: Any, out_shape: tuple[int, ...]) -> tuple[Any, Any] | None:
@@ -317,6 +394,28 @@ def take(view: View, atom: Any) -> tuple[Any, Any] | None:
     if tuple(dn.offset_dims) != tuple(range(lead, lead + len(shape) - 1)):
         return None
     return (arr, idx) if _shape(atom) == _shape(idx) + shape[1:] else None
+
+
+def repeated_rows(view: View, atom: Any) -> tuple[Any, int] | None:
+    """(x, k) if atom == jnp.repeat(x, k, axis=0): row i of atom is row i // k of x.
+
+    The spelling is a broadcast to [T, k, ...] then a reshape to [T * k, ...]; so
+    `repeat(x, k)[idx]` is `x[idx // k]`.
+    """
+    eqn = view.producer(atom)
+    if eqn is None or eqn.primitive.name != "reshape" or eqn.params.get("dimensions") is not None:
+        return None
+    wide = view.canon(eqn.invars[0])
+    b = view.producer(wide)
+    if b is None or b.primitive.name != "broadcast_in_dim":
+        return None
+    x = view.canon(b.invars[0])
+    xs, ws = _shape(x), _shape(wide)
+    if not xs or len(ws) != len(xs) + 1 or tuple(b.params["broadcast_dimensions"]) != (0, *range(2, len(ws))):
+        return None
+    if ws[0] != xs[0] or ws[2:] != xs[1:] or _shape(atom) != (xs[0] * ws[1], *xs[1:]):
+        return None
+    return x, ws[1]
 
 
 def one_hot(view: View, atom: Any) -> tuple[Any, int] | None:

@@ -55,13 +55,17 @@ class Pattern(Protocol):
 
 
 def region_of(view: View, inputs: Sequence[Any], outputs: Sequence[Any]) -> set[int]:
-    """Equations on a data path from `inputs` to `outputs` (constant-only equations excluded)."""
-    stop = {v for v in inputs if not C.is_literal(v)}
+    """Equations on a data path from `inputs` to `outputs` (constant-only equations excluded).
+
+    An input stands for its value: a no-op alias or a recomputation of it (the same value in the
+    view's normal form) is read as that input, not computed inside the region.
+    """
+    stop = canonical_set(view, inputs)
     seen: set[int] = set()
     stack = [v for v in outputs if not C.is_literal(v)]
     while stack:
         var = stack.pop()
-        if var in stop:
+        if reads_input(view, var, stop):
             continue
         i = view.eqn_index(var)
         if i is None or i in seen:
@@ -69,6 +73,19 @@ def region_of(view: View, inputs: Sequence[Any], outputs: Sequence[Any]) -> set[
         seen.add(i)
         stack.extend(v for v in view.jaxpr.eqns[i].invars if not C.is_literal(v))
     return {i for i in seen if _depends_on(view, i, stop, {})}
+
+
+def canonical_set(view: View, atoms: Iterable[Any]) -> set[Any]:
+    """The canonical vars of `atoms` (literals, and vars whose value is a literal, left out)."""
+    return {c for v in atoms if not C.is_literal(v) and not C.is_literal(c := view.canon(v))}
+
+
+def reads_input(view: View, var: Any, inputs: set[Any]) -> bool:
+    """Whether `var` is one of `inputs` (a `canonical_set`), or the same value in normal form."""
+    if C.is_literal(var):
+        return False
+    c = view.canon(var)
+    return var in inputs or (not C.is_literal(c) and c in inputs)
 
 
 def _depends_on(view: View, i: int, inputs: set[Any], memo: dict[int, bool]) -> bool:
@@ -79,7 +96,7 @@ def _depends_on(view: View, i: int, inputs: set[Any], memo: dict[int, bool]) -> 
     for v in view.jaxpr.eqns[i].invars:
         if C.is_literal(v):
             continue
-        if v in inputs:
+        if reads_input(view, v, inputs):
             result = True
             break
         j = view.eqn_index(v)
@@ -95,7 +112,7 @@ def region_problem(view: View, region: set[int], prop: Proposal) -> str | None:
     if not region:
         return "empty region"
     outputs = set(prop.outputs)
-    inputs = set(prop.inputs)
+    inputs = canonical_set(view, prop.inputs)
     produced: set[Any] = set()
     for i in sorted(region):
         eqn = view.jaxpr.eqns[i]
@@ -106,7 +123,7 @@ def region_problem(view: View, region: set[int], prop: Proposal) -> str | None:
         produced.update(v for v in eqn.outvars if not C.is_dropvar(v))
     for i in sorted(region):
         for v in view.jaxpr.eqns[i].invars:
-            if C.is_literal(v) or v in produced or v in inputs or v in view.consts:
+            if C.is_literal(v) or v in produced or reads_input(view, v, inputs) or v in view.consts:
                 continue
             if is_constant(view, v):
                 continue  # a constant computed in the program (iota, zeros): kept as is

@@ -26,6 +26,8 @@ class Site:
     location: str  # "file:line" of the anchor equation in user code
     kernel: str  # chosen implementation, e.g. "xla"
     params: dict[str, Any]  # bound parameters (k, num_experts, score, ...)
+    tiles: dict[str, int] = dataclasses.field(default_factory=dict)  # the kernel's tiles, e.g. block_tokens
+    fallbacks: tuple[str, ...] = ()  # kernels passed over before this one, each with the reason
     scope: str = ""  # Flax module path / name stack, "" when none
     source: str = ""  # the source line at `location`, stripped
     path: str = ""  # where in the program: "" top level, else e.g. "scan/body"
@@ -56,20 +58,25 @@ class Plan:
     fused: list[Site] = dataclasses.field(default_factory=list)
     declined: list[Decline] = dataclasses.field(default_factory=list)
     platform: str = "cpu"
+    chip: str = ""  # e.g. "v6e", "sm90"; "" when unknown or irrelevant
 
     def to_json(self) -> dict[str, Any]:
         return {
             "platform": self.platform,
+            "chip": self.chip,
             "fused": [s.to_json() for s in self.fused],
             "declined": [d.to_json() for d in self.declined],
         }
 
     def __str__(self) -> str:
         lines = [
-            f"moefuse plan (platform {self.platform}): {len(self.fused)} fused, {len(self.declined)} declined"
+            f"moefuse plan (platform {self.platform}{f' {self.chip}' if self.chip else ''}): "
+            f"{len(self.fused)} fused, {len(self.declined)} declined"
         ]
         for s in self.fused:
-            lines += _entry("FUSED   ", s, f"kernel={s.kernel}", _fmt_params(s.params))
+            tail = f"kernel={s.kernel}" + "".join(f" {k}={v}" for k, v in s.tiles.items())
+            lines += _entry("FUSED   ", s, tail, _fmt_params(s.params))
+            lines += [f"           fallback: {why}" for why in s.fallbacks]
         for d in self.declined:
             lines += _entry("DECLINED", d, "", f"reason: {d.reason}")
         return "\n".join(lines)

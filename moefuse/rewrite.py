@@ -6,27 +6,34 @@ patterns for matches, checks them, and returns a `Level` tree. `evaluate` re-bin
 equations of a Level on concrete values or tracers, emitting the fused op for each match and
 rebuilding bodies that contain matches::
 
-    level = analyse(closed_jaxpr, platform="cpu")
+    level = analyse(closed_jaxpr, select.target_for("cpu"))
     outs = evaluate(level, flat_args)      # inside jax.jit: the rewritten program
     level.sites(), level.declines()        # what the Plan shows
+
+Never fail where `jax.jit` works: an error inside the pass for one site declines that site (its
+reason is the error, in one line); an error that prevents analysing a body leaves that body as
+written (and says so in the Plan); an error while emitting a fused op at trace time runs the
+site's original equations instead. `MOEFUSE_STRICT=1` raises instead, for debugging the pass.
+Bodies are analysed and re-traced in their own context (a `shard_map` body under its mesh axes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 import networkx as nx
 
 from moefuse import _compat as C
-from moefuse import _testing
+from moefuse import _testing, select
 from moefuse.match import NoMatch, Proposal, escaping, region_of, region_problem
 from moefuse.plan import Decline, Site
-from moefuse.select import select
-from moefuse.view import View
+from moefuse.view import View, live_equations
 
 log = logging.getLogger("moefuse")
 
@@ -34,9 +41,42 @@ log = logging.getLogger("moefuse")
 @dataclasses.dataclass
 class Match:
     proposal: Proposal
-    region: set[int]
-    kernel: str
+    region: set[int]  # indices into the Level's jaxpr
+    kernel: select.Kernel
     site: Site
+
+
+@dataclasses.dataclass(frozen=True)
+class Inlined:
+    """The matching jaxpr (custom_vjp calls replaced by their primal bodies) against the jaxpr
+    that is evaluated: `origin[j]` is the evaluated equation that matching equation j comes from."""
+
+    flat: C.ClosedJaxpr
+    origin: list[int]
+
+    def calls(self, region: set[int]) -> set[int]:
+        """`region` grown to whole inlined calls (a call is replaced whole or not at all)."""
+        touched = {self.origin[j] for j in region}
+        return {j for j, i in enumerate(self.origin) if i in touched}
+
+    def evaluated(self, region: set[int]) -> set[int]:
+        return {self.origin[j] for j in region}
+
+    def foreign(self, atoms: Sequence[Any]) -> Any | None:
+        """The first of `atoms` that exists only inside an inlined body (not in the evaluated jaxpr)."""
+        j = self.flat.jaxpr
+        known = {*j.invars, *j.constvars, *(v for e in j.eqns for v in e.outvars)}
+        return next((v for v in atoms if not C.is_literal(v) and v not in known), None)
+
+    def rules_replaced(self, region: set[int]) -> list[str]:
+        eqns = self.flat.jaxpr.eqns
+        return sorted(
+            {
+                C.custom_rule_name(eqns[i])
+                for i in self.evaluated(region)
+                if eqns[i].primitive.name in C.CUSTOM_VJP_NAMES
+            }
+        )
 
 
 @dataclasses.dataclass
@@ -65,59 +105,131 @@ class Level:
         return out
 
 
-def analyse(closed: C.ClosedJaxpr, platform: str, path: str = "") -> Level:
-    """Find and check every match in `closed` and its bodies."""
+def strict() -> bool:
+    """Whether `MOEFUSE_STRICT` asks internal errors of the pass to be raised, not declined."""
+    return os.environ.get("MOEFUSE_STRICT", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line: `Type: first line of the message`."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def _tracing_in(enclosing: Sequence[C.JaxprEqn]) -> Iterator[None]:
+    """The context to trace a body nested in `enclosing` equations (outermost first)."""
+    with contextlib.ExitStack() as stack:
+        for eqn in enclosing:
+            stack.enter_context(C.body_trace_context(eqn))
+        yield
+
+
+def analyse(
+    closed: C.ClosedJaxpr, target: select.Target, path: str = "", enclosing: Sequence[C.JaxprEqn] = ()
+) -> Level:
+    """Find and check every match in `closed` and its bodies.
+
+    `enclosing` are the equations whose bodies `closed` is nested in (outermost first): tracing
+    done for the analysis runs in their context (a shard_map's mesh axes). An error that stops
+    the analysis leaves `closed` as written, with a Decline saying why.
+    """
+    try:
+        with _tracing_in(enclosing):
+            return _analyse(closed, target, path, tuple(enclosing))
+    except Exception as e:  # noqa: BLE001 - never fail where jax.jit works
+        if strict():
+            raise
+        log.warning("moefuse: could not analyse %s; left as written", path or "the program", exc_info=True)
+        where = enclosing[-1] if enclosing else None
+        reason = f"internal error analysing {path or 'the program'}, left as written ({one_line(e)})"
+        decline = _decline("*", where, reason, path) if where is not None else Decline("*", "?", reason)
+        return Level(closed, [], {}, [decline], False)
+
+
+def _analyse(closed: C.ClosedJaxpr, target: select.Target, path: str, enclosing: tuple) -> Level:
     from moefuse.patterns import PATTERNS
 
     flat = inline_jits(closed) if _has_jit(closed.jaxpr) else closed
-    view = View(flat)
+    seen, origin = C.inline_custom_vjps(flat, inline_jits)
+    inlined = Inlined(flat, origin)
+    view = View(seen)
     matches: list[Match] = []
     declined: list[Decline] = []
-    claimed: set[int] = set()
+    claimed: set[int] = set()  # matching-jaxpr indices of fused regions
     for pattern in PATTERNS:
         try:
             anchors = sorted(pattern.anchors(view), reverse=True)
-        except Exception:  # noqa: BLE001 - a pattern bug must never break the user's program
-            log.warning(
-                "moefuse: the %s pattern failed to scan a jaxpr; nothing fused by it there",
-                pattern.op,
-                exc_info=True,
+        except Exception as e:  # noqa: BLE001 - a pattern bug must never break the user's program
+            if strict():
+                raise
+            log.warning("moefuse: the %s pattern failed to scan a jaxpr", pattern.op, exc_info=True)
+            declined.append(
+                Decline(
+                    pattern.op,
+                    "?",
+                    f"internal error scanning for {pattern.op} sites ({one_line(e)})",
+                    path=path,
+                )
             )
             continue
+        log.debug("%s pattern%s: %d anchor(s) at equations %s", pattern.op, _in(path), len(anchors), anchors)
         for anchor in anchors:
             if anchor in claimed:
+                log.debug("%s pattern: equation %d is in a region already fused, skipped", pattern.op, anchor)
                 continue
-            got = _try(view, pattern, anchor, platform, path, claimed)
-            if isinstance(got, Match):
+            got = _try_safely(view, inlined, pattern, anchor, target, path, claimed)
+            if isinstance(got, tuple):
+                got, seen_region = got
                 matches.append(got)
-                claimed |= got.region
+                claimed |= seen_region
             else:
                 declined.append(got)
-                log.debug("declined %s at %s: %s", got.op, got.location, got.reason)
+                log.info("declined %s at %s: %s", got.op, got.location, got.reason)
     matches.sort(key=lambda m: m.proposal.anchor)  # the Plan lists sites in program order
-    order = _schedule(view, matches) if matches else None
+    order = _schedule(flat.jaxpr, matches) if matches else None
     base = flat if matches else closed
-    subs = _analyse_bodies(base, platform, path, claimed if matches else set())
+    fused = set().union(*(m.region for m in matches))
+    subs = _analyse_bodies(base, target, path, fused, enclosing)
     changed = bool(matches) or any(sub.changed for b in subs.values() for sub in b.values())
     if not changed and not _testing.retracing_all():
         return Level(closed, [], subs, declined, False)
     return Level(base, matches, subs, declined, True, order)
 
 
-def _try(
-    view: View, pattern: Any, anchor: int, platform: str, path: str, claimed: set[int]
-) -> Match | Decline:
-    eqn = view.jaxpr.eqns[anchor]
+def _try_safely(
+    view: View,
+    inlined: Inlined,
+    pattern: Any,
+    anchor: int,
+    target: select.Target,
+    path: str,
+    claimed: set[int],
+) -> tuple[Match, set[int]] | Decline:
+    """`_try`, with any internal error declining this site (the error is the reason)."""
     try:
-        got = pattern.match(view, anchor)
-    except Exception as e:  # noqa: BLE001 - a pattern bug must never break the user's program
+        return _try(view, inlined, pattern, anchor, target, path, claimed)
+    except Exception as e:  # noqa: BLE001 - a pass bug must never break the user's program
+        if strict():
+            raise
         log.debug("pattern %s failed at equation %d", pattern.op, anchor, exc_info=True)
-        return _decline(
-            pattern.op,
-            eqn,
-            f"internal error in the {pattern.op} pattern, left unfused ({type(e).__name__}: {e})",
-            path,
-        )
+        reason = f"internal error in the {pattern.op} pattern, left unfused ({one_line(e)})"
+        return _decline(pattern.op, view.jaxpr.eqns[anchor], reason, path)
+
+
+def _try(
+    view: View,
+    inlined: Inlined,
+    pattern: Any,
+    anchor: int,
+    target: select.Target,
+    path: str,
+    claimed: set[int],
+) -> tuple[Match, set[int]] | Decline:
+    """(the match, its region in the matching jaxpr), or why the anchor is declined."""
+    eqn = view.jaxpr.eqns[anchor]
+    log.debug("trying the %s pattern at equation %d (%s)%s", pattern.op, anchor, eqn.primitive, _in(path))
+    got = pattern.match(view, anchor)
     if isinstance(got, NoMatch):
         return _decline(got.op, eqn, got.reason, path)
     prop: Proposal = got
@@ -128,30 +240,46 @@ def _try(
         if wider is not None:
             prop = wider
             region = region_of(view, prop.inputs, prop.outputs)
-    reason = region_problem(view, region, prop)
+    region = inlined.calls(region)
+    inside = inlined.foreign([*prop.inputs, *prop.outputs])
+    reason = (
+        None if inside is None else f"the fused op would read or define {inside} inside a custom_vjp body"
+    )
+    reason = reason or region_problem(view, region, prop)
     if reason is None and region & claimed:
         reason = "overlaps a region already fused"
-    if reason is None:
-        reason = _type_problem(prop)
     if reason is None and not _convex(view, region):
         reason = "the region's outputs feed back into its own inputs through the rest of the program"
-    kernel, note = select(prop.op, platform)
-    if reason is None and kernel is None:
-        reason = note
+    choice = None
+    if reason is None:
+        choice = select.choose(
+            select.Request(prop.op, prop.params, tuple(_sds(v) for v in prop.inputs)), target
+        )
+        if choice.kernel is None:
+            reason = choice.reason
+    if reason is None:
+        reason = _type_problem(prop, choice.kernel)
     if reason is not None:
         return _decline(prop.op, eqn, reason, path)
     file, line, _ = C.eqn_location(eqn)
+    rules = inlined.rules_replaced(region)
     site = Site(
         op=prop.op,
         location=f"{C.relpath(file)}:{line}",
-        kernel=kernel,
-        params=prop.params,
+        kernel=choice.kernel.impl,
+        params={**prop.params, "replaces_custom_vjp": rules} if rules else prop.params,
+        tiles=dict(choice.kernel.tiles),
+        fallbacks=choice.fallbacks,
         scope=C.eqn_scope(eqn),
         source=_source_line(file, line),
         path=path,
     )
-    log.debug("fused %s at %s with %s", prop.op, site.location, kernel)
-    return Match(prop, region, kernel, site)
+    log.info("fused %s at %s with %s", prop.op, site.location, choice.kernel)
+    return Match(prop, inlined.evaluated(region), choice.kernel, site), region
+
+
+def _in(path: str) -> str:
+    return f" in {path}" if path else ""
 
 
 def _convex(view: View, region: set[int]) -> bool:
@@ -180,12 +308,15 @@ def _convex(view: View, region: set[int]) -> bool:
     return True
 
 
-def _type_problem(prop: Proposal) -> str | None:
-    """The fused op must produce exactly the original outputs' shapes and dtypes."""
+def _type_problem(prop: Proposal, kernel: select.Kernel) -> str | None:
+    """The fused op (with the chosen kernel) must build and give exactly the original outputs'
+    shapes and dtypes."""
     try:
-        outs = jax.eval_shape(lambda *a: list(prop.emit("reference", *a)), *[_sds(v) for v in prop.inputs])
+        outs = jax.eval_shape(lambda *a: list(prop.emit(kernel, *a)), *[_sds(v) for v in prop.inputs])
     except Exception as e:  # noqa: BLE001 - any failure means we cannot prove equality
-        return f"fused op cannot be built for these inputs: {type(e).__name__}: {e}"
+        if strict():
+            raise
+        return f"fused op cannot be built for these inputs: {one_line(e)}"
     for got, var in zip(outs, prop.outputs):
         want = var.aval
         if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
@@ -200,6 +331,7 @@ def _sds(var: Any) -> jax.ShapeDtypeStruct:
 
 
 def _decline(op: str, eqn: C.JaxprEqn, reason: str, path: str) -> Decline:
+    """A Decline located at `eqn`'s user source line."""
     file, line, _ = C.eqn_location(eqn)
     return Decline(
         op=op,
@@ -217,23 +349,26 @@ def _source_line(file: str, line: int) -> str:
     return linecache.getline(file, line).strip() if line else ""
 
 
-def _schedule(view: View, matches: list[Match]) -> list[Any]:
+def _schedule(jaxpr: C.Jaxpr, matches: list[Match]) -> list[Any]:
     """Topological order of units (equation indices and matches), original order preferred.
 
-    Each match is one unit ("m", n); every other equation is ("e", index). Matches are convex
-    (checked in `_try`), so the graph has no cycle.
+    Each match is one unit ("m", n); every other live equation is ("e", index): dead code is
+    dropped (it may read a region's interior values, which the fused op does not define). Matches
+    are convex (checked in `_try`), so the graph has no cycle.
     """
     owner = {i: m_i for m_i, m in enumerate(matches) for i in m.region}
+    live = live_equations(jaxpr) | set(owner)
+    eqns = [(i, eqn) for i, eqn in enumerate(jaxpr.eqns) if i in live]
     graph = nx.DiGraph()
     unit_of: dict[Any, Any] = {}
     keys: dict[Any, int] = {}
-    for i, eqn in enumerate(view.jaxpr.eqns):
+    for i, eqn in eqns:
         unit = ("m", owner[i]) if i in owner else ("e", i)
         graph.add_node(unit)
         keys.setdefault(unit, i)
         for v in eqn.outvars:
             unit_of[v] = unit
-    for i, eqn in enumerate(view.jaxpr.eqns):
+    for i, eqn in eqns:
         unit = ("m", owner[i]) if i in owner else ("e", i)
         for v in eqn.invars:
             src = None if C.is_literal(v) else unit_of.get(v)
@@ -247,7 +382,9 @@ def _schedule(view: View, matches: list[Match]) -> list[Any]:
     return list(nx.lexicographical_topological_sort(graph, key=lambda u: keys[u]))
 
 
-def _analyse_bodies(closed: C.ClosedJaxpr, platform: str, path: str, skip: set[int]) -> dict:
+def _analyse_bodies(
+    closed: C.ClosedJaxpr, target: select.Target, path: str, skip: set[int], enclosing: tuple
+) -> dict:
     subs: dict[int, dict[tuple[str, int | None], Level]] = {}
     for i, eqn in enumerate(closed.jaxpr.eqns):
         if i in skip:
@@ -256,7 +393,7 @@ def _analyse_bodies(closed: C.ClosedJaxpr, platform: str, path: str, skip: set[i
             name = eqn.primitive.name + ("" if key in ("jaxpr", "call_jaxpr") else f".{key}")
             name += "" if idx is None else f"[{idx}]"
             subs.setdefault(i, {})[(key, idx)] = analyse(
-                C.as_closed(body), platform, f"{path}/{name}" if path else name
+                C.as_closed(body), target, f"{path}/{name}" if path else name, (*enclosing, eqn)
             )
     return subs
 
@@ -298,20 +435,49 @@ def evaluate(level: Level, args: Sequence[Any]) -> list[Any]:
     order = level.order if level.order is not None else [("e", i) for i in range(len(jaxpr.eqns))]
     for kind, n in order:
         if kind == "m":
-            m = level.matches[n]
-            outs = m.proposal.emit(m.kernel, *[_read(env, v) for v in m.proposal.inputs])
-            _write(env, m.proposal.outputs, outs)
+            _emit_or_run_original(level.matches[n], jaxpr, env)
             continue
         eqn = jaxpr.eqns[n]
         invals = [_read(env, v) for v in eqn.invars]
         bodies = {k: sub for k, sub in level.subs.get(n, {}).items() if sub.changed}
-        if bodies:
-            params = C.with_sub_jaxprs(eqn, {k: _rebuild(sub, eqn) for k, sub in bodies.items()})
-            outs = C.bind_eqn(eqn, invals, params)
-        else:
-            outs = C.bind_eqn(eqn, invals)
-        _write(env, eqn.outvars, outs)
+        params = _rebuilt_params(eqn, bodies) if bodies else None
+        _write(env, eqn.outvars, C.bind_eqn(eqn, invals, params))
     return [_read(env, v) for v in jaxpr.outvars]
+
+
+def _emit_or_run_original(m: Match, jaxpr: C.Jaxpr, env: dict[Any, Any]) -> None:
+    """Emit the fused op of `m`; if that fails, bind the region's original equations instead."""
+    try:
+        outs = m.proposal.emit(m.kernel, *[_read(env, v) for v in m.proposal.inputs])
+        _write(env, m.proposal.outputs, outs)
+        return
+    except Exception:
+        if strict():
+            raise
+        log.warning(
+            "moefuse: emitting %s at %s failed; running it as written",
+            m.site.op,
+            m.site.location,
+            exc_info=True,
+        )
+    for i in sorted(m.region):
+        eqn = jaxpr.eqns[i]
+        _write(env, eqn.outvars, C.bind_eqn(eqn, [_read(env, v) for v in eqn.invars]))
+
+
+def _rebuilt_params(eqn: C.JaxprEqn, bodies: dict) -> dict[str, Any] | None:
+    """`eqn`'s params with its changed bodies rebuilt, or None (the original) if rebuilding fails."""
+    try:
+        return C.with_sub_jaxprs(eqn, {k: _rebuild(sub, eqn) for k, sub in bodies.items()})
+    except Exception:
+        if strict():
+            raise
+        log.warning(
+            "moefuse: rebuilding the body of `%s` failed; it runs as written",
+            eqn.primitive.name,
+            exc_info=True,
+        )
+        return None
 
 
 def _rebuild(sub: Level, eqn: C.JaxprEqn) -> C.ClosedJaxpr:

@@ -2,7 +2,8 @@
 
 Integer outputs (expert ids) must be equal exactly; floating outputs within the dtype's
 tolerance (a few ulps relative, plus one ulp of the output's largest magnitude absolute, since
-a sum of rounded terms errs at the scale of its terms), NaN where the original has NaN::
+a sum of rounded terms errs at the scale of its terms), NaN and inf exactly where the original has
+them (a mismatch is reported apart, with which side has the NaN)::
 
     check_outputs(expected_tree, got_tree)   # raises VerificationError with a diff summary
 """
@@ -53,11 +54,36 @@ def check_outputs(expected: Any, got: Any) -> None:
         # one unit of rounding at the output's own scale: sums of rounded terms err by that much
         atol = max(atol, float(jnp.finfo(e.dtype).eps) * (float(finite.max()) if finite.size else 0.0))
         close = np.isclose(g64, e64, rtol=rtol, atol=atol, equal_nan=True)
-        if not close.all():
-            err = np.nanmax(np.abs(np.where(close, 0.0, g64 - e64)))
+        nonfinite = ~close & ~(np.isfinite(e64) & np.isfinite(g64))
+        if nonfinite.any():
+            problems.append(f"output {i} ({e.dtype}): " + _nonfinite_summary(e64, g64, nonfinite))
+        outside = ~close & ~nonfinite
+        if outside.any():
+            err = float(np.abs(g64[outside] - e64[outside]).max())
             problems.append(
-                f"output {i} ({e.dtype}): {int((~close).sum())} of {e.size} elements outside "
+                f"output {i} ({e.dtype}): {int(outside.sum())} of {e.size} elements outside "
                 f"rtol={rtol} atol={atol}, max abs diff {err:.3g}"
             )
     if problems:
         raise VerificationError("moefuse verify failed:\n  " + "\n  ".join(problems))
+
+
+def _nonfinite_summary(expected: np.ndarray, got: np.ndarray, bad: np.ndarray) -> str:
+    """How `got` and `expected` disagree about NaN and inf at the positions `bad`."""
+    nan_original = int((bad & np.isnan(expected) & ~np.isnan(got)).sum())
+    nan_fused = int((bad & np.isnan(got) & ~np.isnan(expected)).sum())
+    inf = int(bad.sum()) - nan_original - nan_fused
+    counts = [
+        f"{n} {what}"
+        for n, what in [
+            (nan_original, "NaN in the original only"),
+            (nan_fused, "NaN in the fused only"),
+            (inf, "inf mismatches (inf against finite or -inf)"),
+        ]
+        if n
+    ]
+    first = tuple(np.argwhere(bad)[0].tolist())
+    return (
+        f"{int(bad.sum())} of {bad.size} elements differ in NaN/inf ({', '.join(counts)}); "
+        f"first at {list(first)}: original {expected[first]}, fused {got[first]}"
+    )

@@ -1,8 +1,14 @@
 """The canonical view of one flat jaxpr, used only to *find* matches (the rewrite uses the original).
 
-It answers questions about values (jaxpr atoms) while looking through spelling noise:
-no-op casts/reshapes/broadcasts, `copy`, `pvary`, index normalisation of non-negative indices
-(`select_n(i < 0, i, i + n)`), and, where asked, `stop_gradient`::
+It answers questions about values (jaxpr atoms) in a normal form:
+
+- value numbering: two equations computing the same primitive with the same params on the same
+  (canonical) operands are one value, operands of commutative primitives compared in any order
+  (a score computed twice, `x[None]` taken twice);
+- no-ops removed: casts/reshapes/broadcasts to the same type, reshape round trips
+  (`x.reshape(a).reshape(x.shape)`), `copy`, `pvary`, `sharding_constraint`, `name`
+  (checkpoint_name), `optimization_barrier`, index normalisation of non-negative indices
+  (`select_n(i < 0, i, i + n)`), and, where asked, `stop_gradient`::
 
     view = View(closed_jaxpr)
     eqn = view.producer(var)           # the equation that makes var (noise skipped)
@@ -25,7 +31,15 @@ from moefuse import _compat as C
 
 # Primitives that never change a value (when their output aval equals their input aval).
 _SHAPE_NOOPS = frozenset({"convert_element_type", "reshape", "broadcast_in_dim", "squeeze", "expand_dims"})
-_ALWAYS_NOOPS = frozenset({"copy", "copy_p", "pvary", "pbroadcast"})
+_ALWAYS_NOOPS = frozenset(
+    {"copy", "copy_p", "pvary", "pbroadcast", "sharding_constraint", "name", "mesh_cast", "reshard"}
+)
+# Multi-result primitives whose j-th output is their j-th input.
+_PASS_THROUGH = frozenset({"optimization_barrier", "device_put"})
+# Shape ops that keep the row-major element order (a chain of them back to the same shape is identity).
+_ORDER_KEEPING = frozenset({"reshape", "squeeze", "expand_dims", "broadcast_in_dim"})
+_NEVER_MERGED = frozenset({"rng_uniform"})  # stateful without an effect: two calls differ
+_COMMUTATIVE = frozenset({"add", "mul", "max", "min", "eq", "ne", "and", "or", "xor", "add_any"})
 _NONNEG_INDEX_OPS = frozenset({"iota", "argmax", "argmin"})
 
 
@@ -46,6 +60,41 @@ class View:
                 if not C.is_literal(v):
                     self._raw_users[v].append(i)
         self.outvars = {v for v in self.jaxpr.outvars if not C.is_literal(v)}
+        self.live = live_equations(self.jaxpr)
+        self._rep: dict[Any, Any] = {}  # var -> the first var computing the same value
+        self._number_values()
+        self._users: dict[Any, list[int]] | None = None
+
+    def _number_values(self) -> None:
+        """Map each equation's outputs to those of the first equation computing the same value."""
+        seen: dict[Any, C.JaxprEqn] = {}
+        for eqn in self.jaxpr.eqns:
+            if eqn.effects or not eqn.outvars or eqn.primitive.name in _NEVER_MERGED:
+                continue
+            key = self._value_key(eqn)
+            try:
+                first = seen.setdefault(key, eqn) if key is not None else eqn
+            except Exception:  # noqa: BLE001 - params whose comparison fails: never merged
+                continue
+            if first is eqn:
+                continue
+            for mine, theirs in zip(eqn.outvars, first.outvars):
+                if not C.is_dropvar(mine) and not C.is_dropvar(theirs):
+                    self._rep[mine] = theirs
+
+    def _value_key(self, eqn: C.JaxprEqn) -> Any:
+        operands = [_atom_key(self.canon(v)) for v in eqn.invars]
+        if eqn.primitive.name in _COMMUTATIVE:
+            operands.sort(key=repr)
+        try:
+            params = _freeze(eqn.params)
+            hash(params)
+        except Exception:  # noqa: BLE001 - params that cannot be compared: never merged
+            return None
+        avals = tuple(
+            (tuple(v.aval.shape), str(v.aval.dtype)) for v in eqn.outvars if hasattr(v.aval, "shape")
+        )
+        return eqn.primitive.name, params, tuple(operands), avals
 
     # ---- raw structure -------------------------------------------------------------------
     def eqn_index(self, var: Any) -> int | None:
@@ -55,7 +104,8 @@ class View:
         return self._producer[var][0]
 
     def raw_users(self, var: Any) -> list[int]:
-        return [] if C.is_literal(var) else self._raw_users.get(var, [])
+        """Indices of the live equations reading `var` (dead code reads nothing)."""
+        return [] if C.is_literal(var) else [i for i in self._raw_users.get(var, []) if i in self.live]
 
     def raw_producer(self, var: Any) -> tuple[C.JaxprEqn, int] | None:
         if C.is_literal(var) or var not in self._producer:
@@ -65,18 +115,25 @@ class View:
 
     # ---- canonical structure -------------------------------------------------------------
     def canon(self, atom: Any, *, through_stop_gradient: bool = False) -> Any:
-        """`atom` with value-preserving noise stripped (the var whose value it is)."""
+        """`atom` in normal form: no-ops stripped, and the first var computing the same value."""
         while True:
+            if C.is_literal(atom):
+                return atom
+            atom = self._rep.get(atom, atom)
             got = self.raw_producer(atom)
             if got is None:
                 return atom
-            eqn, _ = got
+            eqn, j = got
             name = eqn.primitive.name
             src = eqn.invars[0] if eqn.invars else None
             if name in _ALWAYS_NOOPS or (name == "stop_gradient" and through_stop_gradient):
                 atom = src
+            elif name in _PASS_THROUGH and len(eqn.invars) == len(eqn.outvars):
+                atom = eqn.invars[j]
             elif name in _SHAPE_NOOPS and _same_aval(src, eqn.outvars[0]):
                 atom = src
+            elif name == "reshape" and (root := self._reshape_round_trip(atom)) is not None:
+                atom = root
             elif name == "select_n" and (idx := self._normalised_index(eqn)) is not None:
                 atom = idx
             elif name == "select_n" and (q := self._floor_div_of_nonneg(eqn)) is not None:
@@ -85,6 +142,30 @@ class View:
                 atom = self._clip_at_zero_of_nonneg(eqn)
             else:
                 return atom
+
+    def _reshape_round_trip(self, atom: Any) -> Any | None:
+        """x if atom = reshape(... reshape-like(x)) with x's shape and dtype (an identity).
+
+        Only a chain ending in a `reshape` is stripped: `ids[..., 0][..., None]` (squeeze, then
+        broadcast back) stays as written, since idioms read the squeezed array there.
+        """
+        size = int(np.prod(atom.aval.shape))
+        cur, found = atom, None
+        for _ in range(8):
+            got = self.raw_producer(cur)
+            if got is None or got[0].primitive.name not in _ORDER_KEEPING or not got[0].invars:
+                break
+            eqn = got[0]
+            if eqn.primitive.name == "reshape" and eqn.params.get("dimensions") is not None:
+                break
+            src = eqn.invars[0]
+            src = src if C.is_literal(src) else self._rep.get(src, src)
+            if C.is_literal(src) or int(np.prod(src.aval.shape)) != size or src.aval.dtype != atom.aval.dtype:
+                break
+            cur = src
+            if tuple(cur.aval.shape) == tuple(atom.aval.shape):
+                found = cur
+        return found
 
     def producer(self, atom: Any, **kw: Any) -> C.JaxprEqn | None:
         got = self.raw_producer(self.canon(atom, **kw))
@@ -113,16 +194,25 @@ class View:
         return {} if eqn is None else dict(eqn.params)
 
     def users(self, var: Any) -> list[C.JaxprEqn]:
-        """Equations that consume the value of `var`, looking forward through no-op equations."""
-        out: list[C.JaxprEqn] = []
-        for i in self.raw_users(var):
-            eqn = self.jaxpr.eqns[i]
-            nxt = eqn.outvars[0] if len(eqn.outvars) == 1 else None
-            if nxt is not None and not C.is_dropvar(nxt) and self.canon(nxt) is var:
-                out.extend(self.users(nxt))
-            else:
-                out.append(eqn)
-        return out
+        """Equations that consume the value of `var` (in normal form: no-op equations looked
+        through, a value computed twice counted once), in program order."""
+        if C.is_literal(var):
+            return []
+        if self._users is None:
+            self._users = self._index_users()
+        return [self.jaxpr.eqns[i] for i in self._users.get(self.canon(var), [])]
+
+    def _index_users(self) -> dict[Any, list[int]]:
+        users: dict[Any, list[int]] = defaultdict(list)
+        for i, eqn in enumerate(self.jaxpr.eqns):
+            outs = [v for v in eqn.outvars if not C.is_dropvar(v)]
+            if outs and all(self.canon(v) is not v for v in outs):
+                continue  # a no-op alias or a recomputation: its users count as the value's users
+            for v in eqn.invars:
+                c = self.canon(v)
+                if not C.is_literal(c) and (not users[c] or users[c][-1] != i):
+                    users[c].append(i)
+        return users
 
     def same(self, a: Any, b: Any, depth: int = 16) -> bool:
         """Whether a and b are the same value: one var, or equal computations on the same inputs."""
@@ -146,7 +236,8 @@ class View:
         return all(self.same(x, y, depth - 1) for x, y in zip(ea.invars, eb.invars))
 
     def is_output(self, var: Any) -> bool:
-        """Whether `var` (or a no-op alias of it) is an output of the jaxpr."""
+        """Whether the value of `var` (or a no-op alias or recomputation of it) is a jaxpr output."""
+        var = self.canon(var)
         return any(self.canon(v) is var for v in self.outvars)
 
     # ---- values --------------------------------------------------------------------------
@@ -269,6 +360,37 @@ class View:
         if on_false not in te[0].invars:
             return None
         return on_false if self.is_nonneg_index(on_false) else None
+
+
+def live_equations(jaxpr: C.Jaxpr) -> set[int]:
+    """Indices of the equations whose results reach an output of `jaxpr`, or that have effects."""
+    needed = {v for v in jaxpr.outvars if not C.is_literal(v)}
+    live: set[int] = set()
+    for i in range(len(jaxpr.eqns) - 1, -1, -1):
+        eqn = jaxpr.eqns[i]
+        if eqn.effects or any(v in needed for v in eqn.outvars if not C.is_dropvar(v)):
+            live.add(i)
+            needed.update(v for v in eqn.invars if not C.is_literal(v))
+    return live
+
+
+def _atom_key(atom: Any) -> Any:
+    """A hashable key for an operand: the var itself, or a literal's dtype, shape and bytes."""
+    if not C.is_literal(atom):
+        return atom
+    val = np.asarray(atom.val)
+    return "literal", str(val.dtype), val.shape, val.tobytes()
+
+
+def _freeze(obj: Any) -> Any:
+    """A hashable, comparable form of equation params (arrays by value)."""
+    if isinstance(obj, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in obj.items()))
+    if isinstance(obj, (list, tuple)):
+        return tuple(_freeze(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return "array", str(obj.dtype), obj.shape, obj.tobytes()
+    return obj
 
 
 def _same_aval(a: Any, b: Any) -> bool:

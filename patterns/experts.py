@@ -550,13 +550,15 @@ def sorted_scatter_combine(view: View, y: Any) -> tuple[ExpertFfn, Any, Any] | N
     if tuple(dn.scatter_dims_to_operand_dims) != (0,) or view.op(updates) != "mul":
         return None
     src = idioms.index_array(view, indices)
-    if src is None:
+    if src is None or view.op(src) != "div":
         return None
     for o_side, w_side in (view.args(updates), view.args(updates)[::-1]):
         got = sorted_rows_ffn(view, o_side)
-        if got is None or not view.same(got[3], src):
+        if got is None or not view.same(view.args(src)[0], got[2]):
             continue
-        ffn, ids, perm, _ = got
+        ffn, ids, perm = got
+        if view.scalar(view.args(src)[1]) != _shape(ids)[1]:
+            continue
         w_sorted, _ = idioms.unexpand(view, w_side)
         taken = idioms.take(view, w_sorted)
         if taken is None or not view.same(taken[1], perm):
@@ -568,8 +570,8 @@ def sorted_scatter_combine(view: View, y: Any) -> tuple[ExpertFfn, Any, Any] | N
     return None
 
 
-def sorted_rows_ffn(view: View, o_sorted: Any) -> tuple[ExpertFfn, Any, Any, Any] | None:
-    """(ffn, ids, perm, src) if o_sorted[i] = FFN_{flat[perm[i]]}(x[src[i]]) with src = perm // K.
+def sorted_rows_ffn(view: View, o_sorted: Any) -> tuple[ExpertFfn, Any, Any] | None:
+    """(ffn, ids, perm) if o_sorted[i] = FFN_{flat[perm[i]]}(x[perm[i] // K]).
 
     Expert biases may be added per row, gathered with the row's expert `b[flat[perm]]`.
     """
@@ -591,15 +593,15 @@ def sorted_rows_ffn(view: View, o_sorted: Any) -> tuple[ExpertFfn, Any, Any, Any
         return None
     if u is not None and (g.cols is None) != (u.cols is None):
         return None
-    taken = idioms.take(view, g.rows)
-    if taken is None or len(_shape(taken[0])) != 2:
+    source = _row_source(view, g.rows)
+    if source is None:
         return None
-    x, src = taken
-    order = idioms.argsort(view, view.args(src)[0]) if view.op(src) == "div" else None
+    x, perm, k_rows = source
+    order = idioms.argsort(view, perm)
     counts = idioms.bincount(view, down.sizes)
     if order is None or counts is None or order[1] != 0 or not view.same(order[0], counts[0]):
         return None
-    flat, perm = order[0], view.canon(view.args(src)[0])
+    flat = order[0]
     for p in parts:  # a bias must be gathered with each row's expert, flat[perm]
         row_e = None if p.bias_rows is None else idioms.take(view, p.bias_rows)
         if p.bias is None:
@@ -611,9 +613,24 @@ def sorted_rows_ffn(view: View, o_sorted: Any) -> tuple[ExpertFfn, Any, Any, Any
         return None
     ids = view.canon(fe.invars[0])
     t, k = _shape(ids)
-    if view.scalar(view.args(src)[1]) != k or _shape(x)[0] != t or counts[1] != _shape(down.w)[0]:
+    if k_rows != k or _shape(x)[0] != t or counts[1] != _shape(down.w)[0]:
         return None
-    return _ffn_of_parts(x, g, u, down, act, act_params, ("T0", "K", "D")), ids, perm, src
+    return _ffn_of_parts(x, g, u, down, act, act_params, ("T0", "K", "D")), ids, perm
+
+
+def _row_source(view: View, rows: Any) -> tuple[Any, Any, float | None] | None:
+    """(x, perm, k) if rows [T * k, D] == x[perm // k]: spelled so, or `jnp.repeat(x, k)[perm]`."""
+    taken = idioms.take(view, rows)
+    if taken is None:
+        return None
+    src, idx = taken
+    repeated = idioms.repeated_rows(view, src)
+    if repeated is not None:
+        return repeated[0], idx, repeated[1]
+    if len(_shape(src)) != 2 or view.op(idx) != "div":
+        return None
+    perm, k = view.args(idx)
+    return src, perm, view.scalar(k)
 
 
 def _unpermuted(view: View, flat: Any) -> tuple[Any, Any] | tuple[None, None]:

@@ -1,13 +1,16 @@
 """Router pattern: score -> (group-limited) top-k -> weights, fused into `route`.
 
-Anchors on `top_k` over the last axis and reads backwards (what was selected on) and
-forwards (how the weights were made). Recognised families:
+Anchors on `top_k` over the last axis (or a stable `argsort(-p)[..., :k]`) and reads backwards
+(what was selected on) and forwards (how the weights were made). Recognised families:
 
   1. softmax -> top-k (-> renormalise)                   Mixtral, Qwen3-MoE, Switch
   2. top-k on logits -> softmax over the k               Gemma-style, GPT-OSS
   3. sigmoid (+ selection-only bias) -> top-k -> gather scores -> renorm -> x scale   DeepSeek-V3
   4. 3 with group-limited selection (top-2-sum or max group score)   DeepSeek-V3, Ling-2.6
   5. x per-expert scale gathered by id (Gemma4); router bias on the logits
+
+The logits come from anywhere (a gate matmul, a `shard_map` input, a temperature division, a cast);
+only a product of two activations of the same tokens (attention, token similarity) is not a router.
 
 Example::
 
@@ -22,6 +25,8 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -36,21 +41,24 @@ SUPPORTED = (
     (
         OP,
         "softmax → top-k (→ renorm)",
-        "inline / custom_jvp / exp∘log_softmax softmax; `/ sum` renorm (+eps)",
+        "inline / custom_jvp / exp∘log_softmax / exp(x - logsumexp) softmax; `lax.top_k` or stable "
+        "`argsort(-p)[:, :k]`; `/ sum` (+eps), `/ max(sum, eps)` or `/ norm(w, 1)` renorm; "
+        "logits from anywhere",
         "k, num_experts, renorm",
     ),
     (OP, "top-k → softmax over k", "`lax.top_k(logits)` then softmax of the values", "k, num_experts"),
     (
         OP,
         "sigmoid (+bias) → top-k → gather → renorm → ×scale",
-        "`take_along_axis` / fancy-index gather; bias added for selection only",
+        "`logistic` or `1/(1+exp(-x))`; `take_along_axis` / fancy-index gather; "
+        "bias added for selection only",
         "k, selection_bias, post steps",
     ),
     (
         OP,
         "group-limited selection",
-        "group score top-2 sum (`top_k`, two columns, or the last two of `jnp.sort`) or max; "
-        "mask by scatter / one_hot sum; `where` / masked fill",
+        "group score top-2 sum (`top_k`, two columns, the last two of `jnp.sort`, or max + max of the rest) "
+        "or max; mask by scatter / one_hot sum (clipped or not); `where` / masked fill",
         "n_group, topk_group, group_score, group_fill",
     ),
     (OP, "× per-expert scale by id", "`scale[ids]` / `jnp.take`", "expert_scale"),
@@ -77,13 +85,15 @@ class _Found:
     post: list[tuple] = dataclasses.field(default_factory=list)
     expert_scale: Any = None
     out_weights: Any = None
+    selection: _Selection | None = None
 
 
 class RouterPattern:
     op = OP
 
     def anchors(self, view: View) -> Iterable[int]:
-        return [i for i, e in enumerate(view.jaxpr.eqns) if e.primitive.name == "top_k"]
+        eqns = view.jaxpr.eqns
+        return [i for i, e in enumerate(eqns) if e.primitive.name == "top_k" or _argsort_top_k(view, e)]
 
     def match(self, view: View, anchor: int) -> Proposal | NoMatch:
         try:
@@ -104,21 +114,69 @@ def _shape(atom: Any) -> tuple[int, ...]:
     return tuple(atom.aval.shape)
 
 
-def _read_router(view: View, anchor: int) -> _Found:
+def _size(atom: Any) -> int:
+    return math.prod(_shape(atom))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Selection:
+    """The anchor's top-k: what it selects on, its values (None for argsort), its ids and k."""
+
+    scores: Any
+    vals: Any
+    ids: Any
+    k: int
+    by_sort: bool = False
+
+
+def _argsort_top_k(view: View, eqn: C.JaxprEqn) -> _Selection | None:
+    """`argsort(-p)[..., :k]` with a stable sort along the last axis: the ids of lax.top_k(p, k), ties
+    to the lower index, as a stable ascending sort of -p keeps them (NaN aside: see _read_router)."""
+    if eqn.primitive.name != "sort" or len(eqn.invars) != 2 or not eqn.params.get("is_stable"):
+        return None
+    perm = eqn.outvars[1]
+    got = idioms.argsort(view, perm)
+    if (
+        got is None
+        or got[1] != len(_shape(perm)) - 1
+        or view.op(got[0]) != "neg"
+        or _used(view, eqn.outvars[0])
+    ):
+        return None
+    users = view.users(perm)
+    if len(users) != 1 or users[0].primitive.name != "slice" or view.is_output(perm):
+        return None
+    sl = users[0]
+    shape = _shape(perm)
+    want = [(0, n) for n in shape[:-1]]
+    got_bounds = list(zip(sl.params["start_indices"], sl.params["limit_indices"]))
+    if any(st != 1 for st in sl.params.get("strides") or ()) or got_bounds[:-1] != want or got_bounds[-1][0]:
+        return None
+    return _Selection(view.args(got[0])[0], None, sl.outvars[0], got_bounds[-1][1], by_sort=True)
+
+
+def _selection(view: View, anchor: int) -> _Selection:
     eqn = view.jaxpr.eqns[anchor]
-    sel_in = eqn.invars[0]
-    vals, ids = eqn.outvars
-    shape = _shape(sel_in)
-    rank = len(shape)
+    if eqn.primitive.name == "sort":
+        return _argsort_top_k(view, eqn)
+    rank = len(_shape(eqn.invars[0]))
     axis = eqn.params.get("axis", rank - 1)
     if axis not in (rank - 1, -1):
         raise _Reject(f"top_k over axis {axis}, not the last (expert) axis")
-    k, num_e = eqn.params["k"], shape[-1]
+    return _Selection(eqn.invars[0], eqn.outvars[0], eqn.outvars[1], eqn.params["k"])
+
+
+def _read_router(view: View, anchor: int) -> _Found:
+    pick = _selection(view, anchor)
+    sel_in, vals, ids, k = pick.scores, pick.vals, pick.ids, pick.k
+    num_e = _shape(sel_in)[-1]
     if num_e > max_experts():
         raise _Reject(
             f"top-{k} over {num_e} candidates: more than any MoE router "
             f"(limit {max_experts()}, MOEFUSE_MAX_EXPERTS); looks like vocabulary sampling"
         )
+    if k == num_e > 1:
+        raise _Reject(f"top-{k} of {num_e} candidates keeps them all: a sort, not a choice of experts")
     if C.is_dropvar(ids) or not (view.users(ids) or view.is_output(ids)):
         raise _Reject("the top-k indices are unused: no routing decision")
 
@@ -142,22 +200,28 @@ def _read_router(view: View, anchor: int) -> _Found:
         found = _Found(logits=sm.operand, scores=base, score="softmax", order="score_then_topk")
     elif (x := idioms.sigmoid(view, base)) is not None:
         found = _Found(logits=x, scores=base, score="sigmoid", order="score_then_topk")
-    elif view.op(base) in ("exp", "div", "mul") and bias is None and group is None:
+    elif view.op(base) == "transpose" and idioms.softmax(view, view.args(base)[0]) is not None:
         raise _Reject(
-            f"scores come from `{view.op(base)}` in a spelling moefuse does not recognise "
-            "as softmax or sigmoid (ids could differ from a fused kernel's)"
+            "the top-k runs along an axis the softmax did not normalise (a transposed softmax: "
+            "expert-choice routing picks tokens per expert)"
         )
     else:
         found = _Found(logits=base, scores=base, score="none", order="score_then_topk")
-    found.bias, found.group = bias, group
-    _check_gate(view, found.logits)
-    _read_weights(view, found, anchor, vals, ids)
+    found.bias, found.group, found.selection = bias, group, pick
+    if pick.by_sort and (found.score != "softmax" or bias is not None or group is not None):
+        raise _Reject(
+            "top-k spelled argsort(-scores): a sort puts NaN last where top_k puts it first, so ids are "
+            "the same only for softmax scores (a row is NaN everywhere or nowhere)"
+        )
+    _check_logits(view, found.logits)
+    _read_weights(view, found, vals, ids)
     _read_post(view, found, ids, num_e)
+    _check_scored(view, found)
     return found
 
 
 def _used(view: View, var: Any) -> bool:
-    return not C.is_dropvar(var) and bool(view.users(var) or view.is_output(var))
+    return var is not None and not C.is_dropvar(var) and bool(view.users(var) or view.is_output(var))
 
 
 def _row_vector(view: View, atom: Any, n: int) -> Any | None:
@@ -168,40 +232,103 @@ def _row_vector(view: View, atom: Any, n: int) -> Any | None:
     return None
 
 
-def _check_gate(view: View, logits: Any) -> None:
-    """Router logits are tokens times a [D, E] gate matrix (optionally + bias, cast)."""
+# Ops through which a gate weight keeps being a weight (layout, precision, a slice of stacked layers).
+_WEIGHT_LAYOUT_OPS = frozenset(
+    {"convert_element_type", "transpose", "reshape", "broadcast_in_dim", "squeeze", "expand_dims", "slice"}
+    | {"dynamic_slice", "rev", "copy"}
+)
+
+
+def _weight_like(view: View, atom: Any, depth: int = 8) -> bool:
+    """Whether atom is a weight as it arrived (an input or constant, re-laid-out, sliced or rescaled),
+    not a value computed from activations (a projection, an exp, ...)."""
+    name = view.op(atom)
+    if name in ("input", "const", "literal") or view.value(atom) is not None:
+        return True
+    if depth == 0:
+        return False
+    if name in _WEIGHT_LAYOUT_OPS:
+        return _weight_like(view, view.args(atom)[0], depth - 1)
+    if name in ("mul", "div"):  # a dequantised weight: w * scale
+        return all(_weight_like(view, v, depth - 1) for v in view.args(atom))
+    return False
+
+
+def _unlaid(view: View, atom: Any) -> Any:
+    """atom with layout ops (transpose, reshape, cast, ...) stripped."""
+    while view.op(atom) in _WEIGHT_LAYOUT_OPS:
+        atom = view.args(atom)[0]
+    return view.canon(atom)
+
+
+def _check_logits(view: View, logits: Any) -> None:
+    """The logits may come from anywhere (a gate matmul, a `shard_map` input, a temperature division, a
+    reshape, a cast), but not from a product of two activations: candidates computed from the tokens
+    themselves (attention scores over keys, similarities between tokens) are not a fixed set of experts."""
     x = logits
     for _ in range(8):
         name = view.op(x)
-        if name in ("convert_element_type", "transpose"):  # a transpose: [E, T] logits (vmap over tokens)
+        if name in _WEIGHT_LAYOUT_OPS:
             x = view.args(x)[0]
-        elif name == "add":
+        elif name == "add":  # a logit bias
             a, b = view.args(x)
             x = a if len(_shape(b)) <= len(_shape(a)) else b
-        elif name in ("mul", "div") and any(view.scalar(v) is not None for v in view.args(x)):
-            x = next(v for v in view.args(x) if view.scalar(v) is None)
+        elif name in ("mul", "div"):  # a temperature, a scale: follow the full-size operand
+            x = max(view.args(x), key=lambda v: (_size(v), not _weight_like(view, v)))
         else:
             break
     eqn = view.producer(x)
     if eqn is None or eqn.primitive.name != "dot_general":
-        raise _Reject(f"logits come from `{view.op(x)}`, not a gate matmul (tokens x [D, E] weights)")
+        return
     (_, _), (lb, rb) = eqn.params["dimension_numbers"]
-    lhs, rhs = eqn.invars
     if lb or rb:
         raise _Reject(
-            "logits come from a batched matmul of two activations (attention-like), not a gate matrix"
+            "the logits are a batched product (each batch element has its own candidates, as attention "
+            "scores over keys do), not tokens times one set of expert weights"
         )
-    if len(_shape(rhs)) != 2 and len(_shape(lhs)) != 2:
-        raise _Reject("logits come from a matmul with no 2-D gate matrix")
+    lhs, rhs = (_unlaid(view, v) for v in eqn.invars)
+    if view.same(lhs, rhs) or not any(_weight_like(view, v) for v in eqn.invars):
+        raise _Reject(
+            "the logits are a product of two activations of the same tokens (attention-like scores), "
+            "not tokens times expert weights"
+        )
 
 
 _SOFTMAX_ROOTS = frozenset({"div", "exp"}) | C.CUSTOM_JVP_NAMES
 
 
-def _read_weights(view: View, f: _Found, anchor: int, vals: Any, ids: Any) -> None:
+# Ops that carry the ids on to a gather's indices (ids[..., None], the old concat([iota, ids]) spelling)
+_INDEX_LAYOUT_OPS = frozenset(
+    {"broadcast_in_dim", "reshape", "concatenate", "convert_element_type", "squeeze"}
+)
+
+
+def _near_users(view: View, var: Any, through: frozenset[str] | None, depth: int) -> list[C.JaxprEqn]:
+    """Equations reached from var's users in at most `depth` steps, stepping on only through
+    equations named in `through` (any equation when None). Bounded by depth and fan-out, not by
+    the size of the program, so reading one router costs the same in a 1- or an 80-layer model."""
+    found: list[C.JaxprEqn] = []
+    seen: set[int] = set()
+    frontier = [var]
+    for _ in range(depth):
+        nxt = []
+        for v in frontier:
+            for u in view.users(v):
+                if id(u) in seen:
+                    continue
+                seen.add(id(u))
+                found.append(u)
+                if through is None or u.primitive.name in through:
+                    nxt.extend(o for o in u.outvars if not C.is_dropvar(o))
+        frontier = nxt
+    return found
+
+
+def _read_weights(view: View, f: _Found, vals: Any, ids: Any) -> None:
+    near_ids = _near_users(view, ids, _INDEX_LAYOUT_OPS, depth=8)
     gathered = [
         u.outvars[0]
-        for u in view.jaxpr.eqns
+        for u in near_ids
         if u.primitive.name == "gather"
         and (ta := idioms.take_along_axis(view, u.outvars[0])) is not None
         and view.canon(ta[1]) is view.canon(ids)
@@ -209,7 +336,7 @@ def _read_weights(view: View, f: _Found, anchor: int, vals: Any, ids: Any) -> No
     ]
     vals_used = _used(view, vals)
     if f.score == "none" and vals_used and f.bias is None and f.group is None:
-        for u in view.jaxpr.eqns[anchor + 1 :]:
+        for u in _near_users(view, vals, None, depth=6):
             sm = idioms.softmax(view, u.outvars[0]) if u.primitive.name in _SOFTMAX_ROOTS else None
             if (
                 sm is not None
@@ -226,7 +353,7 @@ def _read_weights(view: View, f: _Found, anchor: int, vals: Any, ids: Any) -> No
                 f.order, f.score, f.weights = "topk_then_score", "softmax", view.canon(u.outvars[0])
                 return
     if not view.is_output(ids):
-        for u in view.jaxpr.eqns[anchor + 1 :]:
+        for u in near_ids:
             ta = idioms.take_along_axis(view, u.outvars[0]) if u.primitive.name == "gather" else None
             if (
                 ta is not None
@@ -249,20 +376,38 @@ def _read_weights(view: View, f: _Found, anchor: int, vals: Any, ids: Any) -> No
         f.weights, f.weights_from = view.canon(vals), "selection"
     elif gathered:
         f.weights, f.weights_from = view.canon(gathered[0]), "scores"
-    elif _one_hot_gather(view, anchor, ids, f.scores):
+    elif _one_hot_gather(view, ids, f.scores):
         raise _Reject(
             "the scores are gathered by a one-hot contraction (sum(one_hot(ids) * s)); "
             "NaN or inf scores of unselected experts would spread there but not in a fused gather"
         )
     else:
         raise _Reject("no routing weights: the top-k values are unused and no scores are gathered at the ids")
-    if f.score == "none" and f.bias is None and f.group is None:
-        raise _Reject("top-k of raw logits used as weights without a softmax: not a recognised router")
 
 
-def _one_hot_gather(view: View, anchor: int, ids: Any, scores: Any) -> bool:
-    """Whether some sum(one_hot(ids) * scores, -1) follows the anchor."""
-    for u in view.jaxpr.eqns[anchor + 1 :]:
+def _check_scored(view: View, f: _Found) -> None:
+    """A top-k of values that are neither scored (softmax, sigmoid), biased, group-limited nor
+    renormalised is a bare top_k, not a router."""
+    if f.score != "none" or f.bias is not None or f.group is not None:
+        return
+    if any(step[0] in ("renorm", "renorm_max") for step in f.post):
+        return  # top-k of given probabilities, renormalised: the route op takes them as they are
+    if view.op(f.scores) in ("exp", "div", "mul"):
+        raise _Reject(
+            f"scores come from `{view.op(f.scores)}` in a spelling moefuse does not recognise "
+            "as softmax or sigmoid, and the weights are not renormalised"
+        )
+    if view.op(f.scores) == "input":
+        raise _Reject(
+            "top-k of an input of this body used as weights as it is (no score function or renormalisation "
+            "here; scores computed outside a shard_map are not seen): a bare top_k, left as written"
+        )
+    raise _Reject("top-k of raw logits used as weights without a softmax or a renormalisation: not a router")
+
+
+def _one_hot_gather(view: View, ids: Any, scores: Any) -> bool:
+    """Whether some sum(one_hot(ids) * scores, -1) reads the ids."""
+    for u in _near_users(view, ids, _INDEX_LAYOUT_OPS | {"eq"}, depth=8):
         if u.primitive.name != "mul":
             continue
         a, b = (view.canon(v) for v in u.invars)
@@ -278,19 +423,23 @@ def _read_post(view: View, f: _Found, ids: Any, num_e: int) -> None:
     """Follow renorm / scale / per-expert-scale steps on the weights, in order."""
     w = f.weights
     k_axis = len(_shape(w)) - 1
+    nonneg = _nonneg_weights(f)
     while True:
         users = view.users(w)
         if view.is_output(w):
             _check_no_partial_renorm(view, w, users, k_axis)
             break
-        step = _renorm_step(view, w, users, k_axis)
+        step = _renorm_step(view, w, users, k_axis, nonneg)
         if step is None and len(users) == 1:
             one = _scale_step(view, w, users[0], ids, num_e, f)
             step = None if one is None else ([one[0]], one[1])
         if step is None:
-            _check_no_partial_renorm(view, w, users, k_axis)
+            if not f.post:  # after a renorm, what else the program does to the weights stays as written
+                _check_no_partial_renorm(view, w, users, k_axis)
             break
         f.post.extend(step[0])
+        nonneg = nonneg and all(st[0] in ("renorm", "renorm_max") or (st[0] == "scale" and st[1] >= 0)
+                                for st in step[0])
         w = step[1]
     f.out_weights = w
 
@@ -309,8 +458,27 @@ def _check_no_partial_renorm(view: View, w: Any, users: list, k_axis: int) -> No
             raise _Reject("the top-k weights are renormalised but also used un-normalised elsewhere")
 
 
-def _renorm_step(view: View, w: Any, users: list, k_axis: int) -> tuple[list[tuple], Any] | None:
-    """w / (sum(w) + eps), also spelled (w * c) / (sum(w) + eps): -> renorm (then scale) steps."""
+def _nonneg_weights(f: _Found) -> bool:
+    """Whether the raw weights are >= 0: softmax / sigmoid scores, or the top values of those masked
+    with a fill >= 0 (a selection bias only ever reaches weights gathered from the unbiased scores)."""
+    if f.score not in ("softmax", "sigmoid"):
+        return False
+    return f.group is None or f.weights_from == "scores" or f.group[3] >= 0
+
+
+def _renorm_step(
+    view: View, w: Any, users: list, k_axis: int, nonneg: bool
+) -> tuple[list[tuple], Any] | None:
+    """w / (sum(w) + eps) or w / max(sum(w), eps), also spelled (w * c) / ..., and for w >= 0
+    w / norm(w, ord=1) (a sum of |w|): -> renorm / renorm_max (then scale) steps."""
+    absolute = [u for u in users if nonneg and u.primitive.name == "abs"]
+    users = [u for u in users if u not in absolute]
+    w_abs = None
+    if len(absolute) == 1:  # |w| == w: its sum is w's sum
+        users += view.users(absolute[0].outvars[0])
+        w_abs = view.canon(absolute[0].outvars[0])
+    elif absolute:
+        return None
     sums = [u for u in users if u.primitive.name == "reduce_sum"]
     rest = [u for u in users if u.primitive.name != "reduce_sum"]
     if len(sums) != 1 or len(rest) != 1:
@@ -329,24 +497,24 @@ def _renorm_step(view: View, w: Any, users: list, k_axis: int) -> tuple[list[tup
     if num_eqn.primitive.name != "div" or view.canon(num_eqn.invars[0]) is not num:
         return None
     den = view.canon(num_eqn.invars[1])
-    eps = 0.0
+    eps, kind = 0.0, "renorm"
     red = idioms.reduction(view, den, "sum")
     if red is None:
         base, _ = idioms.unexpand(view, den)
-        add_node = den if view.op(den) == "add" else base if view.op(base) == "add" else None
-        if add_node is None:
+        node = next((a for a in (den, base) if view.op(a) in ("add", "max")), None)
+        if node is None:
             return None
-        a, b = view.args(add_node)
+        a, b = view.args(node)
         for r_side, e_side in ((a, b), (b, a)):
             if view.scalar(e_side) is not None:
                 red = idioms.reduction(view, r_side, "sum")
-                eps = view.scalar(e_side)
+                eps, kind = view.scalar(e_side), "renorm" if view.op(node) == "add" else "renorm_max"
                 break
-    if red is None or view.canon(red[0]) is not w:
+    if red is None or not (view.canon(red[0]) is w or view.canon(red[0]) is w_abs):
         return None
     if red[1] != (k_axis,):
         raise _Reject(f"the weights are renormalised over axis {red[1]}, not the k axis ({k_axis})")
-    return [("renorm", eps), *steps], view.canon(num_eqn.outvars[0])
+    return [(kind, eps), *steps], view.canon(num_eqn.outvars[0])
 
 
 def _scale_step(view: View, w: Any, u: Any, ids: Any, num_e: int, f: _Found) -> tuple[tuple, Any] | None:
@@ -381,7 +549,10 @@ def _group_limited(view: View, sel: Any) -> tuple[Any, int, int, str, float] | N
         raise _Reject("experts of dropped groups are filled with a non-constant value")
     grouped = _expand_groups(view, mask, _shape(x))
     if grouped is None:
-        return None
+        raise _Reject(
+            "experts are masked before the top-k, but not by a choice of consecutive expert groups "
+            "moefuse can read (a fused router can only drop whole consecutive groups)"
+        )
     gi, n_group = grouped
     got = _group_choice(view, gi, x, n_group)
     if got is None:
@@ -428,10 +599,20 @@ def _expand_groups(view: View, mask: Any, shape: tuple[int, ...]) -> tuple[Any, 
 
 
 def _chosen_groups(view: View, gm: Any, n_group: int) -> Any | None:
-    """ids if gm[.., g] is 1 exactly for the groups g in ids (scatter or one_hot-sum spellings)."""
+    """ids if gm[.., g] is non-zero exactly for the groups g in ids (scatter or one_hot-sum spellings).
+
+    Every spelling below is a count >= 0, so clipping it to [0, c] with c > 0 (`jnp.clip(.., 0, 1)`)
+    keeps which entries are non-zero, which is all a mask condition reads."""
     name = view.op(gm)
     if name == "convert_element_type":
         return _chosen_groups(view, view.args(gm)[0], n_group)
+    if name in ("min", "max"):
+        a, b = view.args(gm)
+        for bound, inner in ((a, b), (b, a)):
+            c = view.scalar(bound)
+            if c is not None and (c > 0 if name == "min" else c == 0):
+                return _chosen_groups(view, inner, n_group)
+        return None
     if name in ("reduce_sum", "reduce_max", "reduce_or"):
         (oh,) = view.args(gm)
         if tuple(view.params(gm)["axes"]) != (len(_shape(oh)) - 2,):
@@ -491,6 +672,37 @@ def _sum_of_columns(view: View, atom: Any) -> tuple[Any, tuple[int, ...]]:
     return srcs[0], tuple(cols)
 
 
+def _max_plus_runner_up(view: View, atom: Any) -> Any | None:
+    """x if atom = max(x) + max(where(iota == argmax(x), -inf, x)) over the last axis: the largest plus
+    the largest of the rest, with the first maximum masked (so a tie counts twice, as top_k's two
+    values do): the top-2 sum."""
+    last = len(_shape(atom))
+    for a, b in itertools.permutations(view.args(atom)):
+        first, rest = idioms.reduction(view, a, "max"), idioms.reduction(view, b, "max")
+        if first is None or rest is None or first[1] != (last,) or rest[1] != (last,):
+            continue
+        x, masked = first[0], rest[0]
+        if view.op(masked) != "select_n" or len(view.args(masked)) != 3:
+            continue
+        pred, kept, dropped = view.args(masked)
+        if not view.same(kept, x) or view.scalar(dropped) != float("-inf") or view.op(pred) != "eq":
+            continue
+        if any(_is_first_argmax_of(view, p, i, x, last) for p, i in itertools.permutations(view.args(pred))):
+            return x
+    return None
+
+
+def _is_first_argmax_of(view: View, pos: Any, iota: Any, x: Any, axis: int) -> bool:
+    """Whether pos is argmax(x, axis) broadcast back along axis, and iota counts along axis."""
+    base, dims = idioms.unexpand(view, pos)
+    if view.op(base) != "argmax" or tuple(view.params(base)["axes"]) != (axis,):
+        return False
+    if not view.same(view.args(base)[0], x) or any(dims.get(d) != d for d in range(axis)):
+        return False
+    it, it_dims = idioms.unexpand(view, iota)
+    return view.op(it) == "iota" and it_dims.get(view.params(it)["dimension"]) == axis
+
+
 def _group_choice(view: View, gi: Any, x: Any, n_group: int) -> tuple[int, str] | None:
     eqn = view.producer(gi)
     if eqn is None or eqn.primitive.name != "top_k" or view.out_index(gi) != 1:
@@ -505,7 +717,7 @@ def _group_choice(view: View, gi: Any, x: Any, n_group: int) -> tuple[int, str] 
         src = _top2_input(view, view.args(gscores)[0])
         kind = "top2_sum"
     elif name == "add":
-        src = _top2_input(view, *_sum_of_columns(view, gscores))
+        src = _top2_input(view, *_sum_of_columns(view, gscores)) or _max_plus_runner_up(view, gscores)
         kind = "top2_sum"
     else:
         return None
@@ -522,13 +734,12 @@ def _group_choice(view: View, gi: Any, x: Any, n_group: int) -> tuple[int, str] 
 def _proposal(view: View, anchor: int, f: _Found, expose: bool) -> Proposal:
     from moefuse.kernels.route import RouteParams, route
 
-    eqn = view.jaxpr.eqns[anchor]
-    ids = eqn.outvars[1]
-    num_e = _shape(eqn.invars[0])[-1]
+    ids = f.selection.ids
+    num_e = _shape(f.selection.scores)[-1]
     n_group, topk_group, group_score, fill = f.group if f.group else (1, 1, "top2_sum", float("-inf"))
     params = RouteParams(
         num_experts=num_e,
-        k=eqn.params["k"],
+        k=f.selection.k,
         score=f.score,
         order=f.order,
         selection_bias=f.bias is not None,

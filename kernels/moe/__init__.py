@@ -4,7 +4,9 @@ Given tokens x [T, D] and the router's outputs (weights [T, k], expert ids int32
 `out[t] = sum_j weights[t, j] * FFN_{ids[t, j]}(x[t])`, with GShard/Switch token dropping when
 params.capacity is set (see `MoeParams` for the exact semantics). The shared expert is not part of
 the op. `moe_ffn` is a `jax.custom_vjp`: the forward runs the chosen implementation; the backward
-is the routed backward of `xla.backward` for impl="xla" and the VJP of the pure-jnp reference
+is the routed backward of `xla.backward` for impl="xla", the kernels' routed backward of
+`grouped.backward` for impl="pallas_tpu" / "pallas_gpu" (grouped matmuls `gmm` for dx, transposed
+ones `tgmm` for the expert weights), and the VJP of the pure-jnp reference
 (`reference.moe_ffn_reference`, which defines the op) for impl="reference". Gradients flow to x,
 weights and every expert weight and bias; ids carry none.
 
@@ -25,14 +27,20 @@ Example, Qwen3-MoE-style SwiGLU experts (top-2 of 8)::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from . import xla
-from .params import MoeParams
+from moefuse import select
+
+from . import grouped, pallas_gpu, pallas_tpu, xla
+from .grouped import Tiles
+from .params import GLU_ACTIVATIONS, MoeParams
 from .reference import (
     ExpertWeights,
     expert_weights,
@@ -40,35 +48,101 @@ from .reference import (
     routed_ffn_reference,
     validate_inputs,
 )
-from .xla import routed_ffn_xla, schedule
+from .xla import schedule
 
-__all__ = ["IMPLS", "MoeParams", "moe_ffn", "moe_ffn_reference", "schedule"]
+__all__ = ["IMPLS", "MoeParams", "Tiles", "moe_ffn", "moe_ffn_reference", "schedule"]
 
-IMPLS = {"reference": routed_ffn_reference, "xla": routed_ffn_xla}
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+    """Static options of a Pallas implementation: interpret mode, and tiles (None: the backend's default)."""
+
+    interpret: bool = False
+    tiles: Tiles | None = None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _moe(params: MoeParams, impl: str, x, weights, ids, ew: ExpertWeights):
-    return IMPLS[impl](x, weights, ids, ew, params)
+@dataclasses.dataclass(frozen=True)
+class Impl:
+    """forward(x, weights, ids, ew, params, options) -> (out, residuals);
+    backward(residuals, g, params, options) -> (dx, dweights, d expert weights)."""
+
+    forward: Callable
+    backward: Callable
 
 
-def _moe_fwd(params: MoeParams, impl: str, x, weights, ids, ew: ExpertWeights):
-    if impl == "xla":
-        return xla.forward(x, weights, ids, ew, params)
+def _reference_forward(x, weights, ids, ew, params, options):
     return routed_ffn_reference(x, weights, ids, ew, params), (x, weights, ids, ew)
 
 
-def _moe_bwd(params: MoeParams, impl: str, residuals, g):
-    if impl == "xla":
-        dx, dweights, dew = xla.backward(residuals, g, params)
-        return dx, dweights, None, dew
+def _reference_backward(residuals, g, params, options):
     x, weights, ids, ew = residuals
     _, pullback = jax.vjp(lambda x_, w_, ew_: routed_ffn_reference(x_, w_, ids, ew_, params), x, weights, ew)
-    dx, dweights, dew = pullback(g)
+    return pullback(g)
+
+
+def _pallas(backend: grouped.Backend) -> Impl:
+    return Impl(
+        forward=lambda x, weights, ids, ew, params, o: grouped.forward(x, weights, ids, ew, params, backend,
+                                                                       o.tiles, o.interpret),
+        backward=lambda res, g, params, o: grouped.backward(res, g, params, backend, o.tiles, o.interpret),
+    )
+
+
+IMPLS: dict[str, Impl] = {
+    "reference": Impl(_reference_forward, _reference_backward),
+    "xla": Impl(lambda x, weights, ids, ew, params, o: xla.forward(x, weights, ids, ew, params),
+                lambda res, g, params, o: xla.backward(res, g, params)),
+    "pallas_tpu": _pallas(pallas_tpu.BACKEND),
+    "pallas_gpu": _pallas(pallas_gpu.BACKEND),
+}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _moe(params: MoeParams, impl: str, options: KernelOptions, x, weights, ids, ew: ExpertWeights):
+    return IMPLS[impl].forward(x, weights, ids, ew, params, options)[0]
+
+
+def _moe_fwd(params: MoeParams, impl: str, options: KernelOptions, x, weights, ids, ew: ExpertWeights):
+    return IMPLS[impl].forward(x, weights, ids, ew, params, options)
+
+
+def _moe_bwd(params: MoeParams, impl: str, options: KernelOptions, residuals, g):
+    dx, dweights, dew = IMPLS[impl].backward(residuals, g, params, options)
     return dx, dweights, None, dew
 
 
 _moe.defvjp(_moe_fwd, _moe_bwd)
+
+
+def _tiles(backend: grouped.Backend) -> Callable:
+    def tiles(req: select.Request, target: select.Target) -> dict[str, int]:
+        """backend default_tiles for the shape (rows per tile from the mean rows per expert)"""
+        p = req.params
+        x, w_down = req.inputs[0], req.inputs[3 + (2 if p["activation"] in GLU_ACTIVATIONS
+                                                    and not p["fused_gate_up"] else 1)]
+        t, d, e = math.prod(x.shape[:-1]), x.shape[-1], p["num_experts"]
+        f = math.prod(w_down.shape) // (e * d)
+        dtype = p["compute_dtype"] or x.dtype
+        chosen = backend.default_tiles(t, p["k"], e, d, f, dtype, p["activation"] in GLU_ACTIVATIONS)
+        return {k: v for k, v in dataclasses.asdict(chosen).items() if v is not None}
+
+    tiles.__doc__ = tiles.__doc__.replace("backend", backend.ffn.__module__.rsplit(".", 1)[-1])
+    return tiles
+
+
+select.register_impls("moe", tuple(IMPLS))
+select.register(
+    select.KernelRow("moe", "tpu", "pallas_tpu", dtypes=("float32", "bfloat16"),
+                     tiles=_tiles(pallas_tpu.BACKEND),
+                     note="Pallas TPU (Mosaic): one fused expert-FFN kernel over expert-sorted row tiles; "
+                          "backward gmm / tgmm kernels"),
+    select.KernelRow("moe", "tpu", "xla", note="sorted block schedule (XLA)"),
+    select.KernelRow("moe", "gpu", "pallas_gpu", dtypes=("float32", "bfloat16"),
+                     tiles=_tiles(pallas_gpu.BACKEND),
+                     note="Pallas GPU (Triton): grouped matmuls over expert-sorted row tiles, activation "
+                          "fused; XLA combine"),
+    select.KernelRow("moe", "gpu", "xla", note="sorted block schedule (XLA)"),
+    select.KernelRow("moe", "cpu", "xla", note="sorted block schedule (XLA)"),
+)
 
 
 def moe_ffn(
@@ -81,7 +155,9 @@ def moe_ffn(
     *,
     b_in: jax.Array | tuple[jax.Array, jax.Array] | None = None,
     b_down: jax.Array | None = None,
-    impl: str = "xla",
+    impl: str | select.Kernel = "xla",
+    interpret: bool = False,
+    tiles: Tiles | None = None,
 ) -> jax.Array:
     """Routed expert FFNs combined over k: out [T, D] in x's dtype.
 
@@ -89,9 +165,16 @@ def moe_ffn(
     (gelu/relu/silu); for GLU activations the pair (w_gate, w_up) of [E, D, F], or one [E, D, 2F]
     array when params.fused_gate_up (layout params.gate_up_layout). w_down is [E, F, D].
     b_in ([E, F], a pair, or [E, 2F], following w_in) and b_down [E, D] are required iff
-    params.has_expert_bias. `impl` is one of IMPLS ("reference", "xla").
+    params.has_expert_bias. `impl` is one of IMPLS ("reference", "xla", "pallas_tpu", "pallas_gpu"),
+    or the `select.Kernel` chosen (its interpret flag and tiles are used). For the Pallas ones
+    `interpret=True` runs the kernels in interpret mode (any platform) and `tiles` overrides the
+    backend's `default_tiles`.
     Raises TypeError / ValueError for inputs that do not fit params.
     """
+    if isinstance(impl, select.Kernel):
+        interpret = interpret or impl.interpret
+        tiles = tiles or (Tiles(**dict(impl.tiles)) if impl.tiles else None)
+        impl = impl.impl
     if impl not in IMPLS:
         raise ValueError(f"moe_ffn: unknown impl {impl!r}; valid: {sorted(IMPLS)}")
     if not isinstance(params, MoeParams):
@@ -107,4 +190,4 @@ def moe_ffn(
     x, weights, ids, w_down, b_down = (arr(a) for a in (x, weights, ids, w_down, b_down))
     ew = expert_weights(arr(w_in), w_down, arr(b_in), b_down, params)
     validate_inputs(x, weights, ids, ew, params)
-    return _moe(params, impl, x, weights, ids, ew)
+    return _moe(params, impl, KernelOptions(interpret, tiles), x, weights, ids, ew)

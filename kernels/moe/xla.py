@@ -62,7 +62,7 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -274,7 +274,14 @@ def _loop_forward(xs, ew, lay, params, sizes):
 
         return _run_blocks(lay.starts[e] + lay.c0, over[e], sizes, block, ys)
 
-    return lax.fori_loop(0, n_over, expert, jnp.zeros((n_pad, d), xs.dtype))
+    return lax.fori_loop(0, n_over, expert, _zeros((n_pad, d), xs.dtype, (xs, ew)))
+
+
+def _zeros(shape: tuple[int, ...], dtype: Any, refs: Any) -> jax.Array:
+    """Zeros that vary over the same manual mesh axes as the arrays `refs` together (inside a
+    `shard_map`, loop carries and cond branches must agree in that type; outside one it is just zeros)."""
+    scalar = sum(jnp.zeros_like(r, shape=(), dtype=dtype) for r in jax.tree.leaves(refs))
+    return jnp.broadcast_to(scalar, shape)
 
 
 def _with_zero_row(v: jax.Array) -> jax.Array:
@@ -321,20 +328,13 @@ def forward(
     if c0:
         y1 = lax.cond(lay.c0 > 0,
                       lambda: block_ffn(x0[tok[_capacity_rows(lay, e, c0, n)]], ewc, params),
-                      lambda: jnp.zeros((e, c0, d), cdt))
+                      lambda: _zeros((e, c0, d), cdt, (x0, ewc)))
     y2 = _loop_forward(x0[tok], ewc, lay, params, sched.blocks)
     y = _unsort(y1, y2, lay)
     contrib = weights.astype(wdt)[..., None] * y.astype(wdt)
     contrib = jnp.where(lay.live[..., None], contrib, jnp.zeros((), wdt))
     out = jnp.sum(contrib, axis=1).astype(x.dtype)
     return out, Residuals(x, weights, ew, lay, y)
-
-
-def routed_ffn_xla(
-    x: jax.Array, weights: jax.Array, ids: jax.Array, ew: ExpertWeights, params: MoeParams
-) -> jax.Array:
-    """Same contract as `reference.routed_ffn_reference`."""
-    return forward(x, weights, ids, ew, params)[0]
 
 
 def _loop_backward(xs, dys, ew, dw, lay, params, sizes):
@@ -356,11 +356,11 @@ def _loop_backward(xs, dys, ew, dw, lay, params, sizes):
             dxb = jnp.where(keep, dxb[0], lax.dynamic_slice_in_dim(dxs, r, size))
             return lax.dynamic_update_slice_in_dim(dxs, dxb, r, 0), jax.tree.map(jnp.add, acc, dwb)
 
-        acc0 = jax.tree.map(jnp.zeros_like, w_e)
+        acc0 = jax.tree.map(lambda a: _zeros(a.shape, a.dtype, (xs, dys, w_e)), w_e)
         dxs, acc = _run_blocks(lay.starts[e] + lay.c0, over[e], sizes, block, (dxs, acc0))
         return dxs, {name: _add_at_expert(a, e, acc[name]) for name, a in dw.items()}
 
-    return lax.fori_loop(0, n_over, expert, (jnp.zeros((n_pad, d), xs.dtype), dw))
+    return lax.fori_loop(0, n_over, expert, (_zeros((n_pad, d), xs.dtype, (xs, dys, ew)), dw))
 
 
 def backward(
@@ -392,11 +392,12 @@ def backward(
             return pullback(dy0[row[rows]])
 
         def skipped():
-            return jnp.zeros((e, c0, d), cdt), jax.tree.map(jnp.zeros_like, ewc)
+            refs = (x0, dy0, ewc)
+            return _zeros((e, c0, d), cdt, refs), jax.tree.map(lambda a: _zeros(a.shape, a.dtype, refs), ewc)
 
         dx1, dw = lax.cond(lay.c0 > 0, capacity_pass, skipped)
     else:
-        dw = jax.tree.map(jnp.zeros_like, ewc)
+        dw = jax.tree.map(lambda a: _zeros(a.shape, a.dtype, (x0, dy0, ewc)), ewc)
     dx2, dw = _loop_backward(x0[tok], dy0[row], ewc, dw, lay, params, sched.blocks)
     dx = jnp.sum(_unsort(dx1, dx2, lay), axis=1).astype(x.dtype)
     return dx, dweights, {name: dw[name].astype(a.dtype) for name, a in ew.items()}

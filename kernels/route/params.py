@@ -18,6 +18,7 @@ GroupScore = Literal["top2_sum", "max"]
 WeightsFrom = Literal["selection", "scores"]
 # Post-processing steps applied to the k weights, in order:
 #   ("renorm", eps)     w = w / (sum(w, -1) + eps)        (eps 0.0: plain w / sum(w))
+#   ("renorm_max", eps) w = w / max(sum(w, -1), eps)      (a sum clamped away from zero)
 #   ("scale", factor)   w = w * factor
 #   ("expert_scale",)   w = w * expert_scale[ids]        (expert_scale is an input [E])
 PostStep = tuple
@@ -67,7 +68,7 @@ class RouteParams:
             if not 1 <= self.topk_group <= self.n_group:
                 raise ValueError(f"topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
         for step in self.post:
-            if step[0] not in ("renorm", "scale", "expert_scale"):
+            if step[0] not in ("renorm", "renorm_max", "scale", "expert_scale"):
                 raise ValueError(f"unknown post step {step!r}")
 
     @property
@@ -81,3 +82,10 @@ class RouteParams:
         if self.n_group == 1:  # no groups: how groups would be scored and filled does not matter
             del d["group_score"], d["group_fill"]
         return d
+
+    @classmethod
+    def from_plan(cls, described: dict) -> RouteParams:
+        """The RouteParams that `describe` turned into `described` (e.g. a selection Request's params)."""
+        d = dict(described)
+        d["post"] = tuple(tuple(step) for step in d.get("post", ()))
+        return cls(**d)

@@ -57,27 +57,29 @@ def validate_inputs(
             raise TypeError(f"route: {name} must be floating point, got {arr.dtype}")
 
 
-def _score(logits: jax.Array, score: str) -> jax.Array:
-    if score == "softmax":
+def score(logits: jax.Array, kind: str) -> jax.Array:
+    """The score function `kind` ("softmax", "sigmoid", "none") over the last axis."""
+    if kind == "softmax":
         return jax.nn.softmax(logits, axis=-1)
-    if score == "sigmoid":
+    if kind == "sigmoid":
         return jax.nn.sigmoid(logits)
     return logits
 
 
-def apply_post(
-    w: jax.Array, ids: jax.Array, params: RouteParams, expert_scale: jax.Array | None
-) -> jax.Array:
-    """The `post` steps of params, in order, on weights w [..., k] of experts ids [..., k]."""
+def apply_post(w: jax.Array, params: RouteParams, scale_at_ids: jax.Array | None) -> jax.Array:
+    """The `post` steps of params, in order, on weights w [..., k]; `scale_at_ids` [..., k] is
+    expert_scale gathered at the chosen ids (needed iff params use the expert_scale step)."""
     for step in params.post:
         if step[0] == "renorm":
             eps = step[1]
             total = jnp.sum(w, axis=-1, keepdims=True)
             w = w / total if eps == 0.0 else w / (total + eps)
+        elif step[0] == "renorm_max":
+            w = w / jnp.maximum(jnp.sum(w, axis=-1, keepdims=True), step[1])
         elif step[0] == "scale":
             w = w * step[1]
         else:  # "expert_scale"
-            w = w * jnp.asarray(expert_scale)[ids]
+            w = w * scale_at_ids
     return w
 
 
@@ -125,13 +127,13 @@ def route_steps(
         top_logits, ids = lax.top_k(logits, params.k)
         w = jax.nn.softmax(top_logits, axis=-1)
         if params.expose_scores:
-            s = _score(logits, "softmax")
+            s = score(logits, "softmax")
     else:
-        s = _score(logits, params.score)
+        s = score(logits, params.score)
         sel = s + bias if params.selection_bias else s
         if params.n_group > 1:
             sel = group_limit(sel, params)
         top_sel, ids = lax.top_k(sel, params.k)
         w = top_sel if params.weights_from == "selection" else jnp.take_along_axis(s, ids, axis=-1)
-    w = apply_post(w, ids, params, expert_scale)
+    w = apply_post(w, params, jnp.asarray(expert_scale)[ids] if params.uses_expert_scale else None)
     return (w, ids, s) if params.expose_scores else (w, ids)

@@ -623,8 +623,13 @@ def _nnx_cases() -> list[Case]:
 
     return [
         Case("nnx_mlp", nnx_apply, (state, x), grad_argnums=(0, 1)),
-        Case("nnx_mlp_graphdef_static", nnx_apply_static, (graphdef, state, x), static_argnums=(0,),
-             grad_argnums=(1,)),
+        Case(
+            "nnx_mlp_graphdef_static",
+            nnx_apply_static,
+            (graphdef, state, x),
+            static_argnums=(0,),
+            grad_argnums=(1,),
+        ),
     ]
 
 
@@ -662,72 +667,164 @@ def cases() -> tuple[Case, ...]:
         Case("arith", arith, (_normal(20, 4, 8), _normal(21, 4, 8)), grad_argnums=(0, 1)),
         Case("mlp_gelu", mlp_gelu, (mlp_params, _normal(22, 4, d)), grad_argnums=(0, 1)),
         Case("nested_jit", nested_jit, (_normal(23, 3, 5), _normal(24, 3, 5)), grad_argnums=(0, 1)),
-        Case("scan_carry_xs_ys", scan_carry_xs_ys, (_normal(25, 4), _normal(26, 5, 4), _normal(27, 4, 4)),
-             grad_argnums=(0, 1, 2)),
-        Case("scan_reverse_unroll", scan_reverse, (_normal(28, 3), _normal(29, 6, 3), _normal(30, 6, 3)),
-             grad_argnums=(0, 1, 2)),
-        Case("fori_loop_fixed_trip", fori_fixed, (_normal(31, 2, 4), _normal(32, 4, 4, scale=0.5)),
-             grad_argnums=(0, 1)),
+        Case(
+            "scan_carry_xs_ys",
+            scan_carry_xs_ys,
+            (_normal(25, 4), _normal(26, 5, 4), _normal(27, 4, 4)),
+            grad_argnums=(0, 1, 2),
+        ),
+        Case(
+            "scan_reverse_unroll",
+            scan_reverse,
+            (_normal(28, 3), _normal(29, 6, 3), _normal(30, 6, 3)),
+            grad_argnums=(0, 1, 2),
+        ),
+        Case(
+            "fori_loop_fixed_trip",
+            fori_fixed,
+            (_normal(31, 2, 4), _normal(32, 4, 4, scale=0.5)),
+            grad_argnums=(0, 1),
+        ),
         Case("fori_loop_dynamic_bounds", fori_dynamic, (_normal(33, 5), jnp.int32(4))),
         Case("while_loop", while_loop, (pos_input, jnp.float32(1e-6))),
         Case("cond", cond_case, (_normal(34, 3, 3), _normal(35, 3, 3)), grad_argnums=(0, 1)),
         Case("switch", switch_case, (jnp.int32(1), _normal(36, 3, 3)), grad_argnums=(1,)),
-        Case("remat_nothing_saveable", remat_nothing_saveable, (_normal(37, 4, 4), _normal(38, 2, 4)),
-             grad_argnums=(0, 1)),
-        Case("remat_dots_saveable", remat_dots_saveable, (_normal(39, 4, 4), _normal(41, 2, 4)),
-             grad_argnums=(0, 1)),
-        Case("custom_jvp_safe_log", custom_jvp_case, (jnp.array([-1.0, 0.0, 1e-8, 0.3, 2.0, 5.0], F32),),
-             grad_argnums=(0,)),
-        Case("custom_vjp_clip_gradient", custom_vjp_case, (_normal(42, 3, 4), _normal(43, 4, 4)),
-             grad_argnums=(0, 1)),
+        Case(
+            "remat_nothing_saveable",
+            remat_nothing_saveable,
+            (_normal(37, 4, 4), _normal(38, 2, 4)),
+            grad_argnums=(0, 1),
+        ),
+        Case(
+            "remat_dots_saveable",
+            remat_dots_saveable,
+            (_normal(39, 4, 4), _normal(41, 2, 4)),
+            grad_argnums=(0, 1),
+        ),
+        Case(
+            "custom_jvp_safe_log",
+            custom_jvp_case,
+            (jnp.array([-1.0, 0.0, 1e-8, 0.3, 2.0, 5.0], F32),),
+            grad_argnums=(0,),
+        ),
+        Case(
+            "custom_vjp_clip_gradient",
+            custom_vjp_case,
+            (_normal(42, 3, 4), _normal(43, 4, 4)),
+            grad_argnums=(0, 1),
+        ),
         Case("nn_activations", nn_activations, (_normal(44, 4, 6, scale=3.0),), grad_argnums=(0,)),
-        Case("scan_of_cond_of_jit", scan_of_cond_of_jit, (_normal(45, 3), _normal(46, 6, 3)),
-             grad_argnums=(0, 1)),
-        Case("scan_layers_remat", scan_layers_remat, (_normal(47, 4, 5, 5, scale=0.5), _normal(48, 2, 5)),
-             grad_argnums=(0, 1)),
-        Case("pytree_dict_tuple", pytree_dict_tuple,
-             ({"pair": (_normal(49, 3, 3), _normal(50, 3, 3)), "nested": {"c": _normal(51, 3)}},
-              jnp.float32(0.5)),
-             grad_argnums=(0, 1)),
-        Case("pytree_namedtuple", pytree_namedtuple,
-             (Particle(_normal(52, 4, 3), _normal(53, 4, 3)), jnp.float32(0.1)), grad_argnums=(0,)),
+        Case(
+            "scan_of_cond_of_jit",
+            scan_of_cond_of_jit,
+            (_normal(45, 3), _normal(46, 6, 3)),
+            grad_argnums=(0, 1),
+        ),
+        Case(
+            "scan_layers_remat",
+            scan_layers_remat,
+            (_normal(47, 4, 5, 5, scale=0.5), _normal(48, 2, 5)),
+            grad_argnums=(0, 1),
+        ),
+        Case(
+            "pytree_dict_tuple",
+            pytree_dict_tuple,
+            (
+                {"pair": (_normal(49, 3, 3), _normal(50, 3, 3)), "nested": {"c": _normal(51, 3)}},
+                jnp.float32(0.5),
+            ),
+            grad_argnums=(0, 1),
+        ),
+        Case(
+            "pytree_namedtuple",
+            pytree_namedtuple,
+            (Particle(_normal(52, 4, 3), _normal(53, 4, 3)), jnp.float32(0.1)),
+            grad_argnums=(0,),
+        ),
         Case("static_argnums_int", static_int, (3, _normal(54, 5)), static_argnums=(0,), grad_argnums=(1,)),
-        Case("static_argnames_str", static_names, (_normal(55, 5),),
-             jit_kwargs={"static_argnames": ("kind", "times")}, kwargs={"kind": "gelu", "times": 3},
-             grad_argnums=(0,)),
-        Case("kwargs_dynamic", kwargs_dynamic, (_normal(56, 4),),
-             kwargs={"scale": _normal(57, 4), "bias": jnp.float32(2.0)}, grad_argnums=(0,)),
-        Case("donate_argnums", sgd_step, (sgd_params, sgd_grads, jnp.float32(0.1)),
-             jit_kwargs={"donate_argnums": (0,)}),
-        Case("donate_argnames", donate_by_name, (_normal(58, 6), _normal(59, 6)),
-             jit_kwargs={"donate_argnames": ("state",)}),
+        Case(
+            "static_argnames_str",
+            static_names,
+            (_normal(55, 5),),
+            jit_kwargs={"static_argnames": ("kind", "times")},
+            kwargs={"kind": "gelu", "times": 3},
+            grad_argnums=(0,),
+        ),
+        Case(
+            "kwargs_dynamic",
+            kwargs_dynamic,
+            (_normal(56, 4),),
+            kwargs={"scale": _normal(57, 4), "bias": jnp.float32(2.0)},
+            grad_argnums=(0,),
+        ),
+        Case(
+            "donate_argnums",
+            sgd_step,
+            (sgd_params, sgd_grads, jnp.float32(0.1)),
+            jit_kwargs={"donate_argnums": (0,)},
+        ),
+        Case(
+            "donate_argnames",
+            donate_by_name,
+            (_normal(58, 6), _normal(59, 6)),
+            jit_kwargs={"donate_argnames": ("state",)},
+        ),
         *_nnx_cases(),
-        Case("transformer_scan_layers", transformer_layers, (tparams, _normal(60, 4, d)),
-             grad_argnums=(0, 1)),
+        Case(
+            "transformer_scan_layers", transformer_layers, (tparams, _normal(60, 4, d)), grad_argnums=(0, 1)
+        ),
         Case("integer_ops", integer_ops, (_ints(61, -50, 50, 4, 6), _ints(62, 1, 9, 4, 6))),
-        Case("bf16", bf16_ops, (_normal(63, 4, 8, dtype=BF16), _normal(64, 8, 8, dtype=BF16, scale=0.3)),
-             grad_argnums=(0, 1)),
-        Case("random_keys", random_ops, (jax.random.key(7), jax.random.PRNGKey(8), _normal(65, 4, 8)),
-             grad_argnums=(2,)),
-        Case("sort_topk_gather_scatter", sort_topk_gather_scatter,
-             (_normal(67, 4, 10), _normal(68, 10, 3), _ints(69, 0, 16, 12)), grad_argnums=(0, 1)),
+        Case(
+            "bf16",
+            bf16_ops,
+            (_normal(63, 4, 8, dtype=BF16), _normal(64, 8, 8, dtype=BF16, scale=0.3)),
+            grad_argnums=(0, 1),
+        ),
+        Case(
+            "random_keys",
+            random_ops,
+            (jax.random.key(7), jax.random.PRNGKey(8), _normal(65, 4, 8)),
+            grad_argnums=(2,),
+        ),
+        Case(
+            "sort_topk_gather_scatter",
+            sort_topk_gather_scatter,
+            (_normal(67, 4, 10), _normal(68, 10, 3), _ints(69, 0, 16, 12)),
+            grad_argnums=(0, 1),
+        ),
         Case("vmap_inside", vmap_inside, (_normal(70, 4, 4), _normal(71, 4, 4)), grad_argnums=(0, 1)),
         Case("where_nan", where_nan, (nan_input,), grad_argnums=(0,)),
-        Case("reductions_cumulative", reductions_cumulative, (_normal(72, 4, 5), _normal(73, 5, 5)),
-             grad_argnums=(0, 1)),
+        Case(
+            "reductions_cumulative",
+            reductions_cumulative,
+            (_normal(72, 4, 5), _normal(73, 5, 5)),
+            grad_argnums=(0, 1),
+        ),
         Case("slicing_shapes", slicing_shapes, (_normal(74, 6, 6), jnp.int32(2)), grad_argnums=(0,)),
         Case("conv_pool", conv_pool, (_normal(75, 1, 6, 6, 2), _normal(76, 3, 3, 2, 3)), grad_argnums=(0, 1)),
         Case("closed_over_consts", closed_over_consts, (_normal(77, 3, 8),), grad_argnums=(0,)),
-        Case("passthrough_outputs", passthrough_outputs, (_normal(78, 3), _normal(79, 3), _normal(80, 2)),
-             jit_kwargs={"keep_unused": True}, grad_argnums=(0, 1)),
+        Case(
+            "passthrough_outputs",
+            passthrough_outputs,
+            (_normal(78, 3), _normal(79, 3), _normal(80, 2)),
+            jit_kwargs={"keep_unused": True},
+            grad_argnums=(0, 1),
+        ),
         Case("python_scalar_args", python_scalar_args, (_normal(81, 3), 2.5, 4), grad_argnums=(0, 1)),
-        Case("scan_switch_remat", scan_switch_remat,
-             (_normal(82, 3, 4, 4, scale=0.5), _normal(83, 2, 4), jnp.array([0, 2, 1], jnp.int32)),
-             grad_argnums=(0, 1)),
+        Case(
+            "scan_switch_remat",
+            scan_switch_remat,
+            (_normal(82, 3, 4, 4, scale=0.5), _normal(83, 2, 4), jnp.array([0, 2, 1], jnp.int32)),
+            grad_argnums=(0, 1),
+        ),
         Case("while_scan_cond", while_scan_cond, (_normal(84, 3), jnp.int32(2))),
         Case("vmap_of_cond_and_while", vmap_of_cond_and_while, (_normal(85, 4, 3),)),
-        Case("custom_rules_nested", custom_rules_nested, (_normal(86, 2, 4), _normal(87, 4, 4, scale=0.5)),
-             grad_argnums=(0, 1)),
+        Case(
+            "custom_rules_nested",
+            custom_rules_nested,
+            (_normal(86, 2, 4), _normal(87, 4, 4, scale=0.5)),
+            grad_argnums=(0, 1),
+        ),
         Case("misc_primitives", misc_primitives, (_normal(88, 3, 3),), grad_argnums=(0,)),
         Case("linalg", linalg_ops, (_normal(89, 4, 4), _normal(90, 4, 2)), grad_argnums=(0, 1)),
         Case("fft_complex", fft_complex, (_normal(91, 2, 8),), grad_argnums=(0,)),
@@ -743,32 +840,82 @@ def case_names() -> list[str]:
 
 
 _CASE_NAMES = (
-    "arith", "mlp_gelu", "nested_jit", "scan_carry_xs_ys", "scan_reverse_unroll", "fori_loop_fixed_trip",
-    "fori_loop_dynamic_bounds", "while_loop", "cond", "switch", "remat_nothing_saveable",
-    "remat_dots_saveable", "custom_jvp_safe_log", "custom_vjp_clip_gradient", "nn_activations",
-    "scan_of_cond_of_jit", "scan_layers_remat", "pytree_dict_tuple", "pytree_namedtuple",
-    "static_argnums_int", "static_argnames_str", "kwargs_dynamic", "donate_argnums", "donate_argnames",
-    "nnx_mlp", "nnx_mlp_graphdef_static", "transformer_scan_layers", "integer_ops", "bf16",
-    "random_keys", "sort_topk_gather_scatter", "vmap_inside", "where_nan",
-    "reductions_cumulative", "slicing_shapes", "conv_pool", "closed_over_consts", "passthrough_outputs",
-    "python_scalar_args", "scan_switch_remat", "while_scan_cond", "vmap_of_cond_and_while",
-    "custom_rules_nested", "misc_primitives", "linalg", "fft_complex",
+    "arith",
+    "mlp_gelu",
+    "nested_jit",
+    "scan_carry_xs_ys",
+    "scan_reverse_unroll",
+    "fori_loop_fixed_trip",
+    "fori_loop_dynamic_bounds",
+    "while_loop",
+    "cond",
+    "switch",
+    "remat_nothing_saveable",
+    "remat_dots_saveable",
+    "custom_jvp_safe_log",
+    "custom_vjp_clip_gradient",
+    "nn_activations",
+    "scan_of_cond_of_jit",
+    "scan_layers_remat",
+    "pytree_dict_tuple",
+    "pytree_namedtuple",
+    "static_argnums_int",
+    "static_argnames_str",
+    "kwargs_dynamic",
+    "donate_argnums",
+    "donate_argnames",
+    "nnx_mlp",
+    "nnx_mlp_graphdef_static",
+    "transformer_scan_layers",
+    "integer_ops",
+    "bf16",
+    "random_keys",
+    "sort_topk_gather_scatter",
+    "vmap_inside",
+    "where_nan",
+    "reductions_cumulative",
+    "slicing_shapes",
+    "conv_pool",
+    "closed_over_consts",
+    "passthrough_outputs",
+    "python_scalar_args",
+    "scan_switch_remat",
+    "while_scan_cond",
+    "vmap_of_cond_and_while",
+    "custom_rules_nested",
+    "misc_primitives",
+    "linalg",
+    "fft_complex",
 )
 
 
 # Cases without a gradient check (integer-only, while loops, donation).
 NO_GRAD_CASES = (
-    "fori_loop_dynamic_bounds", "while_loop", "donate_argnums", "donate_argnames", "integer_ops",
-    "while_scan_cond", "vmap_of_cond_and_while",
+    "fori_loop_dynamic_bounds",
+    "while_loop",
+    "donate_argnums",
+    "donate_argnames",
+    "integer_ops",
+    "while_scan_cond",
+    "vmap_of_cond_and_while",
 )
 
 
 # The cases also checked as ``jax.jit(moefuse.fuse(fn), **jit_kwargs)``: the ways arguments reach
 # a transform under ``jax.jit`` (static, keyword, donated, Python scalars, pytrees) and some bodies.
 FUSE_UNDER_JIT_CASES = (
-    "static_argnums_int", "static_argnames_str", "kwargs_dynamic", "donate_argnums", "donate_argnames",
-    "python_scalar_args", "passthrough_outputs", "pytree_namedtuple", "nnx_mlp_graphdef_static",
-    "scan_layers_remat", "custom_rules_nested", "random_keys",
+    "static_argnums_int",
+    "static_argnames_str",
+    "kwargs_dynamic",
+    "donate_argnums",
+    "donate_argnames",
+    "python_scalar_args",
+    "passthrough_outputs",
+    "pytree_namedtuple",
+    "nnx_mlp_graphdef_static",
+    "scan_layers_remat",
+    "custom_rules_nested",
+    "random_keys",
 )
 
 
@@ -825,8 +972,13 @@ def sharded_cases() -> tuple[Case, ...]:
             rolled = lax.ppermute(xb, "data", perm=[(i, (i + 1) % 4) for i in range(4)])
             return gathered.sum(0, keepdims=True) + mean + rolled.sum(), jnp.max(jnp.abs(rolled))[None, None]
 
-        return jax.shard_map(local, mesh=mesh, in_specs=P("data", None),
-                             out_specs=(P("data", None), P("data", "model")), check_vma=False)(x)
+        return jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=P("data", None),
+            out_specs=(P("data", None), P("data", "model")),
+            check_vma=False,
+        )(x)
 
     def mlp_sharded(x, w1, w2):
         return jax.nn.gelu(x @ w1) @ w2
@@ -841,8 +993,9 @@ def sharded_cases() -> tuple[Case, ...]:
             def local(hb, wb):
                 return lax.psum(hb @ wb, "model")
 
-            y = jax.shard_map(local, mesh=mesh, in_specs=(P("data", "model"), P("model", None)),
-                              out_specs=P("data", None))(h, w)
+            y = jax.shard_map(
+                local, mesh=mesh, in_specs=(P("data", "model"), P("model", None)), out_specs=P("data", None)
+            )(h, w)
             return jnp.tanh(y), y.sum()
 
         return lax.scan(layer, x, ws)
@@ -858,19 +1011,42 @@ def sharded_cases() -> tuple[Case, ...]:
     corpus = [
         Case("shard_map_psum", shard_map_psum, (x8x4, w4x6), grad_argnums=(0, 1)),
         Case("shard_map_collectives", shard_map_collectives, (_normal(105, 8, 3),), grad_argnums=(0,)),
-        Case("in_out_shardings", mlp_sharded, mlp_args,
-             jit_kwargs={"in_shardings": mlp_in, "out_shardings": ns("data", "model")},
-             grad_argnums=(0, 1, 2)),
-        Case("in_shardings_committed_args", mlp_sharded, committed,
-             jit_kwargs={"in_shardings": mlp_in}, grad_argnums=(0, 1, 2)),
-        Case("sharding_constraint", constrained,
-             (jax.device_put(_normal(106, 8, 4), ns("data", None)), _normal(107, 4, 4)), grad_argnums=(0, 1)),
-        Case("scan_of_shard_map", scan_of_shard_map, (_normal(108, 3, 4, 4, scale=0.5), _normal(109, 8, 4)),
-             grad_argnums=(0, 1)),
-        Case("donate_sharded", donate_sharded,
-             (jax.device_put(_normal(110, 8, 4), ns("data", "model")), _normal(111, 8, 4)),
-             jit_kwargs={"donate_argnums": (0,), "in_shardings": (ns("data", "model"), ns("data", "model")),
-                         "out_shardings": (ns("data", "model"), ns())}),
+        Case(
+            "in_out_shardings",
+            mlp_sharded,
+            mlp_args,
+            jit_kwargs={"in_shardings": mlp_in, "out_shardings": ns("data", "model")},
+            grad_argnums=(0, 1, 2),
+        ),
+        Case(
+            "in_shardings_committed_args",
+            mlp_sharded,
+            committed,
+            jit_kwargs={"in_shardings": mlp_in},
+            grad_argnums=(0, 1, 2),
+        ),
+        Case(
+            "sharding_constraint",
+            constrained,
+            (jax.device_put(_normal(106, 8, 4), ns("data", None)), _normal(107, 4, 4)),
+            grad_argnums=(0, 1),
+        ),
+        Case(
+            "scan_of_shard_map",
+            scan_of_shard_map,
+            (_normal(108, 3, 4, 4, scale=0.5), _normal(109, 8, 4)),
+            grad_argnums=(0, 1),
+        ),
+        Case(
+            "donate_sharded",
+            donate_sharded,
+            (jax.device_put(_normal(110, 8, 4), ns("data", "model")), _normal(111, 8, 4)),
+            jit_kwargs={
+                "donate_argnums": (0,),
+                "in_shardings": (ns("data", "model"), ns("data", "model")),
+                "out_shardings": (ns("data", "model"), ns()),
+            },
+        ),
     ]
     assert tuple(c.name for c in corpus) == SHARDED_CASE_NAMES
     return tuple(corpus)

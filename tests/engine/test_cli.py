@@ -116,14 +116,23 @@ def test_file_not_found(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert "file not found" in line and "missing.py" in line
 
 
+def test_a_directory_is_named_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(["explain", f"{tmp_path}:target"], capsys)
+    assert code == 2
+    line = _one_error_line(err)
+    assert f"{tmp_path} is a directory, not a Python file" in line
+    assert "file not found" not in line
+
+
 def test_module_not_found(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = _run(["explain", "no_such_module_for_moefuse_cli.sub:target"], capsys)
     assert code == 2
     assert "module not found: no_such_module_for_moefuse_cli.sub" in _one_error_line(err)
 
 
-def test_module_that_fails_to_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_module_that_fails_to_import(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     name = f"clibroken_{uuid.uuid4().hex[:8]}"
     _write(tmp_path, f"{name}.py", "import not_a_dependency_of_anything_xyz\n")
     monkeypatch.chdir(tmp_path)  # module targets are searched in the current folder
@@ -152,7 +161,7 @@ def test_not_callable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     path = _write(tmp_path, "notcallable.py", "target = 42\n")
     code, _, err = _run(["explain", f"{path}:target"], capsys)
     assert code == 2
-    assert "is not callable" in _one_error_line(err)
+    assert "is not callable (it is an int)" in _one_error_line(err)
 
 
 def test_missing_target_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -178,10 +187,14 @@ def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_callable_raises(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = _write(tmp_path, "boom.py", """\
+    path = _write(
+        tmp_path,
+        "boom.py",
+        """\
         def target():
             raise ValueError("no weights here\\nsecond line")
-        """)
+        """,
+    )
     code, out, err = _run(["explain", f"{path}:target"], capsys)
     assert code == 1
     assert out == ""
@@ -190,10 +203,14 @@ def test_callable_raises(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_traceback_flag_shows_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = _write(tmp_path, "boom2.py", """\
+    path = _write(
+        tmp_path,
+        "boom2.py",
+        """\
         def target():
             raise ValueError("deep down")
-        """)
+        """,
+    )
     code, _, err = _run(["explain", "--traceback", f"{path}:target"], capsys)
     assert code == 1
     assert "Traceback (most recent call last)" in err
@@ -211,8 +228,9 @@ def test_traceback_flag_shows_the_traceback(tmp_path: Path, capsys: pytest.Captu
         ("return (lambda x: x, (1,), [1])", "kwargs is a dict"),
     ],
 )
-def test_callable_returns_the_wrong_thing(body: str, fragment: str, tmp_path: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_callable_returns_the_wrong_thing(
+    body: str, fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = _write(tmp_path, "wrong.py", f"def target():\n    {body}\n")
     code, _, err = _run(["explain", f"{path}:target"], capsys)
     assert code == 1
@@ -279,8 +297,9 @@ def test_explain_router_json_with_jaxpr(router_file: Path, capsys: pytest.Captur
     assert "lambda" in data["jaxpr"]
 
 
-def test_explain_module_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_explain_module_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     pkg = f"clipkg_{uuid.uuid4().hex[:8]}"
     (tmp_path / pkg).mkdir()
     (tmp_path / pkg / "__init__.py").write_text("")
@@ -303,18 +322,23 @@ def test_patterns_table(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_kernels_table_marks_the_selected_kernel(capsys: pytest.CaptureFixture[str]) -> None:
-    from moefuse.select import TABLE
+    from moefuse import select
 
     code, out, err = _run(["kernels"], capsys)
     assert code == 0, err
-    first: dict[tuple[str, str], str] = {}
-    for r in TABLE:  # the first available row per (op, platform) is the one used
+    lines = out.splitlines()
+    assert len(lines) == 2 + len(select.rows())  # header, rule, one line per row
+    first: set[tuple[str, str]] = set()
+    for r in select.rows():  # the first available row per (op, platform) is tried first
+        status = "fallback" if (r.op, r.platform) in first else "first choice"
+        status = status if r.available else "not built"
         if r.available:
-            first.setdefault((r.op, r.platform), r.kernel)
-    for r in TABLE:
-        status = "available" if r.available else "not built"
-        status = "used" if first.get((r.op, r.platform)) == r.kernel else status
-        assert f"| `{r.op}` | {r.platform} | {r.kernel} | {status} |" in out, (r, out)
+            first.add((r.op, r.platform))
+        assert any(
+            ln.startswith(f"| `{r.op}` | {r.platform} |") and f"| {r.impl} |" in ln and f"| {status} |" in ln
+            for ln in lines
+        ), (r, out)
+    assert "| `route` | cpu | any | any | any | xla |" in out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -417,7 +417,7 @@ def _sharded_results() -> dict[str, str]:
             "__error__": f"sharded subprocess exited {proc.returncode}\n{stdout[-2000:]}\n{stderr[-6000:]}"
         }
     else:
-        _SHARDED_STATE["results"] = json.loads(lines[-1][len(_MARKER):])
+        _SHARDED_STATE["results"] = json.loads(lines[-1][len(_MARKER) :])
     return _SHARDED_STATE["results"]
 
 

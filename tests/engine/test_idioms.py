@@ -135,3 +135,63 @@ def test_view_scalar_of_literals_and_splats():
     add = view.producer(outs[1])
     assert view.scalar(add.invars[0]) == float("-inf")
     assert view.scalar(add.invars[1]) is None
+
+
+def test_take_along_axis_with_a_size_one_leading_dim():
+    """jnp.take_along_axis keeps a size-1 dim as an offset dim instead of batching it: same idiom."""
+
+    def fn(s):
+        ids = lax.top_k(s, 2)[1]
+        return jnp.take_along_axis(s, ids, axis=-1), jnp.take_along_axis(s, ids[:, :, :1], axis=1)
+
+    view, outs = view_of(fn, jnp.ones((1, 4, 8)))
+    arr, idx = idioms.take_along_axis(view, outs[0])
+    assert view.op(arr) == "input" and view.op(idx) == "top_k"
+    # along the token axis (1), not the last: not a take along the expert axis
+    assert idioms.take_along_axis(view, outs[1]) is None
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [lambda x: jnp.exp(x - jax.nn.logsumexp(x, axis=-1, keepdims=True)), lambda x: 1.0 / (1.0 + jnp.exp(-x))],
+    ids=["exp_minus_logsumexp", "one_over_one_plus_exp"],
+)
+def test_spelled_out_softmax_and_sigmoid(spelling):
+    view, (out,) = view_of(spelling, X)
+    got = idioms.softmax(view, out) or idioms.sigmoid(view, out)
+    operand = got.operand if isinstance(got, idioms.Softmax) else got
+    assert view.op(operand) == "input"
+
+
+@pytest.mark.parametrize(
+    "not_it",
+    [
+        lambda x: jnp.exp(x - jax.nn.logsumexp(x * 2.0, axis=-1, keepdims=True)),  # lse of another array
+        lambda x: 1.0 / (2.0 + jnp.exp(-x)),
+        lambda x: 1.0 / (1.0 + jnp.exp(x)),  # sigmoid(-x)
+    ],
+    ids=["lse_of_other", "two_plus", "sigmoid_of_minus_x"],
+)
+def test_spelled_out_near_misses(not_it):
+    view, (out,) = view_of(not_it, X)
+    assert idioms.softmax(view, out) is None and idioms.sigmoid(view, out) is None
+
+
+def test_repeated_rows_is_jnp_repeat_along_rows_only():
+    x3 = jnp.ones((4, 2, 8), jnp.float32)
+    view, outs = view_of(
+        lambda x, y: (
+            jnp.repeat(x, 3, axis=0),  # row i is x[i // 3]
+            jnp.tile(x, (3, 1)),  # row i is x[i % 4]
+            jnp.repeat(x, 2, axis=1).reshape(8, 8),  # rows are halves of tokens
+            jnp.repeat(y, 3, axis=0),  # 3-D: rows of [2, 8] blocks
+        ),
+        X,
+        x3,
+    )
+    got, k = idioms.repeated_rows(view, outs[0])
+    assert k == 3 and view.op(got) == "input" and got.aval.shape == (4, 8)
+    assert idioms.repeated_rows(view, outs[1]) is None
+    assert idioms.repeated_rows(view, outs[2]) is None
+    got, k = idioms.repeated_rows(view, outs[3])
+    assert k == 3 and got.aval.shape == (4, 2, 8)

@@ -137,14 +137,16 @@ def test_debug_log_reports_decisions(caplog):
     assert any("fused route" in r.getMessage() for r in caplog.records)
 
 
-def test_kernel_selection_table_has_the_pallas_slots():
-    from moefuse.select import TABLE, select
+def test_kernel_selection_table_has_rows_for_every_platform():
+    from moefuse import select
 
-    assert select("route", "cpu")[0] == "xla"
-    kernel, note = select("route", "tpu")
-    assert kernel == "xla" and "pallas_tpu" in note
-    assert {r.kernel for r in TABLE} >= {"pallas_tpu", "pallas_gpu", "xla"}
-    assert select("nonexistent", "cpu")[0] is None
+    logits = jax.ShapeDtypeStruct((16, 8), jnp.float32)
+    req = select.Request("route", {"num_experts": 8, "k": 2}, (logits,))
+    assert select.choose(req, select.target_for("cpu")).kernel.impl == "xla"
+    assert {r.impl for r in select.rows("route")} >= {"pallas_tpu", "pallas_gpu", "xla"}
+    assert {r.platform for r in select.rows("moe")} == {"tpu", "gpu", "cpu"}
+    nothing = select.choose(select.Request("nonexistent", {}, (logits,)), select.target_for("cpu"))
+    assert nothing.kernel is None and "no kernel for 'nonexistent'" in nothing.reason
 
 
 def test_a_crashing_pattern_declines_instead_of_breaking_the_program(monkeypatch):

@@ -31,6 +31,7 @@ def _skewed_gshard():
     return fn, (x, wg + jnp.asarray(bias), wi, wo)
 
 
+@pytest.mark.slow  # ~40 s on 2 cores; capacity blocks also fuse and verify in test_moe_zoo.py
 def test_overflow_drops_the_same_assignments_as_the_program():
     fn, args = _skewed_gshard()
     plan = moefuse.plan(fn, *args)
@@ -50,6 +51,7 @@ def test_overflow_drops_the_same_assignments_as_the_program():
     moefuse.jit(fn, verify=True)(*args)
 
 
+@pytest.mark.slow  # ~20 s on 2 cores; capacity blocks also fuse and verify in test_moe_zoo.py
 def test_kernel_drop_rule_is_what_decides():
     """Changing the capacity order of the fused op would change the output here (so the test can fail)."""
     fn, args = _skewed_gshard()
@@ -94,6 +96,7 @@ def _switch(compare):
     return fn, (x, wr, wi, wo)
 
 
+@pytest.mark.slow  # ~15 s on 2 cores; capacity blocks also fuse and verify in test_moe_zoo.py
 def test_switch_top1_fuses_with_exact_drops():
     fn, args = _switch(lambda p, c: p < c)
     (site,) = _moe_sites(moefuse.plan(fn, *args))
@@ -173,6 +176,7 @@ def _gshard_argmax(variant="ok", skew=0.0):
     return fn, (x, wg, wi, wo)
 
 
+@pytest.mark.slow  # ~20 s on 2 cores; capacity blocks also fuse and verify in test_moe_zoo.py
 def test_gshard_position_times_keep_bit_fuses_with_exact_drops():
     fn, args = _gshard_argmax(skew=10.0)
     (site,) = _moe_sites(moefuse.plan(fn, *args))

@@ -13,6 +13,10 @@ import pytest
 import moefuse
 from tests.zoo.moe_blocks_blind2 import BLIND2_MOE_BLOCKS
 
+# slow tier: ~40 s per block on 2 cores (a jit, a verify run and gradients of each); the zoo's
+# self-checks (tests/zoo) and the first zoo (test_moe_zoo.py) cover the same spellings by default
+pytestmark = pytest.mark.slow
+
 # case name -> the dispatch the Plan reports
 FUSED = {
     "dense_onehot_combine_bsd": "dense",

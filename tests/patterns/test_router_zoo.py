@@ -22,6 +22,9 @@ KNOWN_DECLINES = {
     "f3_dict_bf16_onehot": "one-hot contraction",
 }
 
+# Not fused yet although they should be: the true reason (an engine limit, not a router rule).
+KNOWN_MISSES: dict[str, str] = {}
+
 # Fused, but a step stays outside the fused op (exactly as the program wrote it): the per-expert
 # scale read by `one_hot(ids) @ scale` is not a gather (inf/NaN scales would spread), so only
 # the router before it is fused.
@@ -37,7 +40,7 @@ def _params_match(params: dict, expect: dict) -> list[str]:
         "order": params["order"],
         "n_group": params["n_group"],
         "topk_group": params["topk_group"],
-        "renorm": any(s[0] == "renorm" for s in post),
+        "renorm": any(s[0] in ("renorm", "renorm_max") for s in post),
         "scale": next((s[1] for s in post if s[0] == "scale"), None),
         "selection_bias": params["selection_bias"],
         "expert_scale": any(s[0] == "expert_scale" for s in post),
@@ -55,7 +58,14 @@ def _params_match(params: dict, expect: dict) -> list[str]:
     return bad
 
 
-@pytest.mark.parametrize("make", ALL_ROUTERS, ids=lambda m: m.__name__.removeprefix("make_"))
+def _router_params():
+    for make in ALL_ROUTERS:
+        name = make.__name__.removeprefix("make_")
+        marks = [pytest.mark.xfail(strict=True, reason=KNOWN_MISSES[name])] if name in KNOWN_MISSES else []
+        yield pytest.param(make, id=name, marks=marks)
+
+
+@pytest.mark.parametrize("make", list(_router_params()))
 def test_router_spelling_fuses_exactly(make):
     case = make()
     plan = moefuse.plan(case.fn, *case.args)

@@ -1221,6 +1221,66 @@ def make_scan_layers_sorted() -> MoECase:
     )
 
 
+@jax.custom_vjp
+def _permute_rows(rows, order):
+    """rows[order], with its own backward (a scatter of the cotangent back to where each row came from)."""
+    return rows[order]
+
+
+def _permute_rows_fwd(rows, order):
+    return rows[order], order
+
+
+def _permute_rows_bwd(order, g):
+    return jnp.zeros_like(g).at[order].set(g), None
+
+
+_permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
+def make_sorted_shard_map_repeated_rows() -> MoECase:
+    """Softmax outside a shard_map; inside: top-k / max(sum, eps), every token repeated k times and
+    sorted by expert through a custom_vjp permutation, ragged_dot, unsorted by the inverse order,
+    combined by einsum over the k slots."""
+    num_tokens, d_model, d_ff, num_experts, top_k = 32, 32, 64, 8, 2
+    x = normal(1260, (num_tokens, d_model))
+    params = {
+        "router": _w(1261, (d_model, num_experts), d_model),
+        "w_gate": _w(1262, (num_experts, d_model, d_ff), d_model),
+        "w_up": _w(1263, (num_experts, d_model, d_ff), d_model),
+        "w_down": _w(1264, (num_experts, d_ff, d_model), d_ff, gain=0.5),
+    }
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("ep",))
+    rep = jax.sharding.PartitionSpec()
+
+    def local(x, probs, w_gate, w_up, w_down):
+        w, ids = lax.top_k(probs, top_k)
+        w = w / jnp.maximum(jnp.sum(w, -1, keepdims=True), 1e-8)
+        flat = ids.reshape(-1)
+        order = jnp.argsort(flat)
+        rows = _permute_rows(jnp.repeat(x, top_k, axis=0), order)
+        sizes = jnp.zeros(num_experts, jnp.int32).at[flat].add(1)
+        h = jax.nn.silu(lax.ragged_dot(rows, w_gate, sizes)) * lax.ragged_dot(rows, w_up, sizes)
+        y = _permute_rows(lax.ragged_dot(h, w_down, sizes), jnp.argsort(order))
+        return jnp.einsum("tkd,tk->td", y.reshape(num_tokens, top_k, d_model), w)
+
+    def model(x, params):
+        probs = jax.nn.softmax(x @ params["router"], axis=-1)
+        body = jax.shard_map(local, mesh=mesh, in_specs=(rep,) * 5, out_specs=rep, check_vma=False)
+        return body(x, probs, params["w_gate"], params["w_up"], params["w_down"])
+
+    return MoECase(
+        "sorted_shard_map_repeated_rows",
+        model,
+        (x, params),
+        MOE,
+        moe_expect(top_k, num_experts, "swiglu", "sorted"),
+        note="router probabilities are a shard_map input; dispatch jnp.repeat(x, k)[order] by custom_vjp",
+        ref=_ref(x, [_block_ref(_router_ref(params["router"], top_k, renorm=True),
+                                _ffn_ref("swiglu", params["w_up"], params["w_down"], params["w_gate"]))]),
+    )
+
+
 def make_checkpoint_two_layers_relu_bias() -> MoECase:
     """Two unrolled MoE layers, each under jax.checkpoint (nothing_saveable); dense ReLU MLP with biases."""
     num_tokens, d_model, d_ff, num_experts, top_k = 16, 32, 64, 8, 2
@@ -1302,5 +1362,6 @@ ALL_MOE_BLOCKS = [
     # structure
     make_nnx_moe_module,
     make_scan_layers_sorted,
+    make_sorted_shard_map_repeated_rows,
     make_checkpoint_two_layers_relu_bias,
 ]

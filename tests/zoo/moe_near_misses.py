@@ -326,6 +326,55 @@ def make_nm_moe_expert_choice() -> ZooCase:
     )
 
 
+def _sorted_block_on_rows(num_tokens, top_k, num_experts, spread_rows):
+    """A sorted ragged_dot block whose token rows are `spread_rows(x)` [T * k, D] taken at the order."""
+
+    def fn(x, wr, w_gate, w_up, w_down):
+        w, ids = lax.top_k(jax.nn.softmax(x @ wr, axis=-1), top_k)
+        flat = ids.reshape(-1)
+        order = jnp.argsort(flat)
+        rows = spread_rows(x)[order]
+        sizes = jnp.bincount(flat, length=num_experts)
+        h = jax.nn.silu(lax.ragged_dot(rows, w_gate, sizes)) * lax.ragged_dot(rows, w_up, sizes)
+        y = lax.ragged_dot(h, w_down, sizes)[jnp.argsort(order)]
+        return jnp.einsum("tkd,tk->td", y.reshape(num_tokens, top_k, -1), w)
+
+    return fn
+
+
+def make_nm_moe_tiled_rows() -> ZooCase:
+    """Rows spread by jnp.tile instead of jnp.repeat: row i is token i % T, not i // k."""
+    num_tokens, d_model, d_ff, num_experts, top_k = 32, 32, 64, 8, 2
+    x = normal(2120, (num_tokens, d_model))
+    wr = _w(2121, (d_model, num_experts), d_model)
+    w_gate, w_up, w_down = _experts(2122, num_experts, d_model, d_ff)
+    fn = _sorted_block_on_rows(num_tokens, top_k, num_experts, lambda x: jnp.tile(x, (top_k, 1)))
+    return _case(
+        "nm_moe_tiled_rows",
+        fn,
+        (x, wr, w_gate, w_up, w_down),
+        "jnp.tile(x, (k, 1))[order]: each sorted row is token (order % T), not (order // k): the "
+        "experts run on other tokens than the ones that chose them",
+    )
+
+
+def make_nm_moe_repeated_along_features() -> ZooCase:
+    """jnp.repeat along the feature axis, reshaped to [T * k, D]: rows are halves of tokens."""
+    num_tokens, d_model, d_ff, num_experts, top_k = 32, 32, 64, 8, 2
+    x = normal(2130, (num_tokens, d_model))
+    wr = _w(2131, (d_model, num_experts), d_model)
+    w_gate, w_up, w_down = _experts(2132, num_experts, d_model, d_ff)
+    fn = _sorted_block_on_rows(
+        num_tokens, top_k, num_experts, lambda x: jnp.repeat(x, top_k, axis=1).reshape(-1, d_model)
+    )
+    return _case(
+        "nm_moe_repeated_along_features",
+        fn,
+        (x, wr, w_gate, w_up, w_down),
+        "jnp.repeat(x, k, axis=1).reshape(T * k, D): row 2t is x[t, :D/2] repeated, not token t",
+    )
+
+
 NEAR_MOE_MISSES = [
     make_nm_moe_combine_first_weight_only,
     make_nm_moe_uniform_combine,
@@ -338,6 +387,8 @@ NEAR_MOE_MISSES = [
     make_nm_moe_ids_from_other_router,
     make_nm_moe_expert_tanh_output,
     make_nm_moe_expert_choice,
+    make_nm_moe_tiled_rows,
+    make_nm_moe_repeated_along_features,
 ]
 
 
@@ -374,12 +425,16 @@ def _gshard_like(seed, variant):
         w1, w2 = gates[..., 0], gates[..., 1]
         if variant == "swapped_weights":  # the second choice weighted by the first choice's gate
             w2 = w1
-        c1 = w1[..., None, None] * m1[..., None] * jax.nn.one_hot(p1.sum(-1).astype(jnp.int32), capacity)[
-            ..., None, :
-        ]
-        c2 = w2[..., None, None] * m2[..., None] * jax.nn.one_hot(p2.sum(-1).astype(jnp.int32), capacity)[
-            ..., None, :
-        ]
+        c1 = (
+            w1[..., None, None]
+            * m1[..., None]
+            * jax.nn.one_hot(p1.sum(-1).astype(jnp.int32), capacity)[..., None, :]
+        )
+        c2 = (
+            w2[..., None, None]
+            * m2[..., None]
+            * jax.nn.one_hot(p2.sum(-1).astype(jnp.int32), capacity)[..., None, :]
+        )
         combine = c1 + c2
         dispatch = (combine != 0).astype(x.dtype)
         xe = jnp.einsum("gsec,gsm->egcm", dispatch, x)

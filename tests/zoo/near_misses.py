@@ -327,6 +327,156 @@ def make_nm_strided_groups() -> ZooCase:
     )
 
 
+def make_nm_attention_one_sequence() -> ZooCase:
+    """Sparse attention over one unbatched sequence: softmax(q @ k.T) then the top-4 keys per query."""
+    seq, d_head, top_k = 16, 32, 4
+    x = normal(236, (seq, d_head))
+    wq = normal(237, (d_head, d_head), scale=d_head**-0.5)
+    wk = normal(238, (d_head, d_head), scale=d_head**-0.5)
+
+    def attn(x, wq, wk):
+        q, k = x @ wq, x @ wk
+        probs = jax.nn.softmax(q @ k.T / np.sqrt(d_head).astype(np.float32), axis=-1)
+        top_p, top_i = lax.top_k(probs, top_k)
+        return top_p / top_p.sum(-1, keepdims=True), top_i
+
+    return _case(
+        "nm_attention_one_sequence",
+        attn,
+        (x, wq, wk),
+        "top-k over the keys of one sequence: scores are a product of two activations of the same tokens",
+    )
+
+
+def make_nm_token_similarity_topk() -> ZooCase:
+    """Token-to-token similarity (x @ x.T), softmax, top-3 neighbours: the candidates are the tokens."""
+    num_tokens, d_model, top_k = 16, 32, 3
+    x = normal(239, (num_tokens, d_model))
+
+    def neighbours(x):
+        probs = jax.nn.softmax(x @ x.T, axis=-1)
+        return lax.top_k(probs, top_k)
+
+    return _case(
+        "nm_token_similarity_topk",
+        neighbours,
+        (x,),
+        "top-k neighbours among the tokens themselves (x @ x.T): no fixed set of experts",
+    )
+
+
+def make_nm_group_mask_clip_floor() -> ZooCase:
+    """Ling-style group routing whose float mask is clipped to [0.5, 1]: every entry is non-zero, so the
+    `where` keeps all experts and the group choice has no effect on the ids."""
+    num_tokens, d_model, num_experts, top_k, n_group, topk_group = 16, 32, 32, 4, 4, 2
+    x = normal(240, (num_tokens, d_model))
+    w = normal(241, (d_model, num_experts), scale=d_model**-0.5)
+
+    def fn(x, w):
+        scores = jax.nn.sigmoid(x @ w)
+        group_scores = scores.reshape(num_tokens, n_group, -1).max(-1)
+        group_idx = lax.top_k(group_scores, topk_group)[1]
+        group_mask = jnp.clip(jax.nn.one_hot(group_idx, n_group).sum(1), 0.5, 1.0)
+        mask = jnp.broadcast_to(group_mask[:, :, None], (num_tokens, n_group, num_experts // n_group))
+        masked = jnp.where(mask.reshape(num_tokens, num_experts), scores, 0.0)
+        ids = lax.top_k(masked, top_k)[1]
+        wt = jnp.take_along_axis(scores, ids, -1)
+        return wt / wt.sum(-1, keepdims=True), ids
+
+    return _case(
+        "nm_group_mask_clip_floor",
+        fn,
+        (x, w),
+        "the group mask is clipped to [0.5, 1]: never zero, so no group is dropped (not group-limited)",
+    )
+
+
+def make_nm_group_score_max_plus_min_masked() -> ZooCase:
+    """Group score = max + max of the rest with the *argmin* masked: not the sum of the group's top two."""
+    num_tokens, d_model, num_experts, top_k, n_group, topk_group = 16, 32, 32, 4, 4, 2
+    x = normal(242, (num_tokens, d_model))
+    w = normal(243, (d_model, num_experts), scale=d_model**-0.5)
+    bias = normal(244, (num_experts,), scale=0.05)
+
+    def fn(x, w, bias):
+        scores = jax.nn.sigmoid(x @ w)
+        choice = scores + bias
+        grouped = choice.reshape(num_tokens, n_group, -1)
+        at_min = jnp.arange(grouped.shape[-1]) == jnp.argmin(grouped, axis=-1)[..., None]
+        group_scores = grouped.max(-1) + jnp.where(at_min, -jnp.inf, grouped).max(-1)
+        group_idx = lax.top_k(group_scores, topk_group)[1]
+        group_mask = jax.nn.one_hot(group_idx, n_group).sum(1)
+        mask = jnp.broadcast_to(group_mask[:, :, None], grouped.shape).reshape(choice.shape)
+        ids = lax.top_k(jnp.where(mask > 0, choice, -jnp.inf), top_k)[1]
+        wt = jnp.take_along_axis(scores, ids, -1)
+        return wt / (wt.sum(-1, keepdims=True) + 1e-20), ids
+
+    return _case(
+        "nm_group_score_max_plus_min_masked",
+        fn,
+        (x, w, bias),
+        "group score masks the argmin, not the argmax: 2 x max, not the top-2 sum a fused router uses",
+    )
+
+
+def make_nm_topk_sorts_all_candidates() -> ZooCase:
+    """top_k with k equal to the number of candidates: softmax probabilities sorted, nothing dropped."""
+    num_tokens, d_model, num_classes = 16, 32, 4
+    x = normal(245, (num_tokens, d_model))
+    w = normal(246, (d_model, num_classes), scale=d_model**-0.5)
+
+    def fn(x, w):
+        return lax.top_k(jax.nn.softmax(x @ w, axis=-1), num_classes)
+
+    return _case(
+        "nm_topk_sorts_all_candidates",
+        fn,
+        (x, w),
+        "top-4 of 4 class probabilities: a ranking of all candidates, no choice among experts",
+    )
+
+
+def make_nm_argsort_descending_reversed() -> ZooCase:
+    """argsort(p)[:, ::-1][:, :k]: the largest first, but tied experts come out higher id first."""
+    num_tokens, d_model, num_experts, top_k = 16, 32, 8, 2
+    x = normal(247, (num_tokens, d_model))
+    half = normal(248, (d_model, num_experts // 2), scale=d_model**-0.5)
+    w = jnp.concatenate([half, half], axis=1)  # experts e and e+4 tie exactly
+
+    def fn(x, w):
+        probs = jax.nn.softmax(x @ w, axis=-1)
+        ids = jnp.argsort(probs, axis=-1)[:, ::-1][:, :top_k]
+        weights = jnp.take_along_axis(probs, ids, axis=-1)
+        return weights / weights.sum(-1, keepdims=True), ids
+
+    return _case(
+        "nm_argsort_descending_reversed",
+        fn,
+        (x, w),
+        "reversed ascending argsort breaks ties toward the higher id; lax.top_k toward the lower",
+    )
+
+
+def make_nm_argsort_sigmoid() -> ZooCase:
+    """argsort(-sigmoid)[:, :k]: a NaN score sorts last here but first in lax.top_k."""
+    num_tokens, d_model, num_experts, top_k = 16, 32, 16, 4
+    x = normal(249, (num_tokens, d_model))
+    w = normal(250, (d_model, num_experts), scale=d_model**-0.5)
+
+    def fn(x, w):
+        scores = jax.nn.sigmoid(x @ w)
+        ids = jnp.argsort(-scores, axis=-1)[:, :top_k]
+        weights = jnp.take_along_axis(scores, ids, axis=-1)
+        return weights / weights.sum(-1, keepdims=True), ids
+
+    return _case(
+        "nm_argsort_sigmoid",
+        fn,
+        (x, w),
+        "argsort of sigmoid scores: one NaN logit makes one NaN score, ordered last by sort, first by top_k",
+    )
+
+
 NEAR_MISSES = [
     make_nm_lm_topk_sampling,
     make_nm_top_p_sampling,
@@ -342,4 +492,11 @@ NEAR_MISSES = [
     make_nm_topk_distill_loss,
     make_nm_topk_sae,
     make_nm_strided_groups,
+    make_nm_attention_one_sequence,
+    make_nm_token_similarity_topk,
+    make_nm_group_mask_clip_floor,
+    make_nm_group_score_max_plus_min_masked,
+    make_nm_topk_sorts_all_candidates,
+    make_nm_argsort_descending_reversed,
+    make_nm_argsort_sigmoid,
 ]

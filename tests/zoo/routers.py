@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from . import ZooCase, duplicate, normal, router_expect
 
@@ -356,6 +357,224 @@ def make_f1_model_with_lm_head() -> ZooCase:
         router_expect(top_k, num_experts, "softmax", renorm=True),
         count=2,
         note="2 routers + an LM-head top-8-then-softmax over V=4096 which is NOT a router (count=2)",
+    )
+
+
+def _one_device_mesh(axis: str) -> jax.sharding.Mesh:
+    return jax.sharding.Mesh(np.array(jax.devices()[:1]), (axis,))
+
+
+def make_f1_sharded_named_logits() -> ZooCase:
+    """MaxText-style: logits pinned by with_sharding_constraint and tagged with checkpoint_name."""
+    batch, seq, d_model, num_experts, top_k = 2, 8, 32, 8, 2
+    x = normal(300, (batch, seq, d_model))
+    w = normal(301, (d_model, num_experts), scale=d_model**-0.5)
+    spec = jax.sharding.NamedSharding(_one_device_mesh("data"), jax.sharding.PartitionSpec("data"))
+
+    def router(x, w):
+        logits = jnp.einsum("bsd,de->bse", x, w)
+        logits = jax.lax.with_sharding_constraint(logits, spec)
+        logits = checkpoint_name(logits, "router_logits")
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        weights, ids = lax.top_k(probs, top_k)
+        return weights / weights.sum(-1, keepdims=True), ids
+
+    return ZooCase(
+        "f1_sharded_named_logits",
+        router,
+        (x, w),
+        "F1",
+        router_expect(top_k, num_experts, "softmax", renorm=True),
+        note="logits through sharding_constraint and name (checkpoint_name) before the softmax",
+    )
+
+
+def make_f1_shard_map_logits() -> ZooCase:
+    """Gate matmul outside a shard_map; the router inside sees the logits as a body input."""
+    num_tokens, d_model, num_experts, top_k = 16, 32, 8, 2
+    x = normal(302, (num_tokens, d_model))
+    w = normal(303, (d_model, num_experts), scale=d_model**-0.5)
+    mesh = _one_device_mesh("expert")
+    spec = jax.sharding.PartitionSpec()
+
+    def route_local(logits):
+        probs = jax.nn.softmax(logits, axis=-1)
+        weights, ids = lax.top_k(probs, top_k)
+        return weights / jnp.sum(weights, -1, keepdims=True), ids
+
+    def model(x, w):
+        logits = x @ w
+        return jax.shard_map(route_local, mesh=mesh, in_specs=spec, out_specs=(spec, spec))(logits)
+
+    return ZooCase(
+        "f1_shard_map_logits",
+        model,
+        (x, w),
+        "F1",
+        router_expect(top_k, num_experts, "softmax", renorm=True),
+        note="router body inside shard_map: its logits are a shard_map input, no matmul in sight",
+    )
+
+
+def make_f1_shard_map_probs_clamped_renorm() -> ZooCase:
+    """Softmax outside a shard_map; inside, top-k of the probabilities it was handed, renormalised by
+    a sum clamped away from zero."""
+    num_tokens, d_model, num_experts, top_k = 16, 32, 8, 2
+    x = normal(304, (num_tokens, d_model))
+    w = normal(305, (d_model, num_experts), scale=d_model**-0.5)
+    mesh = _one_device_mesh("expert")
+    spec = jax.sharding.PartitionSpec()
+
+    def route_local(probs):
+        weights, ids = lax.top_k(probs, top_k)
+        return weights / jnp.maximum(weights.sum(-1, keepdims=True), 1e-8), ids
+
+    def model(x, w):
+        probs = jax.nn.softmax(x @ w, axis=-1)
+        return jax.shard_map(route_local, mesh=mesh, in_specs=spec, out_specs=(spec, spec))(probs)
+
+    return ZooCase(
+        "f1_shard_map_probs_clamped_renorm",
+        model,
+        (x, w),
+        "F1",
+        router_expect(top_k, num_experts, "none", renorm=True),
+        note="the body sees probabilities, not logits: route scores them as given; / max(sum, 1e-8)",
+    )
+
+
+def make_f1_temperature_logits() -> ZooCase:
+    """Router temperature: logits divided by a run-time scalar before the softmax."""
+    num_tokens, d_model, num_experts, top_k = 16, 32, 16, 4
+    x = normal(304, (num_tokens, d_model))
+    w = normal(305, (d_model, num_experts), scale=d_model**-0.5)
+    temperature = jnp.float32(0.7)
+
+    def router(x, w, temperature):
+        probs = jax.nn.softmax((x @ w) / temperature, axis=-1)
+        weights, ids = lax.top_k(probs, top_k)
+        return weights, ids
+
+    return ZooCase(
+        "f1_temperature_logits",
+        router,
+        (x, w, temperature),
+        "F1",
+        router_expect(top_k, num_experts, "softmax"),
+        note="logits / temperature (an argument, not a literal)",
+    )
+
+
+def make_f3_hand_sigmoid_l1_renorm() -> ZooCase:
+    """Sigmoid written 1 / (1 + exp(-x)), selection bias, weights renormalised by the L1 norm."""
+    num_tokens, d_model, num_experts, top_k = 16, 32, 32, 4
+    x = normal(321, (num_tokens, d_model))
+    w = normal(322, (d_model, num_experts), scale=d_model**-0.5)
+    bias = normal(323, (num_experts,), scale=0.05)
+
+    def router(x, w, bias):
+        scores = 1.0 / (1.0 + jnp.exp(-(x @ w)))
+        ids = lax.top_k(scores + bias, top_k)[1]
+        weights = jnp.take_along_axis(scores, ids, axis=-1)
+        return 2.5 * weights / jnp.linalg.norm(weights, ord=1, axis=-1, keepdims=True), ids
+
+    return ZooCase(
+        "f3_hand_sigmoid_l1_renorm",
+        router,
+        (x, w, bias),
+        "F3",
+        router_expect(top_k, num_experts, "sigmoid", renorm=True, scale=2.5, selection_bias=True),
+        note="1 / (1 + exp(-logits)); 2.5 * w / norm(w, ord=1)",
+    )
+
+
+def make_f3_reduce_sum_logits() -> ZooCase:
+    """Sigmoid router whose logits are spelled sum(x[:, None, :] * w.T, -1), then reshaped to [B, S, E]."""
+    batch, seq, d_model, num_experts, top_k = 2, 8, 16, 16, 4
+    x = normal(306, (batch, seq, d_model))
+    w = normal(307, (num_experts, d_model), scale=d_model**-0.5)
+    bias = normal(308, (num_experts,), scale=0.05)
+
+    def router(x, w, bias):
+        flat = x.reshape(-1, d_model)
+        logits = jnp.sum(flat[:, None, :] * w[None, :, :], axis=-1).reshape(batch, seq, num_experts)
+        scores = jax.nn.sigmoid(logits)
+        ids = lax.top_k(scores + bias, top_k)[1]
+        weights = jnp.take_along_axis(scores, ids, axis=-1)
+        return weights / (weights.sum(-1, keepdims=True) + 1e-20) * 2.5, ids
+
+    return ZooCase(
+        "f3_reduce_sum_logits",
+        router,
+        (x, w, bias),
+        "F3",
+        router_expect(top_k, num_experts, "sigmoid", renorm=True, scale=2.5, selection_bias=True),
+        note="logits as a broadcast product summed over D (reduce_sum), reshaped back to [B, S, E]",
+    )
+
+
+def make_f1_logsumexp_softmax_l1_renorm() -> ZooCase:
+    """Softmax spelled exp(x - logsumexp(x)), top-2, renormalised by the L1 norm (DBRX's p-norm, p=1)."""
+    num_tokens, d_model, num_experts, top_k = 16, 32, 16, 2
+    x = normal(317, (num_tokens, d_model))
+    w = normal(318, (d_model, num_experts), scale=d_model**-0.5)
+
+    def router(x, w):
+        logits = x @ w
+        probs = jnp.exp(logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
+        weights, ids = lax.top_k(probs, top_k)
+        return weights / jnp.linalg.norm(weights, ord=1, axis=-1, keepdims=True), ids
+
+    return ZooCase(
+        "f1_logsumexp_softmax_l1_renorm",
+        router,
+        (x, w),
+        "F1",
+        router_expect(top_k, num_experts, "softmax", renorm=True),
+        note="exp(x - jax.nn.logsumexp(x)); weights / jnp.linalg.norm(weights, ord=1)",
+    )
+
+
+def make_f1_score_computed_twice() -> ZooCase:
+    """The softmax computed twice from the same logits: once to select, once to read the weights."""
+    num_tokens, d_model, num_experts, top_k = 16, 32, 16, 4
+    x = normal(319, (num_tokens, d_model))
+    w = normal(320, (d_model, num_experts), scale=d_model**-0.5)
+
+    def router(x, w):
+        _, ids = lax.top_k(jax.nn.softmax(x @ w, axis=-1), top_k)
+        weights = jnp.take_along_axis(jax.nn.softmax(x @ w, axis=-1), ids, axis=-1)
+        return weights / weights.sum(-1, keepdims=True), ids
+
+    return ZooCase(
+        "f1_score_computed_twice",
+        router,
+        (x, w),
+        "F1",
+        router_expect(top_k, num_experts, "softmax", renorm=True),
+        note="two equal softmax computations (selection and gather): one value",
+    )
+
+
+def make_f1_argsort_ties() -> ZooCase:
+    """Top-k spelled argsort(-p)[:, :k] (a stable sort), weights read with take_along_axis; tied experts."""
+    num_tokens, d_model, num_experts, top_k = 16, 32, 8, 2
+    x = normal(324, (num_tokens, d_model))
+    w = duplicate(normal(325, (d_model, num_experts // 2), scale=d_model**-0.5), axis=1)
+
+    def router(x, w):
+        probs = jax.nn.softmax(x @ w, axis=-1)
+        ids = jnp.argsort(-probs, axis=-1)[:, :top_k]
+        weights = jnp.take_along_axis(probs, ids, axis=-1)
+        return weights / weights.sum(-1, keepdims=True), ids
+
+    return ZooCase(
+        "f1_argsort_ties",
+        router,
+        (x, w),
+        "F1",
+        router_expect(top_k, num_experts, "softmax", renorm=True),
+        note="exact ties (e, e+4): the stable sort keeps the lower id first, as lax.top_k does",
     )
 
 
@@ -936,6 +1155,127 @@ def make_f4_ties_duplicated_groups() -> ZooCase:
     )
 
 
+class _SglLingTopK(nnx.Module):
+    """SGLang-JAX's Ling-2.6 `TopK` (gate logits in, grouped sigmoid routing out), as its upstream writes it:
+    the group mask is clip(one_hot(group_idx).sum(1), 0, 1), a float array used directly as the `where`
+    condition; with a correction bias the group score is the sum of each group's top-2 and dropped experts
+    get -inf, without one it is the group max and they get 0.0."""
+
+    def __init__(self, d_model, num_experts, top_k, n_group, topk_group, scaling, use_bias, *, rngs):
+        self.gate = nnx.Linear(d_model, num_experts, use_bias=False, rngs=rngs)
+        self.correction_bias = (
+            nnx.Param(0.05 * jax.random.normal(rngs.params(), (num_experts,))) if use_bias else None
+        )
+        self.num_experts, self.top_k = num_experts, top_k
+        self.n_group, self.topk_group, self.scaling = n_group, topk_group, scaling
+
+    def __call__(self, hidden_states):
+        router_logits = self.gate(hidden_states).astype(jnp.float32)
+        num_tokens = router_logits.shape[0]
+        scores = jax.nn.sigmoid(router_logits)
+        if self.correction_bias is not None:
+            scores_for_choice = scores + self.correction_bias[...][None, :]
+            grouped = scores_for_choice.reshape(num_tokens, self.n_group, -1)
+            group_scores = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)
+            fill = -jnp.inf
+        else:
+            scores_for_choice = scores
+            group_scores = jnp.max(scores.reshape(num_tokens, self.n_group, -1), axis=-1)
+            fill = 0.0
+        group_idx = jax.lax.top_k(group_scores, self.topk_group)[1]
+        group_mask = jnp.clip(jax.nn.one_hot(group_idx, self.n_group).sum(axis=1), 0, 1)
+        score_mask = jnp.broadcast_to(
+            group_mask[:, :, None], (num_tokens, self.n_group, self.num_experts // self.n_group)
+        ).reshape(num_tokens, self.num_experts)
+        masked_scores = jnp.where(score_mask, scores_for_choice, fill)
+        topk_ids = jax.lax.top_k(masked_scores, self.top_k)[1]
+        topk_weights = jnp.take_along_axis(scores, topk_ids, axis=1)
+        topk_weights = topk_weights / jnp.sum(topk_weights, axis=-1, keepdims=True)
+        return topk_weights * self.scaling, topk_ids
+
+
+def _sgl_ling_case(name: str, use_bias: bool, seed: int) -> ZooCase:
+    num_tokens, d_model, num_experts, top_k, n_group, topk_group = 16, 32, 64, 8, 8, 4
+    module = _SglLingTopK(
+        d_model, num_experts, top_k, n_group, topk_group, 2.5, use_bias, rngs=nnx.Rngs(seed)
+    )
+    graphdef, state = nnx.split(module)
+    x = normal(seed + 1, (num_tokens, d_model))
+
+    def fn(state, x):
+        return nnx.merge(graphdef, state)(x)
+
+    return ZooCase(
+        name,
+        fn,
+        (state, x),
+        "F4",
+        router_expect(
+            top_k,
+            num_experts,
+            "sigmoid",
+            n_group=n_group,
+            topk_group=topk_group,
+            renorm=True,
+            scale=2.5,
+            selection_bias=use_bias,
+        ),
+        note="SGLang-JAX Ling-2.6 TopK: clip(one_hot.sum) float mask as the where condition"
+        + ("; top2_sum, -inf fill" if use_bias else "; group max, 0.0 fill"),
+    )
+
+
+def make_f4_sgl_ling_topk_bias() -> ZooCase:
+    """SGLang-JAX Ling-2.6 TopK with the correction bias (NNX, split/merge)."""
+    return _sgl_ling_case("f4_sgl_ling_topk_bias", True, 310)
+
+
+def make_f4_sgl_ling_topk_no_bias() -> ZooCase:
+    """SGLang-JAX Ling-2.6 TopK without a correction bias: group max, masked fill 0.0."""
+    return _sgl_ling_case("f4_sgl_ling_topk_no_bias", False, 312)
+
+
+def make_f4_top2_as_max_plus_runner_up() -> ZooCase:
+    """DeepSeek group routing with the group's top-2 sum spelled max + max of the rest (first argmax
+    masked with -inf), batch of 1 kept as a dim (take_along_axis then leaves it out of the batching)."""
+    batch, seq, d_model, num_experts, top_k, n_group, topk_group = 1, 32, 32, 16, 4, 4, 2
+    x = normal(314, (batch, seq, d_model))
+    w = normal(315, (d_model, num_experts), scale=d_model**-0.5)
+    bias = normal(316, (num_experts,), scale=0.05)
+
+    def router(x, w, bias):
+        scores = jax.nn.sigmoid(jnp.einsum("bsd,de->bse", x, w))
+        choice = scores + bias
+        grouped = choice.reshape(batch, seq, n_group, -1)
+        first = jnp.max(grouped, axis=-1)
+        at_first = jnp.arange(grouped.shape[-1]) == jnp.argmax(grouped, axis=-1)[..., None]
+        runner_up = jnp.max(jnp.where(at_first, -jnp.inf, grouped), axis=-1)
+        _, group_idx = lax.top_k(first + runner_up, topk_group)
+        group_mask = jax.nn.one_hot(group_idx, n_group).sum(axis=-2)
+        expert_mask = jnp.broadcast_to(group_mask[..., None], grouped.shape).reshape(choice.shape)
+        _, ids = lax.top_k(jnp.where(expert_mask > 0, choice, -jnp.inf), top_k)
+        weights = jnp.take_along_axis(scores, ids, axis=-1)
+        return weights / (weights.sum(-1, keepdims=True) + 1e-20) * 2.5, ids
+
+    return ZooCase(
+        "f4_top2_as_max_plus_runner_up",
+        router,
+        (x, w, bias),
+        "F4",
+        router_expect(
+            top_k,
+            num_experts,
+            "sigmoid",
+            n_group=n_group,
+            topk_group=topk_group,
+            renorm=True,
+            scale=2.5,
+            selection_bias=True,
+        ),
+        note="group score max + masked-argmax max (MaxText's spelling); -inf fill; [1, S, E] logits",
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # F5: per-expert scale gathered by the chosen ids (Gemma 4), optional logit bias
 # ---------------------------------------------------------------------------------------------
@@ -1070,6 +1410,13 @@ ALL_ROUTERS = [
     make_f1_scan_layers,
     make_f1_unrolled_4layer,
     make_f1_model_with_lm_head,
+    make_f1_sharded_named_logits,
+    make_f1_shard_map_logits,
+    make_f1_shard_map_probs_clamped_renorm,
+    make_f1_temperature_logits,
+    make_f1_logsumexp_softmax_l1_renorm,
+    make_f1_score_computed_twice,
+    make_f1_argsort_ties,
     # F2
     make_f2_gpt_oss,
     make_f2_manual_softmax_lax,
@@ -1083,12 +1430,17 @@ ALL_ROUTERS = [
     make_f3_dict_bf16_onehot,
     make_f3_nnx_split_merge,
     make_f3_ties,
+    make_f3_reduce_sum_logits,
+    make_f3_hand_sigmoid_l1_renorm,
     # F4
     make_f4_ling_hf_port,
     make_f4_dsv3_jnp_onehot,
     make_f4_dsv2_group_limited_greedy,
     make_f4_scan_groups,
     make_f4_ties_duplicated_groups,
+    make_f4_sgl_ling_topk_bias,
+    make_f4_sgl_ling_topk_no_bias,
+    make_f4_top2_as_max_plus_runner_up,
     # F5
     make_f5_gemma4,
     make_f5_bias_take_top1,

@@ -1,0 +1,81 @@
+"""The router's normal form: logits from anywhere, and near misses declined for what they mean.
+
+The router zoo (test_router_zoo.py) checks that every spelling fuses exactly and every near miss
+stays unfused; this file checks that a near miss is declined for the reason that makes it one
+(not by accident of spelling), and that logits need no gate matmul in sight::
+
+    plan = moefuse.plan(attention_topk, x, wq, wk)
+    plan.declined[0].reason   # "... a product of two activations of the same tokens ..."
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import moefuse
+from tests.zoo import near_misses, routers
+
+# near miss -> what its decline must say (the meaning that makes it not a router)
+NEAR_MISS_REASONS = {
+    "nm_lm_topk_sampling": "looks like vocabulary sampling",
+    "nm_top_p_sampling": "looks like vocabulary sampling",
+    "nm_attention_topk_keys": "each batch element has its own candidates",
+    "nm_attention_one_sequence": "product of two activations of the same tokens",
+    "nm_token_similarity_topk": "product of two activations of the same tokens",
+    "nm_knn_retrieval": "product of two activations",
+    "nm_expert_choice": "expert-choice routing",
+    "nm_softmax_over_tokens": "not the expert axis",
+    "nm_strided_groups": "not by a choice of consecutive expert groups",
+    "nm_group_mask_clip_floor": "not by a choice of consecutive expert groups",
+    "nm_group_score_max_plus_min_masked": "group scores are not top-2 sums or maxima",
+    "nm_topk_sorts_all_candidates": "a sort, not a choice of experts",
+    "nm_argsort_sigmoid": "a sort puts NaN last where top_k puts it first",
+    "nm_topk_sae": "without a softmax",
+    "nm_topk_distill_loss": "distillation or sampling",
+}
+
+
+@pytest.mark.parametrize("name", sorted(NEAR_MISS_REASONS))
+def test_near_miss_is_declined_for_its_meaning(name):
+    case = getattr(near_misses, f"make_{name}")()
+    plan = moefuse.plan(case.fn, *case.args)
+    assert not plan.fused, str(plan)
+    reasons = [d.reason for d in plan.declined if d.op == "route"]
+    assert any(NEAR_MISS_REASONS[name] in r for r in reasons), reasons
+
+
+NO_GATE_IN_SIGHT = [
+    "f1_sharded_named_logits",
+    "f1_shard_map_logits",
+    "f1_temperature_logits",
+    "f3_reduce_sum_logits",
+]
+
+
+@pytest.mark.parametrize("name", NO_GATE_IN_SIGHT)
+def test_logits_need_no_gate_matmul(name):
+    case = getattr(routers, f"make_{name}")()
+    fused = [s for s in moefuse.plan(case.fn, *case.args).fused if s.op == "route"]
+    assert len(fused) == 1 and fused[0].params["k"] == case.expect["k"]
+
+
+def test_l1_renorm_is_a_renorm_only_of_nonnegative_weights():
+    """w / norm(w, 1) is w / sum(w) for w >= 0 only: after a negative scale it stays outside the route."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from tests.zoo import normal
+
+    x, w = normal(400, (16, 32)), normal(401, (32, 8), scale=32**-0.5)
+
+    def router(x, w):
+        vals, ids = jax.lax.top_k(jax.nn.softmax(x @ w, axis=-1), 2)
+        flipped = vals * -2.0
+        return flipped / jnp.linalg.norm(flipped, ord=1, axis=-1, keepdims=True), ids
+
+    (site,) = moefuse.plan(router, x, w).fused
+    assert [tuple(s) for s in site.params["post"]] == [("scale", -2.0)]
+    got, want = moefuse.jit(router)(x, w), jax.jit(router)(x, w)
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-6)
