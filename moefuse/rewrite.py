@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -54,19 +55,30 @@ class Inlined:
     flat: C.ClosedJaxpr
     origin: list[int]
 
+    @functools.cached_property
+    def _members(self) -> dict[int, list[int]]:
+        """evaluated equation -> the matching equations that come from it"""
+        out: dict[int, list[int]] = {}
+        for j, i in enumerate(self.origin):
+            out.setdefault(i, []).append(j)
+        return out
+
+    @functools.cached_property
+    def _known(self) -> set[Any]:
+        """the variables of the evaluated jaxpr"""
+        j = self.flat.jaxpr
+        return {*j.invars, *j.constvars, *(v for e in j.eqns for v in e.outvars)}
+
     def calls(self, region: set[int]) -> set[int]:
         """`region` grown to whole inlined calls (a call is replaced whole or not at all)."""
-        touched = {self.origin[j] for j in region}
-        return {j for j, i in enumerate(self.origin) if i in touched}
+        return {j for i in self.evaluated(region) for j in self._members[i]}
 
     def evaluated(self, region: set[int]) -> set[int]:
         return {self.origin[j] for j in region}
 
     def foreign(self, atoms: Sequence[Any]) -> Any | None:
         """The first of `atoms` that exists only inside an inlined body (not in the evaluated jaxpr)."""
-        j = self.flat.jaxpr
-        known = {*j.invars, *j.constvars, *(v for e in j.eqns for v in e.outvars)}
-        return next((v for v in atoms if not C.is_literal(v) and v not in known), None)
+        return next((v for v in atoms if not C.is_literal(v) and v not in self._known), None)
 
     def rules_replaced(self, region: set[int]) -> list[str]:
         eqns = self.flat.jaxpr.eqns

@@ -96,17 +96,29 @@ IMPLS: dict[str, Impl] = {
 }
 
 
+@functools.cache
+def _traced(params: MoeParams, impl: str, options: KernelOptions) -> Impl:
+    """The implementation's forward and backward under one `jax.jit` per configuration, so that the
+    layers of a model that share a configuration and shapes are traced once (jit's trace cache), not
+    once per layer: tracing the sorted schedule is most of what planning a model costs."""
+    chosen = IMPLS[impl]
+    return Impl(
+        forward=jax.jit(lambda x, weights, ids, ew: chosen.forward(x, weights, ids, ew, params, options)),
+        backward=jax.jit(lambda residuals, g: chosen.backward(residuals, g, params, options)),
+    )
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _moe(params: MoeParams, impl: str, options: KernelOptions, x, weights, ids, ew: ExpertWeights):
-    return IMPLS[impl].forward(x, weights, ids, ew, params, options)[0]
+    return _traced(params, impl, options).forward(x, weights, ids, ew)[0]
 
 
 def _moe_fwd(params: MoeParams, impl: str, options: KernelOptions, x, weights, ids, ew: ExpertWeights):
-    return IMPLS[impl].forward(x, weights, ids, ew, params, options)
+    return _traced(params, impl, options).forward(x, weights, ids, ew)
 
 
 def _moe_bwd(params: MoeParams, impl: str, options: KernelOptions, residuals, g):
-    dx, dweights, dew = IMPLS[impl].backward(residuals, g, params, options)
+    dx, dweights, dew = _traced(params, impl, options).backward(residuals, g)
     return dx, dweights, None, dew
 
 
