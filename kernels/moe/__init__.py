@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from moefuse import select
 
-from . import grouped, pallas_gpu, pallas_tpu, xla
+from . import dense, grouped, pallas_gpu, pallas_tpu, xla
 from .grouped import Tiles
 from .params import GLU_ACTIVATIONS, MoeParams
 from .reference import (
@@ -91,6 +91,8 @@ IMPLS: dict[str, Impl] = {
     "reference": Impl(_reference_forward, _reference_backward),
     "xla": Impl(lambda x, weights, ids, ew, params, o: xla.forward(x, weights, ids, ew, params),
                 lambda res, g, params, o: xla.backward(res, g, params)),
+    "dense": Impl(lambda x, weights, ids, ew, params, o: dense.forward(x, weights, ids, ew, params),
+                  lambda res, g, params, o: dense.backward(res, g, params)),
     "pallas_tpu": _pallas(pallas_tpu.BACKEND),
     "pallas_gpu": _pallas(pallas_gpu.BACKEND),
 }
@@ -141,6 +143,22 @@ def _tiles(backend: grouped.Backend) -> Callable:
     return tiles
 
 
+# A dense original against the fused op on CPU (2 cores, jax 0.10.2, 2026-12-03, SwiGLU, k=2):
+# with the sorted schedule 0.85-0.90x at T*E*D*F = 0.26-0.52M, 0.9-1.7x at 1M, 2.5x at 4M; with the
+# dense one 1.07-1.28x at 0.26-0.52M. So below 2**20 a dense original keeps a dense schedule.
+DENSE_WORK = 2**20
+
+
+def _small_dense(req: select.Request) -> bool:
+    """a site whose original runs every expert on every token, at a size where that is as fast"""
+    p = req.params
+    if p.get("dispatch") != "dense" or p.get("capacity") is not None:
+        return False
+    x, w_down = req.inputs[0], req.inputs[3 + (2 if p["activation"] in GLU_ACTIVATIONS
+                                                and not p["fused_gate_up"] else 1)]
+    return math.prod(x.shape[:-1]) * math.prod(w_down.shape) < DENSE_WORK
+
+
 select.register_impls("moe", tuple(IMPLS))
 select.register(
     select.KernelRow("moe", "tpu", "pallas_tpu", dtypes=("float32", "bfloat16"),
@@ -153,6 +171,10 @@ select.register(
                      note="Pallas GPU (Triton): grouped matmuls over expert-sorted row tiles, activation "
                           "fused; XLA combine"),
     select.KernelRow("moe", "gpu", "xla", note="sorted block schedule (XLA)"),
+    select.KernelRow("moe", "cpu", "dense", shape=f"dispatch dense, T*E*D*F < {DENSE_WORK:,}",
+                     when=_small_dense,
+                     note="every expert on every token (XLA), as the original computes it: at this size "
+                          "a few large dots beat sorting"),
     select.KernelRow("moe", "cpu", "xla", note="sorted block schedule (XLA)"),
 )
 
@@ -177,7 +199,7 @@ def moe_ffn(
     (gelu/relu/silu); for GLU activations the pair (w_gate, w_up) of [E, D, F], or one [E, D, 2F]
     array when params.fused_gate_up (layout params.gate_up_layout). w_down is [E, F, D].
     b_in ([E, F], a pair, or [E, 2F], following w_in) and b_down [E, D] are required iff
-    params.has_expert_bias. `impl` is one of IMPLS ("reference", "xla", "pallas_tpu", "pallas_gpu"),
+    params.has_expert_bias. `impl` is one of IMPLS ("reference", "xla", "dense", "pallas_tpu", "pallas_gpu"),
     or the `select.Kernel` chosen (its interpret flag and tiles are used). For the Pallas ones
     `interpret=True` runs the kernels in interpret mode (any platform) and `tiles` overrides the
     backend's `default_tiles`.

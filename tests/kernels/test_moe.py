@@ -27,7 +27,12 @@ from jax.scipy.special import erf
 from moefuse.kernels.moe import MoeParams, moe_ffn, schedule, xla
 
 # impl or impl/branch: the XLA implementation with its run-time choice of the capacity pass forced
-VARIANTS = ("reference", "xla/capacity-pass", "xla/loop-only")
+VARIANTS = ("reference", "xla/capacity-pass", "xla/loop-only", "dense")
+
+
+def variants(p: MoeParams) -> tuple[str, ...]:
+    """The variants that take p: "dense" drops no tokens (it refuses a capacity, tested on its own)."""
+    return VARIANTS if p.capacity is None else tuple(v for v in VARIANTS if v != "dense")
 F32 = dict(rtol=1e-5, atol=1e-5)
 BF16 = dict(rtol=1e-2, atol=1e-2)
 
@@ -191,7 +196,7 @@ def run(p: MoeParams, variant, x, weights, ids, ew):
 def check(p: MoeParams, x, weights, ids, ew, tol=F32):
     live = independent_live(ids, p)
     want = jax.jit(lambda x, w, i, ew: independent_moe(p, x, w, i, ew, live))(x, weights, ids, ew)
-    for variant in VARIANTS:
+    for variant in variants(p):
         got = run(p, variant, x, weights, ids, ew)
         assert got.dtype == x.dtype and got.shape == x.shape, variant
         np.testing.assert_allclose(
@@ -361,7 +366,7 @@ def test_grad_matches_independent(kw, t):
         return jnp.sum(independent_moe(p, x, w, ids, ew, live) * cot)
 
     want = jax.jit(jax.grad(loss_independent, argnums=(0, 1, 2)))(x, weights, ew)
-    for variant in VARIANTS:
+    for variant in variants(p):
         impl, _, branch = variant.partition("/")
 
         def loss(x, w, ew, impl=impl):
@@ -379,6 +384,23 @@ def test_grad_matches_independent(kw, t):
                 atol=1e-4,
                 err_msg=f"{variant} {jax.tree_util.keystr(path)}",
             )
+
+
+def test_dense_refuses_a_capacity():
+    p = MoeParams(num_experts=4, k=2, activation="gelu", capacity=4)
+    x, weights, ids, ew = make_inputs(p, t=8)
+    with pytest.raises(ValueError, match="does not drop tokens"):
+        run(p, "dense", x, weights, ids, ew)
+
+
+def test_dense_keeps_the_dense_originals_nan_of_an_unselected_expert():
+    """An inf in an expert nobody selects reaches the output through its zero combine weight, as in
+    a dense original; the other implementations leave it out (the op's reference)."""
+    p = MoeParams(num_experts=4, k=1, activation="gelu")
+    x, weights, ids, ew = make_inputs(p, t=4, ids=[[0]] * 4)
+    ew = {**ew, "w_down": ew["w_down"].at[3].set(jnp.inf)}
+    assert np.isfinite(np.asarray(run(p, "xla/loop-only", x, weights, ids, ew))).all()
+    assert np.isnan(np.asarray(run(p, "dense", x, weights, ids, ew))).any()
 
 
 @pytest.mark.parametrize("branch", ["capacity-pass", "loop-only"])

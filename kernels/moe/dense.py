@@ -1,0 +1,50 @@
+"""The dense XLA schedule of `moe_ffn`: every expert on every token, combined by a [T, E] matrix.
+
+At small shapes on CPU this beats sorting rows by expert (a few large dots instead of a sort, a
+gather and a loop over experts), and it is how a model that spells its MoE densely computes it,
+which is the only place selection uses it (the `moe` CPU row `dispatch == "dense"`): the fused op
+then does what the original did, down to an unselected expert's non-finite output reaching the
+result through its zero combine weight (0 * inf = nan), which the op's reference leaves out.
+Capacity dispatch is not supported (selection never chooses it there).
+
+Example::
+
+    out, _ = forward(x, weights, ids, ew, params)   # as moe_ffn(..., impl="dense")
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .params import MoeParams
+from .reference import ExpertWeights, combine_dtype, compute_dtype, expert_ffn, live_mask_reference
+
+
+def dense_ffn(
+    x: jax.Array, weights: jax.Array, ids: jax.Array, ew: ExpertWeights, params: MoeParams
+) -> jax.Array:
+    """out[t] = sum_e combine[t, e] * FFN_e(x[t]), combine[t, e] = sum_j weights[t, j] [ids[t, j] == e]
+    over the live assignments."""
+    if params.capacity is not None:
+        raise ValueError("moe_ffn impl='dense' does not drop tokens: use impl='xla' with a capacity")
+    cdt = compute_dtype(params, x)
+    wdt = combine_dtype(params, cdt, weights)
+    y_all = jax.vmap(lambda w: expert_ffn(x.astype(cdt), w, params))(
+        {name: a.astype(cdt) for name, a in ew.items()})  # [E, T, D]
+    live = live_mask_reference(ids, params)
+    tokens = lax.broadcasted_iota(jnp.int32, ids.shape, 0)
+    combine = jnp.zeros((x.shape[0], params.num_experts), wdt).at[tokens, jnp.where(live, ids, 0)].add(
+        jnp.where(live, weights.astype(wdt), jnp.zeros((), wdt)))
+    return jnp.einsum("etd,te->td", y_all.astype(wdt), combine).astype(x.dtype)
+
+
+def forward(x, weights, ids, ew: ExpertWeights, params: MoeParams):
+    return dense_ffn(x, weights, ids, ew, params), (x, weights, ids, ew)
+
+
+def backward(residuals, g, params: MoeParams):
+    x, weights, ids, ew = residuals
+    _, pullback = jax.vjp(lambda x_, w_, ew_: dense_ffn(x_, w_, ids, ew_, params), x, weights, ew)
+    return pullback(g)

@@ -1,0 +1,71 @@
+"""Which `moe` implementation the CPU rows choose: a dense original at a small size keeps a dense
+schedule (kernels/moe/dense.py); larger, or spelled by gathering the k experts, it gets the sorted one."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import moefuse
+
+D, F, E, K = 32, 64, 8, 2
+
+
+def _params(t: int):
+    keys = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(keys[0], (t, D))
+    gate = jax.random.normal(keys[1], (D, E))
+    w_in = jax.random.normal(keys[2], (E, D, F)) * D**-0.5
+    w_down = jax.random.normal(keys[3], (E, F, D)) * F**-0.5
+    return x, gate, w_in, w_down
+
+
+def _route(x, gate):
+    w, i = jax.lax.top_k(jax.nn.softmax(x @ gate, -1), K)
+    return w / w.sum(-1, keepdims=True), i
+
+
+def dense_moe(x, gate, w_in, w_down):
+    w, i = _route(x, gate)
+    combine = jnp.zeros((x.shape[0], E)).at[jnp.arange(x.shape[0])[:, None], i].set(w)
+    hidden = jax.nn.gelu(jnp.einsum("td,edf->tef", x, w_in))
+    return jnp.einsum("tef,efd,te->td", hidden, w_down, combine)
+
+
+def gather_moe(x, gate, w_in, w_down):
+    w, i = _route(x, gate)
+    hidden = jax.nn.gelu(jnp.einsum("td,tkdf->tkf", x, w_in[i]))
+    return jnp.einsum("tkf,tkfd,tk->td", hidden, w_down[i], w)
+
+
+def _moe_site(fn, args):
+    (site,) = [s for s in moefuse.plan(fn, *args).fused if s.op == "moe"]
+    return site
+
+
+@pytest.mark.parametrize("t, kernel", [(16, "dense"), (64, "xla")])  # T*E*D*F = 0.26M, 1.05M
+def test_a_dense_original_keeps_a_dense_schedule_while_small(t, kernel):
+    args = _params(t)
+    site = _moe_site(dense_moe, args)
+    assert site.params["dispatch"] == "dense" and site.kernel == kernel
+    if kernel == "xla":
+        assert any("shape is not in class dispatch dense" in r for r in site.fallbacks), site.fallbacks
+    np.testing.assert_allclose(moefuse.jit(dense_moe)(*args), jax.jit(dense_moe)(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_a_gathered_original_gets_the_sorted_schedule_at_any_size():
+    site = _moe_site(gather_moe, _params(16))
+    assert site.params["dispatch"] == "gather" and site.kernel == "xla"
+
+
+def test_the_dense_gradient_equals_the_original():
+    args = _params(16)
+
+    def loss(fn):
+        return jax.grad(lambda *a: jnp.sum(fn(*a) ** 2), argnums=(0, 2, 3))
+
+    got, want = moefuse.jit(loss(dense_moe))(*args), jax.jit(loss(dense_moe))(*args)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
