@@ -143,9 +143,10 @@ def _tiles(backend: grouped.Backend) -> Callable:
     return tiles
 
 
-# A dense original against the fused op on CPU (2 cores, jax 0.10.2, 2026-12-03, SwiGLU, k=2):
-# with the sorted schedule 0.85-0.90x at T*E*D*F = 0.26-0.52M, 0.9-1.7x at 1M, 2.5x at 4M; with the
-# dense one 1.07-1.28x at 0.26-0.52M. So below 2**20 a dense original keeps a dense schedule.
+# A dense original against the fused op on CPU (2 cores, 2026-12-03, SwiGLU/GELU, k=2), below
+# T*E*D*F = 2**20: with the sorted schedule 0.85-0.90x (jax 0.10.2) and 0.81-0.95x on the five tiny
+# dense real-model paths (jax 0.12.0.1); with the dense one 1.01-1.06x and 0.96-1.13x. From 2**20 the
+# sorted one wins (0.95-1.9x at 1M, 2.4-2.8x at 4-8M). So below 2**20 a dense original stays dense.
 DENSE_WORK = 2**20
 
 

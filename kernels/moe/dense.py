@@ -1,7 +1,8 @@
 """The dense XLA schedule of `moe_ffn`: every expert on every token, combined by a [T, E] matrix.
 
-At small shapes on CPU this beats sorting rows by expert (a few large dots instead of a sort, a
-gather and a loop over experts), and it is how a model that spells its MoE densely computes it,
+At small shapes on CPU this beats sorting rows by expert (a few dots instead of a sort, a gather
+and a loop over experts), and it is how a model that spells its MoE densely computes it (the same
+one contraction `tef,efd,te->td`, which XLA:CPU compiles as it compiles the original),
 which is the only place selection uses it (the `moe` CPU row `dispatch == "dense"`): the fused op
 then does what the original did, down to an unselected expert's non-finite output reaching the
 result through its zero combine weight (0 * inf = nan), which the op's reference leaves out.
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .params import MoeParams
-from .reference import ExpertWeights, combine_dtype, compute_dtype, expert_ffn, live_mask_reference
+from .reference import ExpertWeights, combine_dtype, compute_dtype, expert_hidden, live_mask_reference
 
 
 def dense_ffn(
@@ -31,13 +32,17 @@ def dense_ffn(
         raise ValueError("moe_ffn impl='dense' does not drop tokens: use impl='xla' with a capacity")
     cdt = compute_dtype(params, x)
     wdt = combine_dtype(params, cdt, weights)
-    y_all = jax.vmap(lambda w: expert_ffn(x.astype(cdt), w, params))(
-        {name: a.astype(cdt) for name, a in ew.items()})  # [E, T, D]
+    ew = {name: a.astype(cdt) for name, a in ew.items()}
+    hidden = jax.vmap(lambda w: expert_hidden(x.astype(cdt), w, params), out_axes=1)(ew)  # [T, E, F]
     live = live_mask_reference(ids, params)
     tokens = lax.broadcasted_iota(jnp.int32, ids.shape, 0)
     combine = jnp.zeros((x.shape[0], params.num_experts), wdt).at[tokens, jnp.where(live, ids, 0)].add(
         jnp.where(live, weights.astype(wdt), jnp.zeros((), wdt)))
-    return jnp.einsum("etd,te->td", y_all.astype(wdt), combine).astype(x.dtype)
+    # one contraction, as dense originals write it (einsum picks the order)
+    out = jnp.einsum("tef,efd,te->td", hidden.astype(wdt), ew["w_down"].astype(wdt), combine)
+    if "b_down" in ew:
+        out = out + combine @ ew["b_down"].astype(wdt)
+    return out.astype(x.dtype)
 
 
 def forward(x, weights, ids, ew: ExpertWeights, params: MoeParams):

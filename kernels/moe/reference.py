@@ -160,6 +160,12 @@ def activation(params: MoeParams, gate: jax.Array, up: jax.Array | None = None) 
 
 def expert_ffn(v: jax.Array, w: ExpertWeights, params: MoeParams) -> jax.Array:
     """One expert's FFN on rows v [..., D]; w holds that expert's weights (no expert axis)."""
+    y = expert_hidden(v, w, params) @ w["w_down"]
+    return y + w["b_down"] if "b_down" in w else y
+
+
+def expert_hidden(v: jax.Array, w: ExpertWeights, params: MoeParams) -> jax.Array:
+    """One expert's hidden activations [..., F] on rows v [..., D] (the down projection's input)."""
     a = v @ w["w_in"]
     if "b_in" in w:
         a = a + w["b_in"]
@@ -170,11 +176,8 @@ def expert_ffn(v: jax.Array, w: ExpertWeights, params: MoeParams) -> jax.Array:
             gate, up = a, v @ w["w_up"]
             if "b_up" in w:
                 up = up + w["b_up"]
-        h = activation(params, gate, up)
-    else:
-        h = activation(params, a)
-    y = h @ w["w_down"]
-    return y + w["b_down"] if "b_down" in w else y
+        return activation(params, gate, up)
+    return activation(params, a)
 
 
 def live_mask_reference(ids: jax.Array, params: MoeParams) -> jax.Array:
