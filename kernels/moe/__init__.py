@@ -6,9 +6,9 @@ params.capacity is set (see `MoeParams` for the exact semantics). The shared exp
 the op. `moe_ffn` is a `jax.custom_vjp`: the forward runs the chosen implementation; the backward
 is the routed backward of `xla.backward` for impl="xla", the kernels' routed backward of
 `grouped.backward` for impl="pallas_tpu" / "pallas_gpu" (grouped matmuls `gmm` for dx, transposed
-ones `tgmm` for the expert weights), and the VJP of the pure-jnp reference
-(`reference.moe_ffn_reference`, which defines the op) for impl="reference". Gradients flow to x,
-weights and every expert weight and bias; ids carry none.
+ones `tgmm` for the expert weights), and the VJP of the forward for impl="reference" (the pure-jnp
+`reference.moe_ffn_reference`, which defines the op) and impl="dense" (`dense.dense_ffn`).
+Gradients flow to x, weights and every expert weight and bias; ids carry none.
 
 Example, Qwen3-MoE-style SwiGLU experts (top-2 of 8)::
 
@@ -69,14 +69,18 @@ class Impl:
     backward: Callable
 
 
-def _reference_forward(x, weights, ids, ew, params, options):
-    return routed_ffn_reference(x, weights, ids, ew, params), (x, weights, ids, ew)
+def _autodiff(ffn: Callable) -> Impl:
+    """An implementation whose backward is the VJP of its forward, ffn(x, weights, ids, ew, params)."""
 
+    def forward(x, weights, ids, ew, params, options):
+        return ffn(x, weights, ids, ew, params), (x, weights, ids, ew)
 
-def _reference_backward(residuals, g, params, options):
-    x, weights, ids, ew = residuals
-    _, pullback = jax.vjp(lambda x_, w_, ew_: routed_ffn_reference(x_, w_, ids, ew_, params), x, weights, ew)
-    return pullback(g)
+    def backward(residuals, g, params, options):
+        x, weights, ids, ew = residuals
+        _, pullback = jax.vjp(lambda x_, w_, ew_: ffn(x_, w_, ids, ew_, params), x, weights, ew)
+        return pullback(g)
+
+    return Impl(forward, backward)
 
 
 def _pallas(backend: grouped.Backend) -> Impl:
@@ -88,11 +92,10 @@ def _pallas(backend: grouped.Backend) -> Impl:
 
 
 IMPLS: dict[str, Impl] = {
-    "reference": Impl(_reference_forward, _reference_backward),
+    "reference": _autodiff(routed_ffn_reference),
     "xla": Impl(lambda x, weights, ids, ew, params, o: xla.forward(x, weights, ids, ew, params),
                 lambda res, g, params, o: xla.backward(res, g, params)),
-    "dense": Impl(lambda x, weights, ids, ew, params, o: dense.forward(x, weights, ids, ew, params),
-                  lambda res, g, params, o: dense.backward(res, g, params)),
+    "dense": _autodiff(dense.dense_ffn),
     "pallas_tpu": _pallas(pallas_tpu.BACKEND),
     "pallas_gpu": _pallas(pallas_gpu.BACKEND),
 }

@@ -10,7 +10,7 @@ Capacity dispatch is not supported (selection never chooses it there).
 
 Example::
 
-    out, _ = forward(x, weights, ids, ew, params)   # as moe_ffn(..., impl="dense")
+    out = dense_ffn(x, weights, ids, ew, params)   # what moe_ffn(..., impl="dense") runs
 """
 
 from __future__ import annotations
@@ -44,12 +44,3 @@ def dense_ffn(
         out = out + combine @ ew["b_down"].astype(wdt)
     return out.astype(x.dtype)
 
-
-def forward(x, weights, ids, ew: ExpertWeights, params: MoeParams):
-    return dense_ffn(x, weights, ids, ew, params), (x, weights, ids, ew)
-
-
-def backward(residuals, g, params: MoeParams):
-    x, weights, ids, ew = residuals
-    _, pullback = jax.vjp(lambda x_, w_, ew_: dense_ffn(x_, w_, ids, ew_, params), x, weights, ew)
-    return pullback(g)
