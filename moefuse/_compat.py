@@ -35,6 +35,9 @@ JIT_NAMES = frozenset({"pjit", "jit", "closed_call", "core_call"})
 CUSTOM_VJP_NAMES = frozenset({"custom_vjp_call", "custom_vjp_call_jaxpr"})
 CUSTOM_JVP_NAMES = frozenset({"custom_jvp_call", "custom_jvp_call_jaxpr"})
 SHARD_MAP_NAMES = frozenset({"shard_map"})
+# Primitives whose body runs once with its inputs bound to the equation's operands, in order.
+REMAT_NAMES = frozenset({"checkpoint", "remat", "remat2"})
+BOUND_ONCE_NAMES = JIT_NAMES | CUSTOM_VJP_NAMES | CUSTOM_JVP_NAMES | SHARD_MAP_NAMES | REMAT_NAMES
 # Params that are not program bodies to rewrite: custom differentiation rules (only the primal
 # body is rewritten) and scatter's element combiner.
 _RULE_PARAMS = frozenset({"jvp_jaxpr_fun", "jvp_jaxpr_thunk", "fwd_jaxpr_thunk", "bwd", "update_jaxpr"})

@@ -33,6 +33,7 @@ class Proposal:
     emit: Emit
     expose: Callable[[list[Any]], Proposal | None] | None = None
     """Given interior vars used outside the region, a proposal that also outputs them (or None)."""
+    notes: tuple[str, ...] = ()  # what the Plan should say about how the site was read
 
 
 @dataclasses.dataclass

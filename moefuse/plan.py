@@ -31,6 +31,7 @@ class Site:
     scope: str = ""  # Flax module path / name stack, "" when none
     source: str = ""  # the source line at `location`, stripped
     path: str = ""  # where in the program: "" top level, else e.g. "scan/body"
+    notes: tuple[str, ...] = ()  # how the site was read, where that is not plain from params
 
     def to_json(self) -> dict[str, Any]:
         return _jsonable(dataclasses.asdict(self))
@@ -76,6 +77,7 @@ class Plan:
         for s in self.fused:
             tail = f"kernel={s.kernel}" + "".join(f" {k}={v}" for k, v in s.tiles.items())
             lines += _entry("FUSED   ", s, tail, _fmt_params(s.params))
+            lines += [f"           note: {note}" for note in s.notes]
             lines += [f"           fallback: {why}" for why in s.fallbacks]
         for d in self.declined:
             lines += _entry("DECLINED", d, "", f"reason: {d.reason}")

@@ -24,7 +24,7 @@ import dataclasses
 import functools
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -34,7 +34,7 @@ from moefuse import _compat as C
 from moefuse import _testing, select
 from moefuse.match import NoMatch, Proposal, escaping, region_of, region_problem
 from moefuse.plan import Decline, Site
-from moefuse.view import View, live_equations
+from moefuse.view import Bound, View, live_equations
 
 log = logging.getLogger("moefuse")
 
@@ -138,17 +138,23 @@ def _tracing_in(enclosing: Sequence[C.JaxprEqn]) -> Iterator[None]:
 
 
 def analyse(
-    closed: C.ClosedJaxpr, target: select.Target, path: str = "", enclosing: Sequence[C.JaxprEqn] = ()
+    closed: C.ClosedJaxpr,
+    target: select.Target,
+    path: str = "",
+    enclosing: Sequence[C.JaxprEqn] = (),
+    bound: Sequence[Bound | None] = (),
 ) -> Level:
     """Find and check every match in `closed` and its bodies.
 
     `enclosing` are the equations whose bodies `closed` is nested in (outermost first): tracing
-    done for the analysis runs in their context (a shard_map's mesh axes). An error that stops
-    the analysis leaves `closed` as written, with a Decline saying why.
+    done for the analysis runs in their context (a shard_map's mesh axes). `bound` says what
+    `closed`'s inputs are bound to outside, where the body runs once on its equation's operands
+    (`View.outside`). An error that stops the analysis leaves `closed` as written, with a Decline
+    saying why.
     """
     try:
         with _tracing_in(enclosing):
-            return _analyse(closed, target, path, tuple(enclosing))
+            return _analyse(closed, target, path, tuple(enclosing), bound)
     except Exception as e:  # noqa: BLE001 - never fail where jax.jit works
         if strict():
             raise
@@ -159,13 +165,15 @@ def analyse(
         return Level(closed, [], {}, [decline], False)
 
 
-def _analyse(closed: C.ClosedJaxpr, target: select.Target, path: str, enclosing: tuple) -> Level:
+def _analyse(
+    closed: C.ClosedJaxpr, target: select.Target, path: str, enclosing: tuple, bound: Sequence[Bound | None]
+) -> Level:
     from moefuse.patterns import PATTERNS
 
     flat = inline_jits(closed) if _has_jit(closed.jaxpr) else closed
     seen, origin = C.inline_custom_vjps(flat, inline_jits)
     inlined = Inlined(flat, origin)
-    view = View(seen)
+    view = View(seen, bound)
     matches: list[Match] = []
     declined: list[Decline] = []
     claimed: set[int] = set()  # matching-jaxpr indices of fused regions
@@ -202,7 +210,9 @@ def _analyse(closed: C.ClosedJaxpr, target: select.Target, path: str, enclosing:
     order = _schedule(flat.jaxpr, matches) if matches else None
     base = flat if matches else closed
     fused = set().union(*(m.region for m in matches))
-    subs = _analyse_bodies(base, target, path, fused, enclosing)
+    # `view` names the values of `flat`; bodies of `closed` are bound to values of `closed`
+    outer = (lambda: view) if base is flat else functools.cache(lambda: View(base))
+    subs = _analyse_bodies(base, target, path, fused, enclosing, outer)
     changed = bool(matches) or any(sub.changed for b in subs.values() for sub in b.values())
     if not changed and not _testing.retracing_all():
         return Level(closed, [], subs, declined, False)
@@ -285,6 +295,7 @@ def _try(
         scope=C.eqn_scope(eqn),
         source=_source_line(file, line),
         path=path,
+        notes=prop.notes,
     )
     log.info("fused %s at %s with %s", prop.op, site.location, choice.kernel)
     return Match(prop, inlined.evaluated(region), choice.kernel, site), region
@@ -395,8 +406,15 @@ def _schedule(jaxpr: C.Jaxpr, matches: list[Match]) -> list[Any]:
 
 
 def _analyse_bodies(
-    closed: C.ClosedJaxpr, target: select.Target, path: str, skip: set[int], enclosing: tuple
+    closed: C.ClosedJaxpr,
+    target: select.Target,
+    path: str,
+    skip: set[int],
+    enclosing: tuple,
+    outer: Callable[[], View],
 ) -> dict:
+    """The Level of every body of `closed`'s equations outside `skip`; `outer()` is a view of
+    `closed` (what bodies bound once to their equation's operands see outside)."""
     subs: dict[int, dict[tuple[str, int | None], Level]] = {}
     for i, eqn in enumerate(closed.jaxpr.eqns):
         if i in skip:
@@ -404,8 +422,11 @@ def _analyse_bodies(
         for key, idx, body in C.sub_jaxprs(eqn):
             name = eqn.primitive.name + ("" if key in ("jaxpr", "call_jaxpr") else f".{key}")
             name += "" if idx is None else f"[{idx}]"
+            body = C.as_closed(body)
+            once = eqn.primitive.name in C.BOUND_ONCE_NAMES and len(body.jaxpr.invars) == len(eqn.invars)
+            bound = [None if C.is_literal(v) else Bound(outer, v) for v in eqn.invars] if once else []
             subs.setdefault(i, {})[(key, idx)] = analyse(
-                C.as_closed(body), target, f"{path}/{name}" if path else name, (*enclosing, eqn)
+                body, target, f"{path}/{name}" if path else name, (*enclosing, eqn), bound
             )
     return subs
 

@@ -8,20 +8,25 @@ It answers questions about values (jaxpr atoms) in a normal form:
 - no-ops removed: casts/reshapes/broadcasts to the same type, reshape round trips
   (`x.reshape(a).reshape(x.shape)`), `copy`, `pvary`, `sharding_constraint`, `name`
   (checkpoint_name), `optimization_barrier`, index normalisation of non-negative indices
-  (`select_n(i < 0, i, i + n)`), and, where asked, `stop_gradient`::
+  (`select_n(i < 0, i, i + n)`), `x * 1`, and, where asked, `stop_gradient`;
+- for a body bound once to its equation's operands (shard_map, jit), what its inputs are bound
+  to outside (`outside`)::
 
     view = View(closed_jaxpr)
     eqn = view.producer(var)           # the equation that makes var (noise skipped)
     view.op(var), view.args(var)       # its primitive name and canonical inputs
     view.users(var)                    # equations consuming var (looking through noise)
     view.scalar(atom)                  # python float of a literal / splat constant, else None
+    view.outside(var)                  # (outer view, atom) an input of a body is bound to, else None
 
 Idiom recognisers (softmax, sigmoid, one_hot, take_along_axis, ...) live in `moefuse.idioms`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -43,11 +48,23 @@ _COMMUTATIVE = frozenset({"add", "mul", "max", "min", "eq", "ne", "and", "or", "
 _NONNEG_INDEX_OPS = frozenset({"iota", "argmax", "argmin"})
 
 
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """What one input of a body is bound to outside: `atom` of the level `view()` returns (built
+    on first use)."""
+
+    view: Callable[[], View]
+    atom: Any
+
+
 class View:
     """Canonical, read-only view over a flat ClosedJaxpr."""
 
-    def __init__(self, closed: C.ClosedJaxpr):
+    def __init__(self, closed: C.ClosedJaxpr, bound: Sequence[Bound | None] = ()):
+        """`bound`: for a body bound once to the operands of its equation (a shard_map, a jit), what
+        each of its inputs is bound to in the enclosing level, in input order (see `outside`)."""
         self.closed = closed
+        self._bound = dict(zip(closed.jaxpr.invars, bound))
         self.jaxpr = closed.jaxpr
         self.consts: dict[Any, Any] = dict(zip(self.jaxpr.constvars, closed.consts))
         self._producer: dict[Any, tuple[int, int]] = {}
@@ -96,6 +113,17 @@ class View:
         )
         return eqn.primitive.name, params, tuple(operands), avals
 
+    def outside(self, atom: Any) -> tuple[View, Any] | None:
+        """(the enclosing level's view, the atom there) that the input `atom` of this body is bound
+        to, or None (not an input, a top-level input, or a body run more than once, as a loop's).
+        Evidence only: inside a shard_map the body sees the local shard of that value."""
+        atom = self.canon(atom)
+        got = None if C.is_literal(atom) else self._bound.get(atom)
+        if got is None:
+            return None
+        outer = got.view()
+        return outer, outer.canon(got.atom)
+
     # ---- raw structure -------------------------------------------------------------------
     def eqn_index(self, var: Any) -> int | None:
         """Index of the equation producing `var` (raw, no canonicalisation)."""
@@ -140,6 +168,8 @@ class View:
                 atom = q
             elif name == "max" and self._clip_at_zero_of_nonneg(eqn) is not None:
                 atom = self._clip_at_zero_of_nonneg(eqn)
+            elif name == "mul" and (x := self._times_one(eqn)) is not None:
+                atom = x
             else:
                 return atom
 
@@ -258,7 +288,7 @@ class View:
     def scalar(self, atom: Any) -> float | None:
         """The single value of a literal or a splat constant (all elements equal), else None."""
         val = self.value(atom)
-        if val is None or val.size == 0:
+        if val is None or val.size == 0 or np.iscomplexobj(val):  # a complex value is not a float
             return None
         flat = val.reshape(-1)
         first = flat[0]
@@ -337,6 +367,14 @@ class View:
             return None
         n = self.scalar(qe[0].invars[1])
         return q if n is not None and n > 0 and self.is_nonneg_index(qe[0].invars[0]) else None
+
+    def _times_one(self, eqn: C.JaxprEqn) -> Any | None:
+        """For x * 1 of x's own type: x (exact in IEEE arithmetic, NaN, inf and -0 included)."""
+        a, b = eqn.invars
+        for one, x in ((a, b), (b, a)):
+            if self.scalar(one) == 1.0 and not C.is_literal(x) and _same_aval(x, eqn.outvars[0]):
+                return x
+        return None
 
     def _clip_at_zero_of_nonneg(self, eqn: C.JaxprEqn) -> Any | None:
         """For max(0, a) with a >= 0 provably (jnp.bincount's clip): a."""

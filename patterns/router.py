@@ -86,6 +86,7 @@ class _Found:
     expert_scale: Any = None
     out_weights: Any = None
     selection: _Selection | None = None
+    notes: tuple[str, ...] = ()
 
 
 class RouterPattern:
@@ -398,11 +399,36 @@ def _check_scored(view: View, f: _Found) -> None:
             "as softmax or sigmoid, and the weights are not renormalised"
         )
     if view.op(f.scores) == "input":
-        raise _Reject(
-            "top-k of an input of this body used as weights as it is (no score function or renormalisation "
-            "here; scores computed outside a shard_map are not seen): a bare top_k, left as written"
-        )
+        scored = _scored_outside(view, f.scores)
+        if scored is None:
+            raise _Reject(
+                "top-k of an input of this body used as weights as it is (no score function or "
+                "renormalisation here, nor where the body's caller computes it): a bare top_k, left as "
+                "written"
+            )
+        f.notes += (f"the scores are a {scored} computed outside this body; the route takes them as given",)
+        return
     raise _Reject("top-k of raw logits used as weights without a softmax or a renormalisation: not a router")
+
+
+def _scored_outside(view: View, atom: Any) -> str | None:
+    """"softmax" / "sigmoid" (with the caller's location) if the body input `atom` is bound, through
+    any number of enclosing bodies run once (a shard_map, a jit), to such scores over its last axis."""
+    got = view.outside(atom)
+    while got is not None and got[0].op(got[1]) == "input":
+        got = got[0].outside(got[1])
+    if got is None:
+        return None
+    outer, value = got
+    sm = idioms.softmax(outer, value)
+    if sm is not None and sm.axis == len(_shape(value)) - 1:
+        kind = "softmax"
+    elif idioms.sigmoid(outer, value) is not None:
+        kind = "sigmoid"
+    else:
+        return None
+    file, line, _ = C.eqn_location(outer.producer(value))
+    return f"{kind} ({C.relpath(file)}:{line})" if line else kind
 
 
 def _one_hot_gather(view: View, ids: Any, scores: Any) -> bool:
@@ -778,4 +804,5 @@ def _proposal(view: View, anchor: int, f: _Found, expose: bool) -> Proposal:
         params=params.describe(),
         emit=emit,
         expose=widen,
+        notes=f.notes,
     )

@@ -32,6 +32,8 @@ NEAR_MISS_REASONS = {
     "nm_argsort_sigmoid": "a sort puts NaN last where top_k puts it first",
     "nm_topk_sae": "without a softmax",
     "nm_topk_distill_loss": "distillation or sampling",
+    "nm_shard_map_raw_topk": "nor where the body's caller computes it",
+    "nm_shard_map_softmax_over_tokens": "nor where the body's caller computes it",
 }
 
 
@@ -79,3 +81,15 @@ def test_l1_renorm_is_a_renorm_only_of_nonnegative_weights():
     got, want = moefuse.jit(router)(x, w), jax.jit(router)(x, w)
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
     np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["f1_shard_map_probs_as_given", "f1_remat_in_shard_map_sigmoid_as_given"])
+def test_scores_made_outside_a_body_are_named_in_the_plan(name):
+    """A top-k of scores the caller of a shard_map computed is routed as given, and the Plan says
+    where the scores came from (the softmax / sigmoid line in this file)."""
+    case = getattr(routers, f"make_{name}")()
+    (site,) = [s for s in moefuse.plan(case.fn, *case.args).fused if s.op == "route"]
+    kind = "softmax" if "probs" in name else "sigmoid"
+    assert site.params["score"] == "none" and site.path.startswith("shard_map")
+    (note,) = site.notes
+    assert note.startswith(f"the scores are a {kind} (tests/zoo/routers.py:"), note

@@ -297,6 +297,39 @@ def make_nm_topk_sae() -> ZooCase:
     )
 
 
+def _shard_map_top_k(top_k: int):
+    """top_k inside a one-device shard_map, its values and ids returned as they are."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("expert",))
+    spec = jax.sharding.PartitionSpec()
+    body = lambda s: tuple(lax.top_k(s, top_k))  # noqa: E731
+    return jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=(spec, spec))
+
+
+def make_nm_shard_map_raw_topk() -> ZooCase:
+    """Raw projections handed to a shard_map whose top-k values are used as they are: no score
+    function here nor where the body's caller computes its input."""
+    x = normal(233, (16, 32))
+    w = normal(234, (32, 8), scale=32**-0.5)
+    return _case(
+        "nm_shard_map_raw_topk",
+        lambda x, w: _shard_map_top_k(2)(x @ w),
+        (x, w),
+        "top-k of raw projections in a shard_map: a bare top_k, no scores outside either",
+    )
+
+
+def make_nm_shard_map_softmax_over_tokens() -> ZooCase:
+    """A softmax over the tokens outside a shard_map, top-k over the other axis inside it."""
+    x = normal(235, (16, 32))
+    w = normal(236, (32, 8), scale=32**-0.5)
+    return _case(
+        "nm_shard_map_softmax_over_tokens",
+        lambda x, w: _shard_map_top_k(2)(jax.nn.softmax(x @ w, axis=0)),
+        (x, w),
+        "the scores outside are normalised over the tokens, not over the candidates the top-k picks",
+    )
+
+
 def make_nm_strided_groups() -> ZooCase:
     """DS-V3-like group-limited routing but groups are STRIDED (expert e in group e % G), not consecutive."""
     num_tokens, d_model, num_experts, top_k = 16, 32, 32, 4
@@ -491,6 +524,8 @@ NEAR_MISSES = [
     make_nm_knn_retrieval,
     make_nm_topk_distill_loss,
     make_nm_topk_sae,
+    make_nm_shard_map_raw_topk,
+    make_nm_shard_map_softmax_over_tokens,
     make_nm_strided_groups,
     make_nm_attention_one_sequence,
     make_nm_token_similarity_topk,

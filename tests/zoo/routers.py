@@ -443,6 +443,58 @@ def make_f1_shard_map_probs_clamped_renorm() -> ZooCase:
     )
 
 
+def make_f1_shard_map_probs_as_given() -> ZooCase:
+    """Softmax outside a shard_map; inside, the top-k values of the probabilities it was handed are
+    the weights as they are (no renormalisation): the EasyDeL FUSED_MOE spelling."""
+    num_tokens, d_model, num_experts, top_k = 16, 32, 8, 2
+    x = normal(306, (num_tokens, d_model))
+    w = normal(307, (d_model, num_experts), scale=d_model**-0.5)
+    mesh = _one_device_mesh("expert")
+    spec = jax.sharding.PartitionSpec()
+
+    def model(x, w):
+        probs = jax.nn.softmax(x @ w, axis=-1)
+        return jax.shard_map(
+            lambda p: tuple(lax.top_k(p, top_k)), mesh=mesh, in_specs=spec, out_specs=(spec, spec)
+        )(probs)
+
+    return ZooCase(
+        "f1_shard_map_probs_as_given",
+        model,
+        (x, w),
+        "F1",
+        router_expect(top_k, num_experts, "none"),
+        note="scores made outside the body (seen through View.outside): route takes them as given",
+    )
+
+
+def make_f1_remat_in_shard_map_sigmoid_as_given() -> ZooCase:
+    """Sigmoid outside a shard_map, the top-k (of the scores times one) in a jax.checkpoint body
+    inside it: the evidence is two levels up."""
+    num_tokens, d_model, num_experts, top_k = 16, 32, 8, 2
+    x = normal(308, (num_tokens, d_model))
+    w = normal(309, (d_model, num_experts), scale=d_model**-0.5)
+    mesh = _one_device_mesh("expert")
+    spec = jax.sharding.PartitionSpec()
+
+    @jax.checkpoint
+    def pick(s):
+        return tuple(lax.top_k(s * 1.0, top_k))
+
+    def model(x, w):
+        scores = jax.nn.sigmoid(x @ w)
+        return jax.shard_map(pick, mesh=mesh, in_specs=spec, out_specs=(spec, spec))(scores)
+
+    return ZooCase(
+        "f1_remat_in_shard_map_sigmoid_as_given",
+        model,
+        (x, w),
+        "F1",
+        router_expect(top_k, num_experts, "none"),
+        note="sigmoid outside, top_k in a checkpoint body in the shard_map",
+    )
+
+
 def make_f1_temperature_logits() -> ZooCase:
     """Router temperature: logits divided by a run-time scalar before the softmax."""
     num_tokens, d_model, num_experts, top_k = 16, 32, 16, 4
@@ -1413,6 +1465,8 @@ ALL_ROUTERS = [
     make_f1_sharded_named_logits,
     make_f1_shard_map_logits,
     make_f1_shard_map_probs_clamped_renorm,
+    make_f1_shard_map_probs_as_given,
+    make_f1_remat_in_shard_map_sigmoid_as_given,
     make_f1_temperature_logits,
     make_f1_logsumexp_softmax_l1_renorm,
     make_f1_score_computed_twice,

@@ -218,24 +218,8 @@ def case(name: str, block: Block, moe_method: str | None = None, **kwargs: Any) 
 
 CASES: tuple[RealCase, ...] = (
     case("mixtral_fused_moe", MIXTRAL, "FUSED_MOE"),
-    case(
-        "qwen3_moe_fused_moe",
-        QWEN3_MOE,
-        "FUSED_MOE",
-        known_miss=(
-            "route: top-k of an input of this body used as weights as it is (the softmax runs outside "
-            "the shard_map; norm_topk_prob is off, so no renormalisation): a bare top_k; the block fuses"
-        ),
-    ),
-    case(
-        "qwen2_moe_fused_moe",
-        QWEN2_MOE,
-        "FUSED_MOE",
-        known_miss=(
-            "route: top-k of an input of this body used as weights as it is (the softmax runs outside "
-            "the shard_map; norm_topk_prob is off, so no renormalisation): a bare top_k; the block fuses"
-        ),
-    ),
+    case("qwen3_moe_fused_moe", QWEN3_MOE, "FUSED_MOE"),
+    case("qwen2_moe_fused_moe", QWEN2_MOE, "FUSED_MOE"),
     case(
         "deepseek_v3_fused_moe",
         DEEPSEEK_V3,

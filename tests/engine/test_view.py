@@ -1,0 +1,79 @@
+"""Normal-form rules of `moefuse.view.View` that no idiom test covers: `x * 1`, and what a body's
+inputs are bound to outside (`View.outside`)::
+
+    view = View(body, [Bound(lambda: outer_view, operand) for operand in eqn.invars])
+    view.outside(body.jaxpr.invars[0])   # (outer_view, the operand in its normal form)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+import moefuse
+from moefuse import _compat as C
+from moefuse.view import Bound, View
+
+X = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8)), jnp.float32)
+
+
+def test_times_one_is_the_value_itself_of_its_own_type_only():
+    def fn(x):
+        return x * 1.0, 1.0 * x, x * 2.0, x.astype(jnp.bfloat16) * jnp.float32(1.0)
+
+    closed = jax.make_jaxpr(fn)(X)
+    view = View(closed)
+    (x,) = closed.jaxpr.invars
+    one, one_left, two, widened = closed.jaxpr.outvars
+    assert view.canon(one) is x and view.canon(one_left) is x
+    assert view.op(two) == "mul"
+    assert view.op(widened) == "convert_element_type"  # bf16 * f32(1) is the bf16 value cast up
+
+
+def test_a_complex_factor_is_never_read_as_a_float():
+    """(1 + 2j) * z is not z: scalars are floats, and a complex constant has none."""
+    z = jnp.ones((4,), jnp.complex64)
+    closed = jax.make_jaxpr(lambda z: (z * jnp.complex64(1 + 2j), z * jnp.complex64(1)))(z)
+    view = View(closed)
+    tilted, one = closed.jaxpr.outvars
+    assert view.op(tilted) == "mul" and view.op(one) == "mul"
+    assert view.scalar(view.producer(tilted).invars[1]) is None
+
+
+def test_outside_names_what_a_body_input_is_bound_to():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("e",))
+    spec = jax.sharding.PartitionSpec()
+
+    def fn(x):
+        return jax.shard_map(lambda p: p * 2.0, mesh=mesh, in_specs=spec, out_specs=spec)(jax.nn.softmax(x))
+
+    closed = jax.make_jaxpr(fn)(X)
+    outer = View(closed)
+    (sm,) = [e for e in closed.jaxpr.eqns if e.primitive.name in C.SHARD_MAP_NAMES]
+    body = C.as_closed(sm.params["jaxpr"])
+    inner = View(body, [Bound(lambda: outer, v) for v in sm.invars])
+    (p,) = body.jaxpr.invars
+    got_view, got = inner.outside(p)
+    assert got_view is outer and got is outer.canon(sm.invars[0])
+    assert outer.op(got) == "div"  # the softmax's last step
+    assert View(body).outside(p) is None  # nothing bound: a top-level input
+    assert inner.outside(body.jaxpr.outvars[0]) is None  # not an input
+
+
+def test_a_loop_body_is_not_bound_to_its_operands():
+    """A scan body runs once per slice (and carries change), so its inputs are not the operands:
+    the softmax outside is no evidence there, and the bare top_k inside stays unfused."""
+
+    def fn(x):
+        def step(c, row):
+            v, i = lax.top_k(row, 2)
+            return c, (v, i)
+
+        return lax.scan(step, 0.0, jax.nn.softmax(x))[1]
+
+    plan = moefuse.plan(fn, X)
+    assert not plan.fused
+    (d,) = [d for d in plan.declined if d.op == "route"]
+    assert "nor where the body's caller computes it" in d.reason and d.path.startswith("scan")
