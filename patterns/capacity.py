@@ -45,9 +45,10 @@ import numpy as np
 
 from moefuse import idioms
 from moefuse.match import NoMatch, Proposal
+from moefuse.patterns.activations import kernel_activation
 from moefuse.patterns.capacity_buffers import Ffn, expert_outputs
 from moefuse.patterns.capacity_masks import ZERO, Ctx, Reject, Val, describe, interpret, shape, token_labels
-from moefuse.patterns.experts import _dot_labels, kernel_activation
+from moefuse.patterns.dots import dot_labels
 from moefuse.patterns.moe_block import plan_params
 from moefuse.view import View
 
@@ -118,7 +119,7 @@ def _prove(view: View, anchor: int, eqn: Any, ffn: Ffn, num_e: int, comb: Any, c
         raise Reject("the combine einsum pairs combine and buffer dims differently")
     if [c_lab[i] for i in cb] != [f"t{i}" for i in range(nt - 1)]:
         raise Reject("the combine einsum does not batch the token groups")
-    y_lab = _dot_labels(c_lab, o_lab, cc, oc, cb, ob)
+    y_lab = dot_labels(c_lab, o_lab, cc, oc, cb, ob)
     if tuple(y_lab) != token_labels(ctx) + ("D",):
         raise Reject("the block output is not laid out as [tokens..., D] like its input")
     # the dispatch tensor that built the buffers

@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from moefuse.patterns.experts import _dot, _dot_labels, _through_transpose, activation_of
+from moefuse.patterns.activations import activation_of
+from moefuse.patterns.dots import dot, dot_labels, through_transpose
 from moefuse.view import View
 
 _ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh", "gelu", "gelu_tanh", "relu", "silu")
@@ -44,8 +45,8 @@ class Ffn:
 
 def _expert_inputs(view: View, atom: Any) -> tuple[Any, Any, tuple, tuple, tuple] | None:
     """(x, dispatch, labels, x token count, dispatch dims) for einsum('..sec,..sd->e..cd')."""
-    base, perm = _through_transpose(view, atom)
-    got = _dot(view, base)
+    base, perm = through_transpose(view, atom)
+    got = dot(view, base)
     if got is None:
         return None
     lhs, rhs, lc, rc, lb, rb = got
@@ -61,17 +62,17 @@ def _expert_inputs(view: View, atom: Any) -> tuple[Any, Any, tuple, tuple, tuple
         x_lab = tuple(f"t{i}" for i in range(nt)) + ("D",)
         d_lab = tuple(f"t{i}" for i in range(nt)) + ("E", "C")
         if d_side is lhs:
-            labels = _dot_labels(d_lab, x_lab, dc, xc, db, xb)
+            labels = dot_labels(d_lab, x_lab, dc, xc, db, xb)
         else:
-            labels = _dot_labels(x_lab, d_lab, xc, dc, xb, db)
+            labels = dot_labels(x_lab, d_lab, xc, dc, xb, db)
         return x_side, d_side, tuple(labels[p] for p in perm), d_lab, x_lab
     return None
 
 
 def _proj(view: View, atom: Any, num_e: int, contract: str, new: str) -> tuple | None:
     """(input, W, labels of atom, W labels) for atom = input . W[E, .., ..] batched over E."""
-    base, perm = _through_transpose(view, atom)
-    got = _dot(view, base)
+    base, perm = through_transpose(view, atom)
+    got = dot(view, base)
     if got is None:
         return None
     lhs, rhs, lc, rc, lb, rb = got
@@ -104,9 +105,9 @@ def expert_outputs(view: View, out: Any, num_e: int) -> Ffn | None:
     if len(hb) != 1 or len(hc) != 1 or g_labels[hb[0]] != "E" or g_labels[hc[0]] != "F":
         return None
     if w_first:
-        labels = _dot_labels(wd_lab, g_labels, wc, hc, wb, hb)
+        labels = dot_labels(wd_lab, g_labels, wc, hc, wb, hb)
     else:
-        labels = _dot_labels(g_labels, wd_lab, hc, wc, hb, wb)
+        labels = dot_labels(g_labels, wd_lab, hc, wc, hb, wb)
     return Ffn(
         x=x,
         dispatch=dispatch,
@@ -136,7 +137,7 @@ def _up(view: View, atom: Any, num_e: int) -> tuple | None:
     if len(ab) != 1 or a_labels[ab[0]] != "E" or a_labels[ac[0]] != "D":
         return None
     if w_first:
-        labels = _dot_labels(w_lab, a_labels, wc, ac, wb, ab)
+        labels = dot_labels(w_lab, a_labels, wc, ac, wb, ab)
     else:
-        labels = _dot_labels(a_labels, w_lab, ac, wc, ab, wb)
+        labels = dot_labels(a_labels, w_lab, ac, wc, ab, wb)
     return x, dispatch, tuple(labels[p] for p in perm), w, w_lab, d_lab, x_lab

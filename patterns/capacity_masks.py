@@ -21,7 +21,7 @@ import numpy as np
 
 from moefuse import _compat as C
 from moefuse import idioms
-from moefuse.patterns.experts import _dot_labels
+from moefuse.patterns.dots import dot_labels
 from moefuse.view import View
 
 
@@ -606,7 +606,7 @@ def _dot_general(view: View, atom: Any, ctx: Ctx) -> Val | None:
     contracted = [l_lab[i] for i in lc]
     if contracted not in ([], ["K"]):
         raise Reject(f"an einsum of masks summing over {contracted}")
-    labels = _dot_labels(l_lab, r_lab, lc, rc, lb, rb)
+    labels = dot_labels(l_lab, r_lab, lc, rc, lb, rb)
     if len(set(labels)) != len(labels):
         return None
     if vl is not None and vr is not None:

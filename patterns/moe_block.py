@@ -1,9 +1,10 @@
 """Whole-MoE pattern: every expert's FFN combined by the router's weights, fused into `moe`.
 
 Anchors on the combine (a weighted sum over experts or over the k slots, a scatter-add of sorted
-rows, or the last add of an unrolled loop) and recognises what feeds it with `experts.py`: the dense
-spelling (all experts on all tokens, then a [..T, E] combine matrix), the per-token weight gather,
-sorted `lax.ragged_dot`, and the Python loops over experts or over slots; a shared expert added to
+rows, or the last add of an unrolled loop) and recognises what feeds it with `experts.py` (the dense
+spelling: all experts on all tokens, then a [..T, E] combine matrix; the per-token weight gather;
+sorted `lax.ragged_dot`) and `expert_loops.py` (the Python loops over experts or over slots), both
+reading matmuls as labelled einsums (`dots.py`) and activations by `activations.py`; a shared expert added to
 the result joins the op (`shared.py`). Capacity dispatch is `capacity.py`. The fused op does only
 the routed work::
 
@@ -23,21 +24,21 @@ from jax import lax
 
 from moefuse import idioms
 from moefuse.match import NoMatch, Proposal
-from moefuse.patterns.experts import (
-    Bias,
-    Cols,
-    ExpertFfn,
-    dense_expert_outputs,
-    gathered_expert_outputs,
-    is_ragged_dot,
-    kernel_activation,
+from moefuse.patterns.activations import kernel_activation
+from moefuse.patterns.dots import Bias, Cols, token_labels
+from moefuse.patterns.expert_loops import (
     loop_expert_weight,
     looped_expert_outputs,
     slot_column,
     slot_loop_outputs,
+)
+from moefuse.patterns.experts import (
+    ExpertFfn,
+    dense_expert_outputs,
+    gathered_expert_outputs,
+    is_ragged_dot,
     sorted_expert_outputs,
     sorted_scatter_combine,
-    token_labels,
 )
 from moefuse.patterns.shared import with_shared_expert
 from moefuse.view import View

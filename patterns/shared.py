@@ -21,7 +21,8 @@ import jax.numpy as jnp
 
 from moefuse import idioms
 from moefuse.match import Proposal, escaping, region_of
-from moefuse.patterns.experts import Cols, activation_of, column_slice, kernel_activation
+from moefuse.patterns.activations import activation_of, kernel_activation
+from moefuse.patterns.dots import Cols, column_slice
 from moefuse.view import View
 
 SUPPORTED = (

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import pytest
 
 import moefuse
-from moefuse.patterns.experts import _plain_activation, activation_of, dense_expert_outputs
+from moefuse.patterns.activations import _plain_activation, activation_of
+from moefuse.patterns.experts import dense_expert_outputs
 from moefuse.rewrite import inline_jits
 from moefuse.view import View
 
