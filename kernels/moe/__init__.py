@@ -163,20 +163,26 @@ def _small_dense(req: select.Request) -> bool:
     return math.prod(x.shape[:-1]) * math.prod(w_down.shape) < DENSE_WORK
 
 
+def _one_rounding(req: select.Request, target: select.Target) -> str | None:
+    """Kernels that round only the FFN output cannot give each projection its own dtype."""
+    pdt = req.params.get("projection_dtype")
+    return None if pdt is None else f"rounds each FFN once, not each projection to projection_dtype={pdt}"
+
+
 select.register_impls("moe", tuple(IMPLS))
 select.register(
     select.KernelRow("moe", "tpu", "pallas_tpu", dtypes=("float32", "bfloat16"),
-                     tiles=_tiles(pallas_tpu.BACKEND),
+                     tiles=_tiles(pallas_tpu.BACKEND), fits=_one_rounding,
                      note="Pallas TPU (Mosaic): one fused expert-FFN kernel over expert-sorted row tiles; "
                           "backward gmm / tgmm kernels"),
     select.KernelRow("moe", "tpu", "xla", note="sorted block schedule (XLA)"),
     select.KernelRow("moe", "gpu", "pallas_gpu", dtypes=("float32", "bfloat16"),
-                     tiles=_tiles(pallas_gpu.BACKEND),
+                     tiles=_tiles(pallas_gpu.BACKEND), fits=_one_rounding,
                      note="Pallas GPU (Triton): grouped matmuls over expert-sorted row tiles, activation "
                           "fused; XLA combine"),
     select.KernelRow("moe", "gpu", "xla", note="sorted block schedule (XLA)"),
     select.KernelRow("moe", "cpu", "dense", shape=f"dispatch dense, T*E*D*F < {DENSE_WORK:,}",
-                     when=_small_dense,
+                     when=_small_dense, fits=_one_rounding,
                      note="every expert on every token (XLA), as the original computes it: at this size "
                           "a few large dots beat sorting"),
     select.KernelRow("moe", "cpu", "xla", note="sorted block schedule (XLA)"),

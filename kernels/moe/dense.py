@@ -30,6 +30,10 @@ def dense_ffn(
     over the live assignments."""
     if params.capacity is not None:
         raise ValueError("moe_ffn impl='dense' does not drop tokens: use impl='xla' with a capacity")
+    if params.projection_dtype is not None:
+        raise ValueError("moe_ffn impl='dense' folds the combine into the down projection, so it "
+                         f"cannot round that projection to projection_dtype={params.projection_dtype}: "
+                         "use impl='xla'")
     cdt = compute_dtype(params, x)
     wdt = combine_dtype(params, cdt, weights)
     ew = {name: a.astype(cdt) for name, a in ew.items()}

@@ -166,6 +166,9 @@ def forward(x, weights, ids, ew: ExpertWeights, params: MoeParams, kernels: Back
             interpret: bool) -> tuple[jax.Array, Residuals]:
     """out [T, D] in x's dtype and the residuals for `backward`, on validated inputs (tiles None: the
     backend's defaults for the shape)."""
+    if params.projection_dtype is not None:
+        raise ValueError(f"moe_ffn: the Pallas kernels round only the FFN output, not each projection to "
+                         f"projection_dtype={params.projection_dtype}: use impl='xla'")
     tiles = kernels.tiles_for(x, ew, params, tiles)
     k = params.k
     cdt = compute_dtype(params, x)

@@ -40,6 +40,9 @@ class MoeParams:
     Semantics (see `reference.moe_ffn_reference`), for x [T, D], weights [T, k], ids int32 [T, k]:
       cdt = compute_dtype or x.dtype: x, expert weights and biases are cast to cdt; matmuls and the
         activation run in cdt.
+      pdt = projection_dtype or cdt: each projection's result dtype (a matmul's preferred_element_type:
+        the products of cdt operands rounded to pdt); the activation runs in pdt, and the down
+        projection reads it as it is (promoted with the cdt weights as jnp does). No biases with it.
       FFN_e(v) = act(v @ W_in[e] + b_in[e]) @ W_down[e] + b_down[e]   (biases iff has_expert_bias)
         GLU activations split the first projection into gate g and up u (separate [E, D, F] arrays,
         or one [E, D, 2F] array when fused_gate_up: "concat" = first F columns gate, next F up;
@@ -71,6 +74,7 @@ class MoeParams:
     capacity_order: CapacityOrder = "slot_major"
     capacity_groups: int = 1
     compute_dtype: str | None = None
+    projection_dtype: str | None = None
     weights_dtype: str | None = None
 
     def __post_init__(self) -> None:
@@ -94,6 +98,10 @@ class MoeParams:
             raise ValueError(f"capacity_groups={self.capacity_groups} must be >= 1")
         _check_dtype_name("compute_dtype", self.compute_dtype)
         _check_dtype_name("weights_dtype", self.weights_dtype)
+        _check_dtype_name("projection_dtype", self.projection_dtype)
+        if self.projection_dtype is not None and self.has_expert_bias:
+            raise ValueError("projection_dtype with has_expert_bias is not supported (in which dtype the "
+                             "bias is added is not defined); leave projection_dtype None")
 
     @property
     def is_glu(self) -> bool:

@@ -127,6 +127,11 @@ def compute_dtype(params: MoeParams, x: jax.Array) -> jnp.dtype:
     return jnp.dtype(params.compute_dtype) if params.compute_dtype else jnp.dtype(x.dtype)
 
 
+def output_dtype(params: MoeParams, cdt: jnp.dtype) -> jnp.dtype:
+    """The dtype of each expert's output rows: the projections' dtype (see MoeParams)."""
+    return jnp.dtype(params.projection_dtype) if params.projection_dtype else cdt
+
+
 def combine_dtype(params: MoeParams, cdt: jnp.dtype, weights: jax.Array) -> jnp.dtype:
     return jnp.dtype(params.weights_dtype) if params.weights_dtype else jnp.result_type(cdt, weights.dtype)
 
@@ -158,22 +163,31 @@ def activation(params: MoeParams, gate: jax.Array, up: jax.Array | None = None) 
     return jax.nn.silu(gate)
 
 
+def project(spec: str, a: jax.Array, w: jax.Array, params: MoeParams) -> jax.Array:
+    """One projection `einsum(spec, a, w)`, its result in params.projection_dtype when that is set."""
+    if not params.projection_dtype:
+        return jnp.einsum(spec, a, w)
+    common = jnp.result_type(a, w)  # promoted first: a mixed-dtype dot is left to the backend
+    pdt = jnp.dtype(params.projection_dtype)
+    return jnp.einsum(spec, a.astype(common), w.astype(common), preferred_element_type=pdt)
+
+
 def expert_ffn(v: jax.Array, w: ExpertWeights, params: MoeParams) -> jax.Array:
     """One expert's FFN on rows v [..., D]; w holds that expert's weights (no expert axis)."""
-    y = expert_hidden(v, w, params) @ w["w_down"]
+    y = project("...f,fd->...d", expert_hidden(v, w, params), w["w_down"], params)
     return y + w["b_down"] if "b_down" in w else y
 
 
 def expert_hidden(v: jax.Array, w: ExpertWeights, params: MoeParams) -> jax.Array:
     """One expert's hidden activations [..., F] on rows v [..., D] (the down projection's input)."""
-    a = v @ w["w_in"]
+    a = project("...d,df->...f", v, w["w_in"], params)
     if "b_in" in w:
         a = a + w["b_in"]
     if params.is_glu:
         if params.fused_gate_up:
             gate, up = split_gate_up(a, params)
         else:
-            gate, up = a, v @ w["w_up"]
+            gate, up = a, project("...d,df->...f", v, w["w_up"], params)
             if "b_up" in w:
                 up = up + w["b_up"]
         return activation(params, gate, up)

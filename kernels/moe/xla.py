@@ -74,6 +74,8 @@ from .reference import (
     activation,
     combine_dtype,
     compute_dtype,
+    output_dtype,
+    project,
     split_gate_up,
 )
 
@@ -205,20 +207,20 @@ def layout(ids: jax.Array, params: MoeParams, sched: Schedule) -> Layout:
 
 def block_ffn(xb: jax.Array, ew: ExpertWeights, params: MoeParams) -> jax.Array:
     """FFN of G experts on M rows each: xb [G, M, D] with weights [G, ...] -> [G, M, D]."""
-    a = jnp.einsum("gmd,gdf->gmf", xb, ew["w_in"])
+    a = project("gmd,gdf->gmf", xb, ew["w_in"], params)
     if "b_in" in ew:
         a = a + ew["b_in"][:, None, :]
     if params.is_glu:
         if params.fused_gate_up:
             gate, up = split_gate_up(a, params)
         else:
-            gate, up = a, jnp.einsum("gmd,gdf->gmf", xb, ew["w_up"])
+            gate, up = a, project("gmd,gdf->gmf", xb, ew["w_up"], params)
             if "b_up" in ew:
                 up = up + ew["b_up"][:, None, :]
         h = activation(params, gate, up)
     else:
         h = activation(params, a)
-    y = jnp.einsum("gmf,gfd->gmd", h, ew["w_down"])
+    y = project("gmf,gfd->gmd", h, ew["w_down"], params)
     return y + ew["b_down"][:, None, :] if "b_down" in ew else y
 
 
@@ -274,7 +276,8 @@ def _loop_forward(xs, ew, lay, params, sizes):
 
         return _run_blocks(lay.starts[e] + lay.c0, over[e], sizes, block, ys)
 
-    return lax.fori_loop(0, n_over, expert, _zeros((n_pad, d), xs.dtype, (xs, ew)))
+    odt = output_dtype(params, xs.dtype)
+    return lax.fori_loop(0, n_over, expert, _zeros((n_pad, d), odt, (xs, ew)))
 
 
 def _zeros(shape: tuple[int, ...], dtype: Any, refs: Any) -> jax.Array:
@@ -306,7 +309,7 @@ class Residuals(NamedTuple):
     weights: jax.Array
     ew: ExpertWeights
     lay: Layout
-    y: jax.Array  # [T, k, D] per-assignment expert outputs (0 where not live), compute dtype
+    y: jax.Array  # [T, k, D] per-assignment expert outputs (0 where not live), in output_dtype
 
 
 def forward(
@@ -328,7 +331,7 @@ def forward(
     if c0:
         y1 = lax.cond(lay.c0 > 0,
                       lambda: block_ffn(x0[tok[_capacity_rows(lay, e, c0, n)]], ewc, params),
-                      lambda: _zeros((e, c0, d), cdt, (x0, ewc)))
+                      lambda: _zeros((e, c0, d), output_dtype(params, cdt), (x0, ewc)))
     y2 = _loop_forward(x0[tok], ewc, lay, params, sched.blocks)
     y = _unsort(y1, y2, lay)
     contrib = weights.astype(wdt)[..., None] * y.astype(wdt)
@@ -379,7 +382,7 @@ def backward(
     gw = g.astype(wdt)[:, None, :]
     zero = jnp.zeros((), wdt)
     dweights = jnp.sum(jnp.where(live, gw * y.astype(wdt), zero), axis=-1).astype(weights.dtype)
-    dy = jnp.where(live, weights.astype(wdt)[..., None] * gw, zero).astype(cdt)  # [T, k, D]
+    dy = jnp.where(live, weights.astype(wdt)[..., None] * gw, zero).astype(output_dtype(params, cdt))
     ewc = {name: a.astype(cdt) for name, a in ew.items()}
     x0, dy0 = _with_zero_row(x.astype(cdt)), _with_zero_row(dy.reshape(n, d))
     row = _padded_index(lay.order, max(sched.blocks), n)  # assignment of each sorted row, then row N

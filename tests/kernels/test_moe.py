@@ -596,3 +596,76 @@ def test_params_hashable_and_missing_bias():
     x, weights, ids, ew = make_inputs(MoeParams(num_experts=4, k=2), t=4)
     with pytest.raises(ValueError, match="needs both b_in and b_down"):
         moe_ffn(x, weights, ids, (ew["w_in"], ew["w_up"]), ew["w_down"], p)
+
+
+# ---- projection_dtype: each projection rounded apart (ragged_dot / einsum preferred_element_type) ----
+
+
+def _rounded_moe(p: MoeParams, x, weights, ids, ew, pdt):
+    """independent_moe with each projection of f32 operands rounded to pdt (None: not rounded), the
+    activation in that dtype, and the down projection reading it upcast, as model code writes it."""
+
+    def mm(v, w):
+        y = v.astype(jnp.float32) @ w
+        return y if pdt is None else y.astype(pdt)
+
+    out = jnp.zeros(x.shape, jnp.float32)
+    for e in range(p.num_experts):
+        gate = mm(x, ew["w_in"][e])
+        # the activation in pdt, spelled as model code spells it (1 / (1 + exp(-g)) rounds otherwise in bf16)
+        h = jnp.maximum(gate, 0) if p.activation == "relu" else jax.nn.silu(gate) * mm(x, ew["w_up"][e])
+        y_e = mm(h, ew["w_down"][e]).astype(jnp.float32)
+        for j in range(p.k):
+            out = out + jnp.where((ids[:, j] == e)[:, None], weights[:, j, None] * y_e, 0)
+    return out
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "relu"])
+@pytest.mark.parametrize("t", [32, 4])
+def test_projection_dtype_rounds_each_projection(activation, t):
+    """f32 operands, bf16 projections: the fused op is much closer to the program that rounds each
+    projection than that program is to the unrounded one (so the rounding is not dropped)."""
+    p = MoeParams(num_experts=4, k=2, activation=activation, projection_dtype="bfloat16")
+    x, weights, ids, ew = make_inputs(p, t=t, seed=5)
+    # under jit, as the model runs (XLA CPU rounds bf16 elementwise chains differently op by op)
+    rounded = jax.jit(lambda *a: _rounded_moe(p, *a, jnp.bfloat16))(x, weights, ids, ew)
+    unrounded = jax.jit(lambda *a: _rounded_moe(p, *a, None))(x, weights, ids, ew)
+    gap = float(jnp.max(jnp.abs(rounded - unrounded)))
+    assert gap > 1e-3  # the rounding is visible at this size
+    for variant in ("reference", "xla/capacity-pass", "xla/loop-only"):
+        got = run(p, variant, x, weights, ids, ew)
+        assert got.dtype == jnp.float32
+        err = float(jnp.max(jnp.abs(got - rounded)))
+        assert err <= 0.1 * gap, (variant, err, gap)
+
+
+def test_projection_dtype_gradients_match_the_rounded_program():
+    """Backward rounding is not fixed by the forward (where a bf16 cotangent is rounded differs between
+    autodiff spellings), so: every gradient within one bf16 ulp of its scale of the rounded program's."""
+    p = MoeParams(num_experts=4, k=2, activation="swiglu", projection_dtype="bfloat16")
+    x, weights, ids, ew = make_inputs(p, t=32, seed=6)
+    cot = jnp.asarray(np.random.default_rng(10).standard_normal(x.shape), jnp.float32)
+    loss_of = lambda x, w, ew: jnp.sum(_rounded_moe(p, x, w, ids, ew, jnp.bfloat16) * cot)  # noqa: E731
+    want = jax.jit(jax.grad(loss_of, (0, 1, 2)))(x, weights, ew)
+    ulp = float(jnp.finfo(jnp.bfloat16).eps)
+    for variant in ("reference", "xla/capacity-pass", "xla/loop-only"):
+        impl, _, branch = variant.partition("/")
+
+        def loss(x, w, ew, impl=impl):
+            w_in, w_down, _, _ = op_args(ew)
+            return jnp.sum(moe_ffn(x, w, ids, w_in, w_down, p, impl=impl) * cot)
+
+        with forced_branch(branch):
+            got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, weights, ew)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert g.dtype == w.dtype and g.shape == w.shape
+            err, scale = float(jnp.max(jnp.abs(g - w))), float(jnp.max(jnp.abs(w)))
+            assert err <= ulp * scale, (variant, err, scale)
+
+
+@pytest.mark.parametrize("impl", ["dense", "pallas_tpu"])
+def test_one_rounding_kernels_refuse_a_projection_dtype(impl):
+    p = MoeParams(num_experts=4, k=2, activation="gelu", projection_dtype="bfloat16")
+    x, weights, ids, ew = make_inputs(p, t=8)
+    with pytest.raises(ValueError, match="projection_dtype=bfloat16"):
+        moe_ffn(x, weights, ids, ew["w_in"], ew["w_down"], p, impl=impl, interpret=True)
