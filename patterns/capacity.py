@@ -50,6 +50,7 @@ from moefuse.patterns.capacity_buffers import Ffn, expert_outputs
 from moefuse.patterns.capacity_masks import ZERO, Ctx, Reject, Val, describe, interpret, shape, token_labels
 from moefuse.patterns.dots import dot_labels
 from moefuse.patterns.moe_block import plan_params
+from moefuse.patterns.precision import FfnValues, ffn_precision
 from moefuse.view import View
 
 OP = "moe"
@@ -342,6 +343,14 @@ def _proposal(view, anchor, ffn: Ffn, slots, weights, k, num_e, cap, order, grou
     from moefuse.kernels.moe import MoeParams, moe_ffn
 
     y = view.jaxpr.eqns[anchor].outvars[0]
+    gated = ffn.w_up is not None
+    n_s = len(slots)
+    masks = list(dict.fromkeys(view.canon(m) for m in ctx.masks))
+    expert_weights = [ffn.w_gate] + ([ffn.w_up] if gated else []) + [ffn.w_down]
+    inputs = [ffn.x, *weights, *slots, *expert_weights, *masks]
+    prec = ffn_precision(view, FfnValues(ffn.x, expert_weights, inputs, weights, y, combine_dtype))
+    if isinstance(prec, str):
+        return NoMatch(anchor, prec, OP)
     params = MoeParams(
         num_experts=num_e,
         k=k,
@@ -350,11 +359,10 @@ def _proposal(view, anchor, ffn: Ffn, slots, weights, k, num_e, cap, order, grou
         capacity_order=order,
         capacity_groups=groups,
         weights_dtype=jnp.dtype(combine_dtype).name,
+        compute_dtype=prec.compute_dtype,
+        projection_dtype=prec.projection_dtype,
+        hidden_dtype=prec.hidden_dtype,
     )
-    gated = ffn.w_up is not None
-    n_s = len(slots)
-    masks = list(dict.fromkeys(view.canon(m) for m in ctx.masks))
-    inputs = [ffn.x, *weights, *slots, ffn.w_gate] + ([ffn.w_up] if gated else []) + [ffn.w_down] + masks
     perms = (
         tuple(ffn.w_gate_dims.index(c) for c in "EDF"),
         tuple(ffn.w_up_dims.index(c) for c in "EDF") if gated else None,

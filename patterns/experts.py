@@ -12,6 +12,7 @@ expert into ragged groups (`sorted_expert_outputs`, `sorted_scatter_combine`); P
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 from moefuse import idioms
@@ -288,7 +289,9 @@ def sorted_expert_outputs(view: View, out: Any) -> tuple[ExpertFfn, Any] | None:
         return None
     o_sorted, perm = _unpermuted(view, view.canon(eqn.invars[0]))
     got = None if o_sorted is None else sorted_rows_ffn(view, o_sorted)
-    if got is None or not view.same(got[2], perm) or _shape(got[1]) != _shape(out)[:2]:
+    if got is None or not view.same(got[2], perm):
+        return None
+    if (_tokens_of(_shape(got[1])), _shape(got[1])[-1]) != _shape(out)[:2]:
         return None
     return got[0], got[1]
 
@@ -316,14 +319,17 @@ def sorted_scatter_combine(view: View, y: Any) -> tuple[ExpertFfn, Any, Any] | N
         if got is None or not view.same(view.args(src)[0], got[2]):
             continue
         ffn, ids, perm = got
-        if view.scalar(view.args(src)[1]) != _shape(ids)[1]:
+        if view.scalar(view.args(src)[1]) != _shape(ids)[-1]:
             continue
         w_sorted, _ = idioms.unexpand(view, w_side)
         taken = idioms.take(view, w_sorted)
         if taken is None or not view.same(taken[1], perm):
             continue
         wf = view.producer(taken[0])
-        if wf is None or wf.primitive.name != "reshape" or _shape(wf.invars[0]) != _shape(ids):
+        w_shape = None if wf is None else _shape(wf.invars[0])
+        if wf is None or wf.primitive.name != "reshape" or (_tokens_of(w_shape), w_shape[-1:]) != (
+            _tokens_of(_shape(ids)), _shape(ids)[-1:]
+        ):
             continue
         return ffn, ids, view.canon(wf.invars[0])
     return None
@@ -368,11 +374,11 @@ def sorted_rows_ffn(view: View, o_sorted: Any) -> tuple[ExpertFfn, Any, Any] | N
         if row_e is None or not (view.same(row_e[0], flat) and view.same(row_e[1], perm)):
             return None
     fe = view.producer(flat)
-    if fe is None or fe.primitive.name != "reshape" or len(_shape(fe.invars[0])) != 2:
+    if fe is None or fe.primitive.name != "reshape" or len(_shape(fe.invars[0])) < 2:
         return None
-    ids = view.canon(fe.invars[0])
-    t, k = _shape(ids)
-    if k_rows != k or _shape(x)[0] != t or counts[1] != _shape(down.w)[0]:
+    ids = view.canon(fe.invars[0])  # [..T, k]: several token dims ([B, S, k] ids) flatten in order
+    k = _shape(ids)[-1]
+    if k_rows != k or _shape(x)[0] != _tokens_of(_shape(ids)) or counts[1] != _shape(down.w)[0]:
         return None
     return _ffn_of_parts(x, g, u, down, act, act_params, ("T0", "K", "D")), ids, perm
 
@@ -390,6 +396,11 @@ def _row_source(view: View, rows: Any) -> tuple[Any, Any, float | None] | None:
         return None
     perm, k = view.args(idx)
     return src, perm, view.scalar(k)
+
+
+def _tokens_of(shape: tuple[int, ...]) -> int:
+    """The number of tokens of ids (or weights) [..T, k]; -1 for fewer than two dims."""
+    return math.prod(shape[:-1]) if len(shape) >= 2 else -1
 
 
 def _unpermuted(view: View, flat: Any) -> tuple[Any, Any] | tuple[None, None]:
@@ -441,6 +452,8 @@ def _ragged(view: View, atom: Any) -> _Ragged | None:
     cut = column_slice(view, atom)
     if cut is not None:
         inner_atom, axis, cols = cut
+        if axis == 0:
+            return _unpadded(view, inner_atom, cols)
         inner = _ragged(view, inner_atom)
         if inner is None or inner.cols is not None or axis != 1:
             return None
@@ -460,6 +473,23 @@ def _ragged(view: View, atom: Any) -> _Ragged | None:
     if perm[0] == 0:
         w, dims = base, tuple(dims[perm.index(d)] for d in range(3))
     return _Ragged(rows, w, sizes, dims, None, None, None)
+
+
+def _unpadded(view: View, atom: Any, rows: Cols) -> _Ragged | None:
+    """ragged_dot(pad(r), W, sizes)[:len(r)] is ragged_dot(r, W, sizes): each output row is its own
+    row times its group's weight, and rows appended at the end do not move any group (MaxText pads
+    the sorted rows to a tile multiple and slices the padding off)."""
+    inner = _ragged(view, atom)
+    if inner is None or inner.cols is not None or inner.bias is not None:
+        return None
+    pad = view.producer(inner.rows)
+    if pad is None or pad.primitive.name != "pad":
+        return None
+    config = [tuple(c) for c in pad.params["padding_config"]]
+    base = view.canon(pad.invars[0])
+    if config[0][0] != 0 or config[0][2] != 0 or any(c != (0, 0, 0) for c in config[1:]):
+        return None
+    return inner._replace(rows=base) if rows == (0, _shape(base)[0], 1) else None
 
 
 def is_ragged_dot(view: View, atom: Any) -> bool:

@@ -40,6 +40,7 @@ from moefuse.patterns.experts import (
     sorted_expert_outputs,
     sorted_scatter_combine,
 )
+from moefuse.patterns.precision import FfnValues, ffn_precision
 from moefuse.patterns.shared import with_shared_expert
 from moefuse.view import View
 
@@ -144,9 +145,10 @@ class MoePattern:
             if ffn.labels[o_sum] != "E" or tuple(ffn.labels[d] for d in o_tok) != token_labels(len(o_tok)):
                 return NoMatch(anchor, "the combine does not sum expert outputs over experts per token", OP)
             return _proposal(view, anchor, ffn, weights, ids, num_e, "dense", w_atom.aval.dtype)
-        dispatch, got = "gather", gathered_expert_outputs(view, o_atom)
+        o_rows = view.uncast(o_atom)  # expert outputs upcast for the combine (ffn_precision checks it)
+        dispatch, got = "gather", gathered_expert_outputs(view, o_rows)
         if got is None:
-            dispatch, got = "sorted", sorted_expert_outputs(view, o_atom)
+            dispatch, got = "sorted", sorted_expert_outputs(view, o_rows)
         if got is None:
             return NoMatch(anchor, "no combine of expert outputs by router weights", OP)
         ffn, ids = got
@@ -301,13 +303,21 @@ def _proposal(
     num_e: int,
     dispatch: str,
     combine_dtype: Any,
-) -> Proposal:
-    """The fused op for a recognised block; the combine runs in the dtype the program used for it."""
+) -> Proposal | NoMatch:
+    """The fused op for a recognised block; it rounds where the program does (`ffn_precision`), and
+    the combine runs in the dtype the program used for it."""
     from moefuse.kernels.moe import MoeParams, moe_ffn
 
     y = view.jaxpr.eqns[anchor].outvars[0]
     biases = [b for b in ffn.biases if b is not None]
     layout = _fused_layout(ffn)
+    gated = ffn.w_up is not None
+    expert_weights = [ffn.w_gate] + ([ffn.w_up] if gated else []) + [ffn.w_down]
+    inputs = [ffn.x, weights, ids, *expert_weights, *(b.array for b in biases)]
+    block = FfnValues(ffn.x, expert_weights, inputs, [weights], y, combine_dtype, bool(biases))
+    prec = ffn_precision(view, block)
+    if isinstance(prec, str):
+        return NoMatch(anchor, prec, OP)
     params = MoeParams(
         num_experts=num_e,
         k=_shape(ids)[-1],
@@ -316,11 +326,11 @@ def _proposal(
         gate_up_layout=layout or "concat",
         has_expert_bias=bool(biases),
         weights_dtype=jnp.dtype(combine_dtype).name,
+        compute_dtype=prec.compute_dtype,
+        projection_dtype=prec.projection_dtype,
+        hidden_dtype=prec.hidden_dtype,
         **dict(ffn.act_params),
     )
-    gated = ffn.w_up is not None
-    inputs = [ffn.x, weights, ids, ffn.w_gate] + ([ffn.w_up] if gated else []) + [ffn.w_down]
-    inputs += [b.array for b in biases]
     n_w = len(inputs) - len(biases)
 
     def emit(kernel: str, x: Any, w: Any, i: Any, *rest: Any) -> list[Any]:

@@ -43,6 +43,8 @@ class MoeParams:
       pdt = projection_dtype or cdt: each projection's result dtype (a matmul's preferred_element_type:
         the products of cdt operands rounded to pdt); the activation runs in pdt, and the down
         projection reads it as it is (promoted with the cdt weights as jnp does). No biases with it.
+      hdt = hidden_dtype or pdt (only with projection_dtype): the activation's output is cast to hdt
+        before the down projection reads it (f32-accumulated projections, bf16 hidden rows).
       FFN_e(v) = act(v @ W_in[e] + b_in[e]) @ W_down[e] + b_down[e]   (biases iff has_expert_bias)
         GLU activations split the first projection into gate g and up u (separate [E, D, F] arrays,
         or one [E, D, 2F] array when fused_gate_up: "concat" = first F columns gate, next F up;
@@ -75,6 +77,7 @@ class MoeParams:
     capacity_groups: int = 1
     compute_dtype: str | None = None
     projection_dtype: str | None = None
+    hidden_dtype: str | None = None
     weights_dtype: str | None = None
 
     def __post_init__(self) -> None:
@@ -99,6 +102,10 @@ class MoeParams:
         _check_dtype_name("compute_dtype", self.compute_dtype)
         _check_dtype_name("weights_dtype", self.weights_dtype)
         _check_dtype_name("projection_dtype", self.projection_dtype)
+        _check_dtype_name("hidden_dtype", self.hidden_dtype)
+        if self.hidden_dtype is not None and self.projection_dtype is None:
+            raise ValueError(f"hidden_dtype={self.hidden_dtype} needs projection_dtype (without it the "
+                             "activation runs in the compute dtype): set both, or neither")
         if self.projection_dtype is not None and self.has_expert_bias:
             raise ValueError("projection_dtype with has_expert_bias is not supported (in which dtype the "
                              "bias is added is not defined); leave projection_dtype None")

@@ -172,6 +172,11 @@ def project(spec: str, a: jax.Array, w: jax.Array, params: MoeParams) -> jax.Arr
     return jnp.einsum(spec, a.astype(common), w.astype(common), preferred_element_type=pdt)
 
 
+def hidden_rows(h: jax.Array, params: MoeParams) -> jax.Array:
+    """The activation's output as the down projection reads it (cast to params.hidden_dtype if set)."""
+    return h.astype(params.hidden_dtype) if params.hidden_dtype else h
+
+
 def expert_ffn(v: jax.Array, w: ExpertWeights, params: MoeParams) -> jax.Array:
     """One expert's FFN on rows v [..., D]; w holds that expert's weights (no expert axis)."""
     y = project("...f,fd->...d", expert_hidden(v, w, params), w["w_down"], params)
@@ -190,8 +195,8 @@ def expert_hidden(v: jax.Array, w: ExpertWeights, params: MoeParams) -> jax.Arra
             gate, up = a, project("...d,df->...f", v, w["w_up"], params)
             if "b_up" in w:
                 up = up + w["b_up"]
-        return activation(params, gate, up)
-    return activation(params, a)
+        return hidden_rows(activation(params, gate, up), params)
+    return hidden_rows(activation(params, a), params)
 
 
 def live_mask_reference(ids: jax.Array, params: MoeParams) -> jax.Array:

@@ -74,6 +74,7 @@ from .reference import (
     activation,
     combine_dtype,
     compute_dtype,
+    hidden_rows,
     output_dtype,
     project,
     split_gate_up,
@@ -220,6 +221,7 @@ def block_ffn(xb: jax.Array, ew: ExpertWeights, params: MoeParams) -> jax.Array:
         h = activation(params, gate, up)
     else:
         h = activation(params, a)
+    h = hidden_rows(h, params)
     y = project("gmf,gfd->gmd", h, ew["w_down"], params)
     return y + ew["b_down"][:, None, :] if "b_down" in ew else y
 

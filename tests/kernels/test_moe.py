@@ -663,6 +663,43 @@ def test_projection_dtype_gradients_match_the_rounded_program():
             assert err <= ulp * scale, (variant, err, scale)
 
 
+def _f32_accumulated_moe(p: MoeParams, x, weights, ids, ew, pdt, hdt):
+    """independent_moe on bf16 operands with each matmul's products in pdt (preferred_element_type),
+    the activation in pdt, and the hidden rows cast to hdt before the down matmul (SGLang-JAX style)."""
+    mm = lambda v, w: jnp.dot(v, w, preferred_element_type=pdt)  # noqa: E731
+    out = jnp.zeros(x.shape, jnp.float32)
+    for e in range(p.num_experts):
+        h = (jax.nn.silu(mm(x, ew["w_in"][e])) * mm(x, ew["w_up"][e])).astype(hdt)
+        y_e = mm(h, ew["w_down"][e]).astype(jnp.float32)
+        for j in range(p.k):
+            out = out + jnp.where((ids[:, j] == e)[:, None], weights[:, j, None] * y_e, 0)
+    return out.astype(x.dtype)
+
+
+def test_hidden_dtype_casts_the_activation_before_the_down_projection():
+    """bf16 operands, f32 projections, hidden rows cast back to bf16: the fused op is the program that
+    does so (exactly, both under jit), not the one that stays in bf16 throughout."""
+    p = MoeParams(num_experts=4, k=2, activation="swiglu", projection_dtype="float32",
+                  hidden_dtype="bfloat16", weights_dtype="float32")
+    x, weights, ids, ew = make_inputs(p, t=32, seed=7, dtype=jnp.bfloat16)
+    weights = weights.astype(jnp.float32)
+    want = jax.jit(lambda *a: _f32_accumulated_moe(p, *a, jnp.float32, jnp.bfloat16))(x, weights, ids, ew)
+    in_bf16 = jax.jit(lambda *a: _f32_accumulated_moe(p, *a, jnp.bfloat16, jnp.bfloat16))(
+        x, weights, ids, ew)
+    gap = float(jnp.max(jnp.abs(want.astype(jnp.float32) - in_bf16.astype(jnp.float32))))
+    assert gap > 1e-3
+    for variant in ("reference", "xla/capacity-pass", "xla/loop-only"):
+        got = run(p, variant, x, weights, ids, ew)
+        assert got.dtype == jnp.bfloat16
+        err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
+        assert err <= 0.1 * gap, (variant, err, gap)
+
+
+def test_hidden_dtype_needs_a_projection_dtype():
+    with pytest.raises(ValueError, match="hidden_dtype=bfloat16 needs projection_dtype"):
+        MoeParams(num_experts=4, k=2, hidden_dtype="bfloat16")
+
+
 @pytest.mark.parametrize("impl", ["dense", "pallas_tpu"])
 def test_one_rounding_kernels_refuse_a_projection_dtype(impl):
     p = MoeParams(num_experts=4, k=2, activation="gelu", projection_dtype="bfloat16")

@@ -167,3 +167,54 @@ def test_slot_loop_fuses_only_when_every_slot_pairs_its_own_weight_and_expert(pa
     sites = [s for s in moefuse.plan(block, *args).fused if s.op == "moe"]
     assert len(sites) == int(fuses)
     moefuse.jit(block, verify=True)(*args)
+
+
+def _sorted_block(pad=None, ids_dims=2):
+    """A sorted ragged_dot block; pad=(low, high, cut): each ragged_dot reads its rows padded by
+    (low, high) zero rows and its result is cut to rows [cut[0]:cut[1]] (MaxText's tile padding);
+    ids_dims=3: the router runs on [1, T, D] tokens ([1, T, k] ids)."""
+    t, d, f, e, k = 16, 8, 12, 4, 2
+
+    def rd(rows, w, sizes):
+        if pad is None:
+            return jax.lax.ragged_dot(rows, w, sizes)
+        low, high, (start, stop) = pad
+        out = jax.lax.ragged_dot(jnp.pad(rows, ((low, high), (0, 0))), w, sizes)
+        return out[start:stop]
+
+    def block(x, wr, wg, wu, wd):
+        xr = x[None] if ids_dims == 3 else x
+        w, ids = jax.lax.top_k(jax.nn.softmax(xr @ wr, -1), k)
+        w = w.reshape(t, k)
+        flat = ids.reshape(-1)
+        perm = jnp.argsort(flat)
+        sizes = jnp.bincount(flat, length=e)
+        rows = x[perm // k]
+        y = rd(jax.nn.silu(rd(rows, wg, sizes)) * rd(rows, wu, sizes), wd, sizes)
+        return jnp.einsum("tkd,tk->td", y[jnp.argsort(perm)].reshape(t, k, d), w)
+
+    ks = jax.random.split(jax.random.PRNGKey(1), 5)
+    shapes = [(t, d), (d, e), (e, d, f), (e, d, f), (e, f, d)]
+    return block, [jax.random.normal(key, s) * 0.3 for key, s in zip(ks, shapes, strict=True)]
+
+
+@pytest.mark.parametrize(
+    "pad, fuses",
+    [
+        ((0, 16, (0, 32)), True),  # zero rows appended, the first len(rows) rows kept
+        ((16, 0, (16, 48)), False),  # rows prepended: they take the first group's place
+        ((0, 16, (0, 16)), False),  # cut to fewer rows than were sorted
+    ],
+    ids=["appended", "prepended", "cut-short"],
+)
+def test_ragged_dot_of_padded_rows_cut_back_is_the_ragged_dot_of_the_rows(pad, fuses):
+    block, args = _sorted_block(pad)
+    plan = moefuse.plan(block, *args)
+    assert [s.op for s in plan.fused if s.op == "moe"] == (["moe"] if fuses else []), str(plan)
+
+
+def test_sorted_dispatch_reads_ids_with_several_token_dims():
+    """[1, T, k] ids flattened for the sort (a [B, S, D] model at batch 1) are the ids of T tokens."""
+    block, args = _sorted_block(ids_dims=3)
+    plan = moefuse.plan(block, *args)
+    assert [s.op for s in plan.fused] == ["route", "moe"], str(plan)

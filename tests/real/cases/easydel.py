@@ -251,16 +251,9 @@ CASES: tuple[RealCase, ...] = (
         ),
     ),
     case("mixtral_dense_moe", MIXTRAL, "DENSE_MOE"),
-    case(
-        "mixtral_standard_moe",
-        MIXTRAL,
-        "STANDARD_MOE",
-        known_miss=(
-            "moe: no combine of expert outputs by router weights (from the jaxpr: the ragged_dots take "
-            "float32 rows and weights but round their results to bfloat16, preferred_element_type, which "
-            "the fused op does not reproduce); the router fuses"
-        ),
-    ),
+    # float32 rows and weights, ragged_dots rounding to bfloat16 (preferred_element_type), the hidden
+    # rows upcast before the down projection: MoeParams.projection_dtype / hidden_dtype
+    case("mixtral_standard_moe", MIXTRAL, "STANDARD_MOE"),
     case(
         "deepseek_v3_dense_moe",
         DEEPSEEK_V3,
