@@ -418,6 +418,83 @@ def repeated_rows(view: View, atom: Any) -> tuple[Any, int] | None:
     return x, ws[1]
 
 
+def segment_ids(view: View, atom: Any) -> Any | None:
+    """sizes if atom[i] is the segment row i lies in, for consecutive segments of `sizes` rows
+    (for i < sum(sizes), sizes >= 0): `jnp.repeat(jnp.arange(E), sizes, total_repeat_length=N)`.
+
+    The spelling is jnp.repeat's: arange(E)[cumsum(zeros(N).at[starts].add(1)) - 1], with starts
+    the exclusive cumsum of sizes (cumsum of sizes rolled by one with a 0 first, or cumsum - sizes).
+    """
+    taken = take(view, _unwrapped(view, atom))
+    if taken is None or not _is_iota_along(view, taken[0], 0, _shape(taken[0])):
+        return None
+    idx = _unwrapped(view, taken[1])
+    if view.op(idx) != "sub" or view.scalar(view.args(idx)[1]) != 1:
+        return None
+    counts = view.canon(view.args(idx)[0])
+    if view.op(counts) != "cumsum" or view.params(counts).get("reverse"):
+        return None
+    marks = view.canon(view.args(counts)[0])
+    if view.op(marks) not in ("scatter-add", "scatter_add"):
+        return None
+    eqn = view.producer(marks)
+    operand, indices, updates = (view.canon(v) for v in eqn.invars[:3])
+    dn = eqn.params["dimension_numbers"]
+    if view.scalar(operand) != 0 or view.scalar(updates) != 1 or tuple(dn.inserted_window_dims) != (0,):
+        return None
+    starts = index_array(view, indices)
+    return None if starts is None else _exclusive_cumsum_of(view, _unwrapped(view, starts))
+
+
+def _unwrapped(view: View, atom: Any) -> Any:
+    """i for `select_n(i < 0, i, i + n)` (negative indices wrapped), else atom. Only for values that
+    are never negative by their structure (segment_ids reads three: a count of starts at or before
+    each row minus one, with a start at row 0; an arange's values; an exclusive cumsum of sizes >= 0)."""
+    atom = view.canon(atom)
+    eqn = view.producer(atom)
+    if eqn is None or eqn.primitive.name != "select_n" or len(eqn.invars) != 3:
+        return atom
+    pred, on_false, on_true = (view.canon(v) for v in eqn.invars)
+    lt, add = view.producer(pred), view.producer(on_true)
+    if lt is None or add is None or lt.primitive.name != "lt" or add.primitive.name != "add":
+        return atom
+    if view.canon(lt.invars[0]) is not on_false or view.scalar(lt.invars[1]) != 0:
+        return atom
+    return on_false if any(view.canon(v) is on_false for v in add.invars) else atom
+
+
+def _exclusive_cumsum_of(view: View, atom: Any) -> Any | None:
+    """sizes if atom == cumsum(sizes) - sizes, or cumsum of sizes shifted right by one with a 0 first."""
+    if view.op(atom) == "sub":
+        total, sizes = (view.canon(a) for a in view.args(atom))
+        if view.op(total) == "cumsum" and view.same(view.args(total)[0], sizes):
+            return sizes
+        return None
+    if view.op(atom) != "cumsum" or view.params(atom).get("reverse"):
+        return None
+    shifted = view.canon(view.args(atom)[0])
+    if view.op(shifted) != "scatter":  # .at[0].set(0) of the roll
+        return None
+    eqn = view.producer(shifted)
+    rolled, indices, updates = (view.canon(v) for v in eqn.invars[:3])
+    at = view.value(indices)
+    if view.scalar(updates) != 0 or at is None or np.asarray(at).ravel().tolist() != [0]:
+        return None
+    if view.op(rolled) != "concatenate" or len(view.args(rolled)) != 2:  # roll by one: [s[-1:], s[:-1]]
+        return None
+    last, first = view.args(rolled)
+    n = _shape(rolled)[0]
+    a, b = view.producer(last), view.producer(first)
+    if a is None or b is None or a.primitive.name != "slice" or b.primitive.name != "slice":
+        return None
+    sizes = view.canon(a.invars[0])
+    if not view.same(b.invars[0], sizes) or len(_shape(sizes)) != 1:
+        return None
+    if (tuple(a.params["start_indices"]), tuple(b.params["limit_indices"])) != ((n - 1,), (n - 1,)):
+        return None
+    return sizes if tuple(b.params["start_indices"]) == (0,) else None
+
+
 def one_hot(view: View, atom: Any) -> tuple[Any, int] | None:
     """(ids, n) if atom[..., j] == (ids[...] == j) for j < n (bool or any numeric dtype)."""
     atom = view.canon(atom)

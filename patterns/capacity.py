@@ -361,6 +361,8 @@ def _proposal(view, anchor, ffn: Ffn, slots, weights, k, num_e, cap, order, grou
         weights_dtype=jnp.dtype(combine_dtype).name,
         compute_dtype=prec.compute_dtype,
         projection_dtype=prec.projection_dtype,
+        activation_dtype=prec.activation_dtype,
+        out_dtype=prec.out_dtype,
         hidden_dtype=prec.hidden_dtype,
     )
     perms = (

@@ -367,11 +367,8 @@ def sorted_rows_ffn(view: View, o_sorted: Any) -> tuple[ExpertFfn, Any, Any] | N
     if order is None or counts is None or order[1] != 0 or not view.same(order[0], counts[0]):
         return None
     flat = order[0]
-    for p in parts:  # a bias must be gathered with each row's expert, flat[perm]
-        row_e = None if p.bias_rows is None else idioms.take(view, p.bias_rows)
-        if p.bias is None:
-            continue
-        if row_e is None or not (view.same(row_e[0], flat) and view.same(row_e[1], perm)):
+    for p in parts:  # a bias must be gathered with each row's expert
+        if p.bias is not None and not _row_experts(view, p.bias_rows, flat, perm, down.sizes):
             return None
     fe = view.producer(flat)
     if fe is None or fe.primitive.name != "reshape" or len(_shape(fe.invars[0])) < 2:
@@ -381,6 +378,18 @@ def sorted_rows_ffn(view: View, o_sorted: Any) -> tuple[ExpertFfn, Any, Any] | N
     if k_rows != k or _shape(x)[0] != _tokens_of(_shape(ids)) or counts[1] != _shape(down.w)[0]:
         return None
     return _ffn_of_parts(x, g, u, down, act, act_params, ("T0", "K", "D")), ids, perm
+
+
+def _row_experts(view: View, rows: Any, flat: Any, perm: Any, sizes: Any) -> bool:
+    """Whether rows[i] is sorted row i's expert: flat[perm], or segment i of the group sizes
+    (`jnp.repeat(arange(E), sizes, total_repeat_length=N)`; sizes = bincount(flat) cover every row)."""
+    if rows is None:
+        return False
+    taken = idioms.take(view, rows)
+    if taken is not None and view.same(taken[0], flat) and view.same(taken[1], perm):
+        return True
+    segments = idioms.segment_ids(view, rows)
+    return segments is not None and view.same(segments, sizes)
 
 
 def _row_source(view: View, rows: Any) -> tuple[Any, Any, float | None] | None:

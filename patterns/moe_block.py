@@ -328,6 +328,8 @@ def _proposal(
         weights_dtype=jnp.dtype(combine_dtype).name,
         compute_dtype=prec.compute_dtype,
         projection_dtype=prec.projection_dtype,
+        activation_dtype=prec.activation_dtype,
+        out_dtype=prec.out_dtype,
         hidden_dtype=prec.hidden_dtype,
         **dict(ffn.act_params),
     )

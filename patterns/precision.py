@@ -56,7 +56,9 @@ class FfnPrecision:
 
     compute_dtype: str | None
     projection_dtype: str | None
+    activation_dtype: str | None
     hidden_dtype: str | None
+    out_dtype: str | None  # the block's result dtype, where it is not the tokens'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +78,8 @@ class _Flow:
     after_proj: set[Any] = dataclasses.field(default_factory=set)
     after_down: set[Any] = dataclasses.field(default_factory=set)
     hidden: set[Any] = dataclasses.field(default_factory=set)  # h after its cast for the down projection
+    results: set[Any] = dataclasses.field(default_factory=set)  # what the projections return
+    result_casts: dict[Any, Any] = dataclasses.field(default_factory=dict)  # a result cast: its dtype
 
 
 def ffn_precision(view: View, vals: FfnValues) -> FfnPrecision | str:
@@ -103,12 +107,14 @@ def ffn_precision(view: View, vals: FfnValues) -> FfnPrecision | str:
             down = proj in flow.after_proj
             projections.append(_Projection(eqn, proj, down))
             flow.after_proj.update(outs)
+            flow.results.update(outs)
             if down:
                 flow.after_down.update(outs)
         elif any(v in flow.after_proj for v in ins):
             flow.after_proj.update(outs)
             if any(v in flow.after_down for v in ins):
                 flow.after_down.update(outs)
+            _note_result_alias_or_cast(view, eqn, outs, flow)
         for v in outs:
             if on_x:
                 flow.from_x.add(v)
@@ -119,6 +125,18 @@ def ffn_precision(view: View, vals: FfnValues) -> FfnPrecision | str:
     if not projections:
         return "no matmul of the tokens by the expert weights found to read the block's dtypes from"
     return _read(view, vals, region, flow, projections)
+
+
+def _note_result_alias_or_cast(view: View, eqn: C.JaxprEqn, outs: list[Any], flow: _Flow) -> None:
+    """A no-op of a projection's result (`name`, a sharding constraint) is that result; a cast of
+    it is the dtype the op carries results in (MoeParams.activation_dtype)."""
+    if len(outs) != 1:
+        return
+    src = view.canon(outs[0])
+    if src is not outs[0] and src in flow.results:
+        flow.results.add(outs[0])
+    elif eqn.primitive.name == "convert_element_type" and view.canon(eqn.invars[0]) in flow.results:
+        flow.result_casts[outs[0]] = jnp.dtype(outs[0].aval.dtype)
 
 
 def _weights_of(view: View, v: Any, ws: list[set[Any]], flow: _Flow) -> frozenset[int]:
@@ -156,6 +174,10 @@ def _read(
         return (f"the expert projections compute in several dtypes (operands {_names(cdts)}, results "
                 f"{_names(pdts)}), which the fused op does not reproduce")
     (cdt,), (pdt,) = cdts, pdts
+    adts = set(flow.result_casts.values()) or {pdt}
+    if len(adts) > 1:
+        return f"the projections' results are cast to several dtypes ({_names(adts)})"
+    (adt,) = adts
     hdts = {jnp.dtype(p.x_side.aval.dtype) for p in projections if p.down}
     if len(hdts) > 1:
         return f"the down projections read the hidden activations in several dtypes ({_names(hdts)})"
@@ -165,25 +187,30 @@ def _read(
         if _common(e) != ddt:
             return (f"the down projection computes in {_common(e).name}, not in {ddt.name} (its "
                     f"{hdt.name} input with {cdt.name} weights), which the fused op does not reproduce")
-    rounded = pdt != cdt or hdt != pdt
-    if rounded and vals.has_bias:
-        return (f"expert biases added to projections rounded to {pdt.name} from {cdt.name} operands "
-                f"(preferred_element_type, hidden rows in {hdt.name}): the fused op does not take both")
+    rounded = pdt != cdt or adt != pdt or hdt != adt  # (biases are then added in adt: checked below)
     problem = _pre_projection(view, vals, region, flow, cdt, ddt)
-    problem = problem or _activation(view, region, flow, projections, cdt, pdt, hdt)
-    problem = problem or _combine(view, vals, region, flow, pdt)
+    problem = problem or _activation(view, region, flow, projections, cdt, adt, hdt)
+    problem = problem or _combine(view, vals, region, flow, {pdt, adt})
     if problem:
         return problem
     x_dtype = jnp.dtype(view.canon(vals.x).aval.dtype)
+    y_dtype = jnp.dtype(vals.y.aval.dtype)
     return FfnPrecision(
         compute_dtype=None if cdt == x_dtype else cdt.name,
         projection_dtype=pdt.name if rounded else None,
-        hidden_dtype=None if hdt == pdt else hdt.name,
+        activation_dtype=adt.name if rounded and (adt != pdt or vals.has_bias) else None,
+        hidden_dtype=None if hdt == adt else hdt.name,
+        out_dtype=None if y_dtype == x_dtype else y_dtype.name,
     )
 
 
 def _common(eqn: C.JaxprEqn) -> jnp.dtype:
-    return jnp.result_type(*(v.aval.dtype for v in eqn.invars[:2]))
+    """The dtype a matmul multiplies in: operands of two dtypes are both converted to its
+    preferred_element_type when that is set (as JAX lowers dot_general and ragged_dot), else
+    promoted."""
+    dtypes = {jnp.dtype(v.aval.dtype) for v in eqn.invars[:2]}
+    pet = eqn.params.get("preferred_element_type")
+    return jnp.dtype(pet) if len(dtypes) > 1 and pet is not None else jnp.result_type(*dtypes)
 
 
 def _names(dtypes: set[Any]) -> str:
@@ -199,19 +226,14 @@ def _pre_projection(view, vals: FfnValues, region, flow: _Flow, cdt, ddt) -> str
     x_dtype = jnp.dtype(view.canon(vals.x).aval.dtype)
     w_dtypes = [jnp.dtype(view.canon(w).aval.dtype) for w in vals.expert_weights]
     down_w = len(vals.expert_weights) - 1
-    if ddt != cdt and w_dtypes[down_w] != cdt:
-        return (f"the down projection computes in {ddt.name} on expert weights of {w_dtypes[down_w].name}; "
-                f"the fused op casts them to {cdt.name} first")
     for i in region:
         eqn = view.jaxpr.eqns[i]
         for v in _floats(eqn):
             if v in flow.after_proj:
                 continue
-            allowed = {cdt}
-            if v in flow.from_x:
-                allowed.add(x_dtype)
-            for j in flow.from_w.get(v, ()):
-                allowed |= {w_dtypes[j]} | ({ddt} if j == down_w else set())
+            allowed = {x_dtype, cdt} if v in flow.from_x else set()
+            for j in flow.from_w.get(v, ()):  # the op casts W_down to ddt, the others to cdt
+                allowed |= {w_dtypes[j], ddt if j == down_w else cdt}
             if v in flow.from_x or v in flow.from_w:
                 if jnp.dtype(v.aval.dtype) not in allowed:
                     return (f"the tokens or expert weights pass through {jnp.dtype(v.aval.dtype).name} "
@@ -220,39 +242,40 @@ def _pre_projection(view, vals: FfnValues, region, flow: _Flow, cdt, ddt) -> str
     return None
 
 
-def _activation(view, region, flow: _Flow, projections, cdt, pdt, hdt) -> str | None:
-    """Between the projections everything is in pdt, at most cast to hdt for the down projection."""
+def _activation(view, region, flow: _Flow, projections, cdt, adt, hdt) -> str | None:
+    """Between the projections everything is in adt, at most cast to hdt for the down projection."""
     proj_eqns = {id(p.eqn) for p in projections}
     for i in region:
         eqn = view.jaxpr.eqns[i]
-        if id(eqn) in proj_eqns:
+        outs = [v for v in eqn.outvars if not C.is_dropvar(v)]
+        if id(eqn) in proj_eqns or (outs and (outs[0] in flow.result_casts or outs[0] in flow.results)):
             continue
         ins = [v for v in eqn.invars if not C.is_literal(v)]
         if not any(v in flow.after_proj for v in ins) or any(v in flow.after_down for v in ins):
             continue
         name = eqn.primitive.name
         reads_cast = any(v in flow.hidden for v in ins)
-        if pdt != cdt and any(v in flow.from_weights for v in ins):
-            return (f"the router weights scale the hidden activations before a down projection rounded "
-                    f"to {pdt.name}: the fused op combines after it")
+        if adt != cdt and any(v in flow.from_weights for v in ins):
+            return (f"the router weights scale the hidden activations in {adt.name} before the down "
+                    "projection: the fused op combines after it")
         for v in _floats(eqn):
             dt = jnp.dtype(v.aval.dtype)
-            cast = (name == "convert_element_type" and dt == hdt != pdt
-                    and jnp.dtype(eqn.invars[0].aval.dtype) == pdt)
+            cast = (name == "convert_element_type" and dt == hdt != adt
+                    and jnp.dtype(eqn.invars[0].aval.dtype) == adt)
             if cast or (reads_cast and name in _MOVES and dt == hdt):
                 flow.hidden.add(v)
             elif reads_cast:
                 return (f"the hidden activations are computed on (`{name}`) after their cast to "
                         f"{hdt.name}: a rounding the fused op does not reproduce")
-            elif dt != pdt:
+            elif dt != adt:
                 return (f"the activation computes in {dt.name} (`{name}`) between projections that "
-                        f"return {pdt.name}: a rounding the fused op does not reproduce")
+                        f"return {adt.name}: a rounding the fused op does not reproduce")
     return None
 
 
-def _combine(view, vals: FfnValues, region, flow: _Flow, pdt) -> str | None:
-    """The expert outputs are combined in pdt, the combine dtype or the output dtype."""
-    allowed = {pdt, jnp.dtype(vals.combine_dtype), jnp.dtype(vals.y.aval.dtype)}
+def _combine(view, vals: FfnValues, region, flow: _Flow, results: set[Any]) -> str | None:
+    """The expert outputs are combined in their own dtypes, the combine dtype or the output dtype."""
+    allowed = results | {jnp.dtype(vals.combine_dtype), jnp.dtype(vals.y.aval.dtype)}
     for i in region:
         eqn = view.jaxpr.eqns[i]
         for v in _floats(eqn):

@@ -20,7 +20,15 @@ import jax.numpy as jnp
 from jax import lax
 
 from .params import MoeParams
-from .reference import ExpertWeights, combine_dtype, compute_dtype, expert_hidden, live_mask_reference
+from .reference import (
+    ExpertWeights,
+    cast_expert_weights,
+    combine_dtype,
+    compute_dtype,
+    expert_hidden,
+    live_mask_reference,
+    result_dtype,
+)
 
 
 def dense_ffn(
@@ -36,7 +44,7 @@ def dense_ffn(
                          "use impl='xla'")
     cdt = compute_dtype(params, x)
     wdt = combine_dtype(params, cdt, weights)
-    ew = {name: a.astype(cdt) for name, a in ew.items()}
+    ew = cast_expert_weights(ew, params, cdt)
     hidden = jax.vmap(lambda w: expert_hidden(x.astype(cdt), w, params), out_axes=1)(ew)  # [T, E, F]
     live = live_mask_reference(ids, params)
     tokens = lax.broadcasted_iota(jnp.int32, ids.shape, 0)
@@ -46,5 +54,5 @@ def dense_ffn(
     out = jnp.einsum("tef,efd,te->td", hidden.astype(wdt), ew["w_down"].astype(wdt), combine)
     if "b_down" in ew:
         out = out + combine @ ew["b_down"].astype(wdt)
-    return out.astype(x.dtype)
+    return out.astype(result_dtype(params, x))
 

@@ -38,7 +38,15 @@ import jax.numpy as jnp
 from jax import lax
 
 from .params import MoeParams
-from .reference import ExpertWeights, activation, combine_dtype, compute_dtype, split_gate_up
+from .reference import (
+    ExpertWeights,
+    activation,
+    cast_expert_weights,
+    combine_dtype,
+    compute_dtype,
+    result_dtype,
+    split_gate_up,
+)
 from .xla import live_mask
 
 
@@ -122,7 +130,7 @@ def tile_layout(ids: jax.Array, params: MoeParams, block_rows: int) -> TileLayou
 
 def expert_matrices(ew: ExpertWeights, params: MoeParams, cdt) -> dict[str, jax.Array]:
     """gate, up (GLU only), down and their biases (b_gate, b_up, b_down when present), in dtype cdt."""
-    w = {name: a.astype(cdt) for name, a in ew.items()}
+    w = cast_expert_weights(ew, params, cdt)
     out = {"gate": w["w_in"], "down": w["w_down"]}
     if "b_in" in w:
         out["b_gate"], out["b_down"] = w["b_in"], w["b_down"]
@@ -164,8 +172,8 @@ class Residuals(NamedTuple):
 
 def forward(x, weights, ids, ew: ExpertWeights, params: MoeParams, kernels: Backend, tiles: Tiles | None,
             interpret: bool) -> tuple[jax.Array, Residuals]:
-    """out [T, D] in x's dtype and the residuals for `backward`, on validated inputs (tiles None: the
-    backend's defaults for the shape)."""
+    """out [T, D] (params.out_dtype or x's dtype) and the residuals for `backward`, on validated
+    inputs (tiles None: the backend's defaults for the shape)."""
     if params.projection_dtype is not None:
         raise ValueError(f"moe_ffn: the Pallas kernels round only the FFN output, not each projection to "
                          f"projection_dtype={params.projection_dtype}: use impl='xla'")
@@ -178,7 +186,7 @@ def forward(x, weights, ids, ew: ExpertWeights, params: MoeParams, kernels: Back
     y_rows = kernels.ffn(xs, expert_matrices(ew, params, cdt), lay, params, tiles, interpret)
     y = y_rows[lay.row_of].astype(wdt)
     contrib = jnp.where(lay.live[..., None], weights.astype(wdt)[..., None] * y, jnp.zeros((), wdt))
-    out = jnp.sum(contrib.astype(jnp.float32), axis=1).astype(x.dtype)
+    out = jnp.sum(contrib.astype(jnp.float32), axis=1).astype(result_dtype(params, x))
     return out, Residuals(x, weights, ew, lay, y_rows)
 
 

@@ -38,13 +38,17 @@ class MoeParams:
     """Everything that determines the result of one routed expert FFN.
 
     Semantics (see `reference.moe_ffn_reference`), for x [T, D], weights [T, k], ids int32 [T, k]:
-      cdt = compute_dtype or x.dtype: x, expert weights and biases are cast to cdt; matmuls and the
+      cdt = compute_dtype or x.dtype: x, expert weights and biases (see adt) are cast to cdt; matmuls and the
         activation run in cdt.
       pdt = projection_dtype or cdt: each projection's result dtype (a matmul's preferred_element_type:
-        the products of cdt operands rounded to pdt); the activation runs in pdt, and the down
-        projection reads it as it is (promoted with the cdt weights as jnp does). No biases with it.
-      hdt = hidden_dtype or pdt (only with projection_dtype): the activation's output is cast to hdt
-        before the down projection reads it (f32-accumulated projections, bf16 hidden rows).
+        the products of cdt operands rounded to pdt).
+      adt = activation_dtype or pdt (only with projection_dtype): each projection's pdt result is cast
+        to adt; biases are cast to adt and added there, and the activation runs there. Biases with a
+        projection_dtype need an explicit activation_dtype.
+      hdt = hidden_dtype or adt (only with projection_dtype): the activation's output is cast to hdt
+        before the down projection reads it; that projection multiplies in ddt = result_type(hdt, cdt),
+        W_down cast to ddt: f32-accumulated projections with bf16 hidden rows, bf16-rounded
+        projections with f32 hidden rows.
       FFN_e(v) = act(v @ W_in[e] + b_in[e]) @ W_down[e] + b_down[e]   (biases iff has_expert_bias)
         GLU activations split the first projection into gate g and up u (separate [E, D, F] arrays,
         or one [E, D, 2F] array when fused_gate_up: "concat" = first F columns gate, next F up;
@@ -60,7 +64,8 @@ class MoeParams:
           token_major  (t, j) lexicographic: token 0's slots first, then token 1 ...   (MaxText)
       wdt = weights_dtype or result_type(cdt, weights.dtype)
       out[t] = sum_j where(live[t, j], weights[t, j] * FFN_{ids[t, j]}(x[t]), 0)  in wdt, then cast
-        to x.dtype. A dropped or out-of-range assignment contributes exactly 0, whatever its weight.
+        to out_dtype (default x.dtype). A dropped or out-of-range assignment contributes exactly 0,
+        whatever its weight.
     """
 
     num_experts: int
@@ -77,6 +82,8 @@ class MoeParams:
     capacity_groups: int = 1
     compute_dtype: str | None = None
     projection_dtype: str | None = None
+    activation_dtype: str | None = None
+    out_dtype: str | None = None
     hidden_dtype: str | None = None
     weights_dtype: str | None = None
 
@@ -102,13 +109,16 @@ class MoeParams:
         _check_dtype_name("compute_dtype", self.compute_dtype)
         _check_dtype_name("weights_dtype", self.weights_dtype)
         _check_dtype_name("projection_dtype", self.projection_dtype)
+        _check_dtype_name("activation_dtype", self.activation_dtype)
+        _check_dtype_name("out_dtype", self.out_dtype)
         _check_dtype_name("hidden_dtype", self.hidden_dtype)
-        if self.hidden_dtype is not None and self.projection_dtype is None:
-            raise ValueError(f"hidden_dtype={self.hidden_dtype} needs projection_dtype (without it the "
-                             "activation runs in the compute dtype): set both, or neither")
-        if self.projection_dtype is not None and self.has_expert_bias:
-            raise ValueError("projection_dtype with has_expert_bias is not supported (in which dtype the "
-                             "bias is added is not defined); leave projection_dtype None")
+        for name in ("activation_dtype", "hidden_dtype"):
+            if getattr(self, name) is not None and self.projection_dtype is None:
+                raise ValueError(f"{name}={getattr(self, name)} needs projection_dtype (without it the "
+                                 "activation runs in the compute dtype): set both, or neither")
+        if self.projection_dtype is not None and self.has_expert_bias and self.activation_dtype is None:
+            raise ValueError("projection_dtype with has_expert_bias needs activation_dtype (the dtype the "
+                             "biases are added in)")
 
     @property
     def is_glu(self) -> bool:

@@ -127,9 +127,26 @@ def compute_dtype(params: MoeParams, x: jax.Array) -> jnp.dtype:
     return jnp.dtype(params.compute_dtype) if params.compute_dtype else jnp.dtype(x.dtype)
 
 
+def cast_expert_weights(ew: ExpertWeights, params: MoeParams, cdt: jnp.dtype) -> ExpertWeights:
+    """The expert matrices as the op multiplies them: w_in / w_up in cdt, w_down in the dtype the down
+    projection multiplies in (its hidden rows' dtype promoted with cdt, see MoeParams); biases in
+    params.activation_dtype when set (they are added there), else in cdt."""
+    hdt = params.hidden_dtype or params.activation_dtype or params.projection_dtype or cdt
+    dtypes = {"w_down": jnp.result_type(hdt, cdt), "b_in": params.activation_dtype or cdt}
+    dtypes["b_up"] = dtypes["b_down"] = dtypes["b_in"]
+    return {name: a.astype(dtypes.get(name, cdt)) for name, a in ew.items()}
+
+
+def result_dtype(params: MoeParams, x: jax.Array) -> jnp.dtype:
+    """The op's result dtype: params.out_dtype, else the tokens'."""
+    return jnp.dtype(params.out_dtype) if params.out_dtype else jnp.dtype(x.dtype)
+
+
 def output_dtype(params: MoeParams, cdt: jnp.dtype) -> jnp.dtype:
     """The dtype of each expert's output rows: the projections' dtype (see MoeParams)."""
-    return jnp.dtype(params.projection_dtype) if params.projection_dtype else cdt
+    if not params.projection_dtype:
+        return cdt
+    return jnp.dtype(params.activation_dtype or params.projection_dtype)
 
 
 def combine_dtype(params: MoeParams, cdt: jnp.dtype, weights: jax.Array) -> jnp.dtype:
@@ -164,12 +181,14 @@ def activation(params: MoeParams, gate: jax.Array, up: jax.Array | None = None) 
 
 
 def project(spec: str, a: jax.Array, w: jax.Array, params: MoeParams) -> jax.Array:
-    """One projection `einsum(spec, a, w)`, its result in params.projection_dtype when that is set."""
+    """One projection `einsum(spec, a, w)`; with params.projection_dtype set, its result rounded to it
+    and then cast to params.activation_dtype (when that is set)."""
     if not params.projection_dtype:
         return jnp.einsum(spec, a, w)
     common = jnp.result_type(a, w)  # promoted first: a mixed-dtype dot is left to the backend
     pdt = jnp.dtype(params.projection_dtype)
-    return jnp.einsum(spec, a.astype(common), w.astype(common), preferred_element_type=pdt)
+    out = jnp.einsum(spec, a.astype(common), w.astype(common), preferred_element_type=pdt)
+    return out.astype(params.activation_dtype) if params.activation_dtype else out
 
 
 def hidden_rows(h: jax.Array, params: MoeParams) -> jax.Array:
@@ -231,7 +250,8 @@ def moe_ffn_reference(
     b_in: Any = None,
     b_down: jax.Array | None = None,
 ) -> jax.Array:
-    """out [T, D] in x's dtype; semantics: see `MoeParams`. Argument layouts: see `expert_weights`."""
+    """out [T, D] in params.out_dtype or x's dtype; semantics: see `MoeParams`. Argument layouts: see
+    `expert_weights`."""
     ew = expert_weights(w_in, w_down, b_in, b_down, params)
     validate_inputs(x, weights, ids, ew, params)
     return routed_ffn_reference(x, weights, ids, ew, params)
@@ -243,7 +263,7 @@ def routed_ffn_reference(
     """`moe_ffn_reference` on validated inputs, with the expert weights as `expert_weights` returns."""
     cdt = compute_dtype(params, x)
     wdt = combine_dtype(params, cdt, weights)
-    ew = {name: a.astype(cdt) for name, a in ew.items()}
+    ew = cast_expert_weights(ew, params, cdt)
     # every expert on every token: y_all[e, t] = FFN_e(x[t])
     y_all = jax.vmap(lambda w: expert_ffn(x.astype(cdt), w, params))(ew)  # [E, T, D]
     live = live_mask_reference(ids, params)
@@ -252,4 +272,4 @@ def routed_ffn_reference(
     y = y_all[safe_ids, tokens]  # [T, k, D]: each assignment's expert output
     contrib = weights.astype(wdt)[..., None] * y.astype(wdt)
     contrib = jnp.where(live[..., None], contrib, jnp.zeros((), wdt))
-    return jnp.sum(contrib, axis=1).astype(x.dtype)
+    return jnp.sum(contrib, axis=1).astype(result_dtype(params, x))

@@ -72,11 +72,13 @@ from .params import MoeParams
 from .reference import (
     ExpertWeights,
     activation,
+    cast_expert_weights,
     combine_dtype,
     compute_dtype,
     hidden_rows,
     output_dtype,
     project,
+    result_dtype,
     split_gate_up,
 )
 
@@ -326,7 +328,7 @@ def forward(
     cdt = compute_dtype(params, x)
     wdt = combine_dtype(params, cdt, weights)
     lay = layout(ids, params, sched)
-    ewc = {name: a.astype(cdt) for name, a in ew.items()}
+    ewc = cast_expert_weights(ew, params, cdt)
     x0 = _with_zero_row(x.astype(cdt))  # [T + 1, D]
     tok = _padded_index(lay.order // k, max(sched.blocks), t)  # token of each sorted row, then row T
     y1 = None
@@ -338,7 +340,7 @@ def forward(
     y = _unsort(y1, y2, lay)
     contrib = weights.astype(wdt)[..., None] * y.astype(wdt)
     contrib = jnp.where(lay.live[..., None], contrib, jnp.zeros((), wdt))
-    out = jnp.sum(contrib, axis=1).astype(x.dtype)
+    out = jnp.sum(contrib, axis=1).astype(result_dtype(params, x))
     return out, Residuals(x, weights, ew, lay, y)
 
 
@@ -385,7 +387,7 @@ def backward(
     zero = jnp.zeros((), wdt)
     dweights = jnp.sum(jnp.where(live, gw * y.astype(wdt), zero), axis=-1).astype(weights.dtype)
     dy = jnp.where(live, weights.astype(wdt)[..., None] * gw, zero).astype(output_dtype(params, cdt))
-    ewc = {name: a.astype(cdt) for name, a in ew.items()}
+    ewc = cast_expert_weights(ew, params, cdt)
     x0, dy0 = _with_zero_row(x.astype(cdt)), _with_zero_row(dy.reshape(n, d))
     row = _padded_index(lay.order, max(sched.blocks), n)  # assignment of each sorted row, then row N
     tok = jnp.where(row < n, row // k, t)

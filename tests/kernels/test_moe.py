@@ -601,6 +601,16 @@ def test_params_hashable_and_missing_bias():
 # ---- projection_dtype: each projection rounded apart (ragged_dot / einsum preferred_element_type) ----
 
 
+def _combined_f32(p: MoeParams, x, weights, ids, expert_out):
+    """sum over k of weights * expert_out(e)(x) in f32, expert e's rows where ids == e (written out)."""
+    out = jnp.zeros(x.shape, jnp.float32)
+    for e in range(p.num_experts):
+        y_e = expert_out(e).astype(jnp.float32)
+        for j in range(p.k):
+            out = out + jnp.where((ids[:, j] == e)[:, None], weights[:, j, None] * y_e, 0)
+    return out
+
+
 def _rounded_moe(p: MoeParams, x, weights, ids, ew, pdt):
     """independent_moe with each projection of f32 operands rounded to pdt (None: not rounded), the
     activation in that dtype, and the down projection reading it upcast, as model code writes it."""
@@ -609,15 +619,13 @@ def _rounded_moe(p: MoeParams, x, weights, ids, ew, pdt):
         y = v.astype(jnp.float32) @ w
         return y if pdt is None else y.astype(pdt)
 
-    out = jnp.zeros(x.shape, jnp.float32)
-    for e in range(p.num_experts):
+    def expert(e):
         gate = mm(x, ew["w_in"][e])
         # the activation in pdt, spelled as model code spells it (1 / (1 + exp(-g)) rounds otherwise in bf16)
         h = jnp.maximum(gate, 0) if p.activation == "relu" else jax.nn.silu(gate) * mm(x, ew["w_up"][e])
-        y_e = mm(h, ew["w_down"][e]).astype(jnp.float32)
-        for j in range(p.k):
-            out = out + jnp.where((ids[:, j] == e)[:, None], weights[:, j, None] * y_e, 0)
-    return out
+        return mm(h, ew["w_down"][e])
+
+    return _combined_f32(p, x, weights, ids, expert)
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "relu"])
@@ -667,13 +675,10 @@ def _f32_accumulated_moe(p: MoeParams, x, weights, ids, ew, pdt, hdt):
     """independent_moe on bf16 operands with each matmul's products in pdt (preferred_element_type),
     the activation in pdt, and the hidden rows cast to hdt before the down matmul (SGLang-JAX style)."""
     mm = lambda v, w: jnp.dot(v, w, preferred_element_type=pdt)  # noqa: E731
-    out = jnp.zeros(x.shape, jnp.float32)
-    for e in range(p.num_experts):
-        h = (jax.nn.silu(mm(x, ew["w_in"][e])) * mm(x, ew["w_up"][e])).astype(hdt)
-        y_e = mm(h, ew["w_down"][e]).astype(jnp.float32)
-        for j in range(p.k):
-            out = out + jnp.where((ids[:, j] == e)[:, None], weights[:, j, None] * y_e, 0)
-    return out.astype(x.dtype)
+    def expert(e):
+        return mm((jax.nn.silu(mm(x, ew["w_in"][e])) * mm(x, ew["w_up"][e])).astype(hdt), ew["w_down"][e])
+
+    return _combined_f32(p, x, weights, ids, expert).astype(x.dtype)
 
 
 def test_hidden_dtype_casts_the_activation_before_the_down_projection():
@@ -693,6 +698,75 @@ def test_hidden_dtype_casts_the_activation_before_the_down_projection():
         assert got.dtype == jnp.bfloat16
         err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
         assert err <= 0.1 * gap, (variant, err, gap)
+
+
+def _rounded_then_upcast_moe(p: MoeParams, x, weights, ids, ew, pdt):
+    """independent_moe with biases on f32 operands: each matmul rounded to pdt and upcast back to f32
+    (pdt None: not rounded), the biases and the activation in f32 (GPT-OSS in EasyDeL)."""
+    mm = lambda v, w: (v @ w).astype(pdt or jnp.float32).astype(jnp.float32)  # noqa: E731
+    def expert(e):
+        gate, up = mm(x, ew["w_in"][e]) + ew["b_in"][e], mm(x, ew["w_up"][e]) + ew["b_up"][e]
+        return mm(jax.nn.silu(gate) * up, ew["w_down"][e]) + ew["b_down"][e]
+
+    return _combined_f32(p, x, weights, ids, expert)
+
+
+def test_activation_dtype_takes_rounded_projections_back_to_f32_with_biases():
+    p = MoeParams(num_experts=4, k=2, activation="swiglu", has_expert_bias=True,
+                  projection_dtype="bfloat16", activation_dtype="float32")
+    x, weights, ids, ew = make_inputs(p, t=32, seed=8)
+    want = jax.jit(lambda *a: _rounded_then_upcast_moe(p, *a, jnp.bfloat16))(x, weights, ids, ew)
+    unrounded = jax.jit(lambda *a: _rounded_then_upcast_moe(p, *a, None))(x, weights, ids, ew)
+    _assert_closer_to(p, (x, weights, ids, ew), want, unrounded)
+
+
+def test_down_projection_multiplies_in_its_own_dtype():
+    """bf16 tokens with f32 weights, bf16 preferred_element_type (so the up projections multiply in
+    bf16), f32 activation and hidden rows: the down projection multiplies f32 rows by the f32 W_down,
+    not by W_down rounded to the compute dtype (GPT-OSS in EasyDeL). Tokens and up weights are
+    multiples of 1/4 below 2, so the up projections are exact in bf16 (XLA may keep a bf16 result in
+    f32 before an upcast: --xla_allow_excess_precision), and only W_down's rounding is visible."""
+    p = MoeParams(num_experts=4, k=2, activation="swiglu", projection_dtype="bfloat16",
+                  activation_dtype="float32", out_dtype="float32", weights_dtype="float32")
+    x, weights, ids, ew = make_inputs(p, t=32, seed=9)
+    quarter = lambda a: jnp.clip(jnp.round(a * 4) / 4, -1.75, 1.75)  # noqa: E731
+    x = quarter(x).astype(jnp.bfloat16)
+    ew = dict(ew, w_in=quarter(ew["w_in"]), w_up=quarter(ew["w_up"]))
+    bf = jnp.bfloat16
+
+    def program(x, weights, ids, ew, w_down_dtype):
+        mm = lambda v, w: jnp.dot(v.astype(bf), w.astype(bf), preferred_element_type=bf)  # noqa: E731
+
+        def expert(e):
+            gate, up = (mm(x, ew[name][e]).astype(jnp.float32) for name in ("w_in", "w_up"))
+            wd = ew["w_down"][e].astype(w_down_dtype).astype(jnp.float32)
+            return jnp.dot(jax.nn.silu(gate) * up, wd, preferred_element_type=bf)
+
+        return _combined_f32(p, x, weights, ids, expert)
+
+    want = jax.jit(lambda *a: program(*a, jnp.float32))(x, weights, ids, ew)
+    rounded_w_down = jax.jit(lambda *a: program(*a, bf))(x, weights, ids, ew)
+    _assert_closer_to(p, (x, weights, ids, ew), want, rounded_w_down)
+
+
+def _assert_closer_to(p: MoeParams, inputs, want, other):
+    """Every xla / reference variant gives f32 within a tenth of the gap between `want` and `other`
+    (the program without the rounding under test), and that gap is visible."""
+    gap = _max_abs_diff(want, other)
+    assert gap > 1e-3
+    for variant in ("reference", "xla/capacity-pass", "xla/loop-only"):
+        got = run(p, variant, *inputs)
+        assert got.dtype == jnp.float32
+        assert _max_abs_diff(got, want) <= 0.1 * gap, (variant, _max_abs_diff(got, want), gap)
+
+
+def _max_abs_diff(a, b) -> float:
+    return float(jnp.max(jnp.abs(jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32))))
+
+
+def test_biases_with_a_projection_dtype_need_an_activation_dtype():
+    with pytest.raises(ValueError, match="needs activation_dtype"):
+        MoeParams(num_experts=4, k=2, has_expert_bias=True, projection_dtype="bfloat16")
 
 
 def test_hidden_dtype_needs_a_projection_dtype():

@@ -127,7 +127,7 @@ def compare(label: str, want: Any, got: Any, floor: Any = None) -> list[dict[str
         what = f"{label}[{i}] {w_np.dtype}{list(w_np.shape)}"
         if w_np.shape != g_np.shape or w_np.dtype != g_np.dtype:
             out.append({"what": what, "ok": False, "detail": f"got {g_np.dtype}{list(g_np.shape)}"})
-        elif not np.issubdtype(w_np.dtype, np.inexact):
+        elif not jnp.issubdtype(w_np.dtype, jnp.inexact):  # (numpy does not know bfloat16 is a float)
             mismatches = int(np.sum(w_np != g_np))
             out.append({"what": what, "ok": mismatches == 0, "detail": f"{mismatches} elements differ"})
         else:

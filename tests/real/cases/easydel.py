@@ -229,18 +229,9 @@ CASES: tuple[RealCase, ...] = (
             "routing decision moefuse can fuse; the block fuses"
         ),
     ),
-    case(
-        "gpt_oss_fused_moe",
-        GPT_OSS,
-        "FUSED_MOE",
-        known_miss=(
-            "moe: no combine of expert outputs by router weights (weight_sum/BKE,BK -> BE); "
-            "from the jaxpr: the expert "
-            "biases are gathered by each sorted row's expert computed from the group sizes (the "
-            "jnp.repeat(arange(E), sizes) spelling), not ids[order], and the ragged_dots round to "
-            "bfloat16; two route sites fuse"
-        ),
-    ),
+    # biases gathered by each sorted row's expert as jnp.repeat(arange(E), sizes); bf16 tokens
+    # against f32 weights in ragged_dots rounding to bf16, upcast, biases and activation in f32
+    case("gpt_oss_fused_moe", GPT_OSS, "FUSED_MOE", expect=("route", "route", "moe")),
     case(
         "llama4_fused_moe",
         LLAMA4,
