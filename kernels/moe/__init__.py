@@ -169,17 +169,72 @@ def _one_rounding(req: select.Request, target: select.Target) -> str | None:
     return None if pdt is None else f"rounds each FFN once, not each projection to projection_dtype={pdt}"
 
 
+def _example(p: MoeParams, kernel: select.Kernel, t: int, d: int, f: int, dtype) -> tuple[Callable, tuple]:
+    """fn(x, weights, ids, *expert weights and biases) -> ((sum of the output, output), its gradients
+    with respect to every input but ids), and fn's arguments as ShapeDtypeStructs."""
+    e = p.num_experts
+    n_in = 2 if p.is_glu and not p.fused_gate_up else 1
+    cols = 2 * f if p.fused_gate_up else f
+    biases = [(e, cols)] * n_in + [(e, d)] if p.has_expert_bias else []
+    shapes = [(t, d), (t, p.k), (t, p.k), *[(e, d, cols)] * n_in, (e, f, d), *biases]
+    args = tuple(jax.ShapeDtypeStruct(s, jnp.int32 if i == 2 else dtype) for i, s in enumerate(shapes))
+
+    def one_or_pair(v: tuple) -> Any:
+        return v[0] if len(v) == 1 else v
+
+    def loss(x, weights, ids, *ws):
+        b = ws[n_in + 1:]
+        out = moe_ffn(x, weights, ids, one_or_pair(ws[:n_in]), ws[n_in], p, impl=kernel,
+                      b_in=one_or_pair(b[:n_in]) if b else None, b_down=b[-1] if b else None)
+        return jnp.sum(out.astype(jnp.float32)), out
+
+    def fn(*a):
+        return jax.value_and_grad(loss, argnums=(0, 1, *range(3, len(a))), has_aux=True)(*a)
+
+    return fn, args
+
+
+def _examples(impl: str, backend: grouped.Backend) -> Callable:
+    """Configurations of the kernel `impl` the deviceless compile check builds (tests/compile): each is
+    the forward and the backward (the output and the gradients of its sum: the FFN kernel, gmm and
+    tgmm) at the backend's default tiles for the shape."""
+
+    def examples() -> list[tuple[str, Callable, tuple]]:
+        mixtral = MoeParams(num_experts=8, k=2)
+        ling = MoeParams(num_experts=256, k=8)
+        # GPT-OSS-like: fused interleaved gate/up with biases; D, F > 512 with no multiple of 128 dividing
+        # them, so the TPU kernels run partial last blocks with masked tails
+        gpt_oss = MoeParams(num_experts=32, k=4, activation="swiglu_oai", fused_gate_up=True,
+                            gate_up_layout="interleaved", has_expert_bias=True)
+        out = []
+        for name, p, t, d, f, dt in (
+            ("mixtral_f32_T256", mixtral, 256, 512, 1024, jnp.float32),
+            ("mixtral_bf16_T250", mixtral, 250, 512, 1024, jnp.bfloat16),
+            ("ling_bf16_T203", ling, 203, 512, 256, jnp.bfloat16),
+            ("gptoss_f32_T37", gpt_oss, 37, 576, 720, jnp.float32),
+        ):
+            chosen = backend.default_tiles(t, p.k, p.num_experts, d, f, dt, p.is_glu)
+            kernel = select.Kernel(impl, tuple((n, v) for n, v in dataclasses.asdict(chosen).items()
+                                               if v is not None))
+            out.append((name, *_example(p, kernel, t, d, f, dt)))
+        return out
+
+    return examples
+
+
 select.register_impls("moe", tuple(IMPLS))
 select.register(
     select.KernelRow("moe", "tpu", "pallas_tpu", dtypes=("float32", "bfloat16"),
                      tiles=_tiles(pallas_tpu.BACKEND), fits=_one_rounding,
                      note="Pallas TPU (Mosaic): one fused expert-FFN kernel over expert-sorted row tiles; "
-                          "backward gmm / tgmm kernels"),
+                          "backward gmm / tgmm kernels",
+                     examples=_examples("pallas_tpu", pallas_tpu.BACKEND)),
     select.KernelRow("moe", "tpu", "xla", note="sorted block schedule (XLA)"),
     select.KernelRow("moe", "gpu", "pallas_gpu", dtypes=("float32", "bfloat16"),
                      tiles=_tiles(pallas_gpu.BACKEND), fits=_one_rounding,
                      note="Pallas GPU (Triton): grouped matmuls over expert-sorted row tiles, activation "
-                          "fused; XLA combine"),
+                          "fused; XLA combine",
+                     examples=_examples("pallas_gpu", pallas_gpu.BACKEND)),
     select.KernelRow("moe", "gpu", "xla", note="sorted block schedule (XLA)"),
     select.KernelRow("moe", "cpu", "dense", shape=f"dispatch dense, T*E*D*F < {DENSE_WORK:,}",
                      when=_small_dense, fits=_one_rounding,
@@ -203,7 +258,7 @@ def moe_ffn(
     interpret: bool = False,
     tiles: Tiles | None = None,
 ) -> jax.Array:
-    """Routed expert FFNs combined over k: out [T, D] in x's dtype.
+    """Routed expert FFNs combined over k: out [T, D] in params.out_dtype (default x's dtype).
 
     x [T, D]; weights [T, k] (floating); ids [T, k] int32. w_in is [E, D, F] for plain MLPs
     (gelu/relu/silu); for GLU activations the pair (w_gate, w_up) of [E, D, F], or one [E, D, 2F]

@@ -3,57 +3,49 @@
 Strongest evidence without an accelerator: libtpu runs the real Mosaic passes (layout inference,
 VMEM allocation, LLO) for each chip. Every registered `select.KernelRow` of platform "tpu" with
 `examples` is compiled for v5e, v6e and v7x topologies; any op package that registers examples
-joins. Needs libtpu, in its own venv (not the main test venv)::
+joins. Needs libtpu, in its own venv (not the main test venv; tests/compile/README.md)::
 
-    python3 -m venv .venv-tpu && .venv-tpu/bin/pip install -e . "jax[tpu]==0.10.2"   # the main venv's JAX
-    export TPU_ACCELERATOR_TYPE=v5litepod-4 TPU_WORKER_HOSTNAMES=localhost          # silences libtpu
-    .venv-tpu/bin/python tests/compile/compile_kernels.py
+    python tests/compile/setup_venv.py tpu                  # jax[tpu] at the main venv's JAX version
+    ~/.cache/moefuse-compile/tpu/bin/python tests/compile/compile_kernels.py [v5e v6e v7x]
 
-Prints one line per (chip, row, configuration) and exits non-zero when any compile fails.
+moefuse is imported from this checkout (tests/compile/harness.py), not from the venv; no TPU and no
+environment variables are needed (JAX_PLATFORMS defaults to cpu here, and the TPU_* variables that
+silence libtpu's warnings are set). Prints one line per (chip, row, configuration) and exits non-zero
+when any compile fails.
 """
 
 from __future__ import annotations
 
+import os
 import sys
-import time
+from pathlib import Path
 
-import jax
-import numpy as np
-from jax.experimental import topologies
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu compiles for a topology; no TPU backend to start
+os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")  # silences libtpu's stderr noise
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
-from moefuse import select
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import KNOWN_FAILURES, chosen_targets, compile_rows, print_versions, use_checkout  # noqa: E402
+
+use_checkout()
+
+import numpy as np  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
 
 TOPOLOGIES = {"v5e": "v5e:2x2", "v6e": "v6e:2x2", "v7x": "tpu7x:2x2x1"}
 
 
-def main() -> int:
-    failures = 0
-    for chip, name in TOPOLOGIES.items():
-        mesh = Mesh(
-            np.array(topologies.get_topology_desc(topology_name=name, platform="tpu").devices[:1]), ("x",)
-        )
-        sharding = NamedSharding(mesh, P())
-        for row in select.rows(platform="tpu"):
-            if row.examples is None or (row.chips and chip not in row.chips):
-                continue
-            for label, fn, args in row.examples():
-                start = time.perf_counter()
-                try:
-                    with jax.set_mesh(mesh):
-                        jax.jit(fn).lower(
-                            *[jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding) for a in args]
-                        ).compile()
-                    status = "ok"
-                except Exception as e:  # noqa: BLE001 - report every configuration, then fail
-                    failures += 1
-                    status = f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}"
-                print(
-                    f"{chip} {row.op}/{row.impl} {label}: {status} ({time.perf_counter() - start:.1f}s)",
-                    flush=True,
-                )
-    return 1 if failures else 0
+def targets(chips):
+    for chip in chips:
+        topo = topologies.get_topology_desc(topology_name=TOPOLOGIES[chip], platform="tpu")
+        yield chip, chip, Mesh(np.array(topo.devices[:1]), ("x",))
+
+
+def main(argv: list[str] | None = None) -> int:
+    chips = chosen_targets(__doc__, TOPOLOGIES, "chips", argv)
+    print_versions("jax", "jaxlib", "libtpu")
+    return compile_rows("tpu", targets(chips), KNOWN_FAILURES["tpu"])
 
 
 if __name__ == "__main__":

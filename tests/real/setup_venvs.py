@@ -25,19 +25,16 @@ Example::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
-import json
 import os
-import shutil
 import subprocess
 import sys
 import time
-import tomllib
-from collections.abc import Iterator
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: the repo's `tests`
+from tests.venv_build import VenvSpec, build_venv, moefuse_dependencies  # noqa: E402
 
 REQUIREMENTS = Path(__file__).resolve().parent / "requirements"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -81,11 +78,6 @@ def all_libs() -> list[str]:
     return sorted(p.stem for p in REQUIREMENTS.glob("*.txt") if "." not in p.stem)
 
 
-def moefuse_dependencies() -> list[str]:
-    with open(REPO_ROOT / "pyproject.toml", "rb") as f:
-        return list(tomllib.load(f)["project"]["dependencies"])
-
-
 def stamp_of(files: LibFiles) -> str:
     h = hashlib.sha256(f"format {FORMAT}\npython {PYTHON_VERSION}\n".encode())
     for dep in moefuse_dependencies():
@@ -93,17 +85,6 @@ def stamp_of(files: LibFiles) -> str:
     for p in files.paths():
         h.update(f"== {p.name}\n".encode() + p.read_bytes())
     return h.hexdigest()
-
-
-def uv_command() -> list[str]:
-    """uv, installed into the calling Python with pip if it is not on PATH nor importable."""
-    found = shutil.which("uv")
-    if found:
-        return [found]
-    probe = subprocess.run([sys.executable, "-m", "uv", "--version"], capture_output=True)
-    if probe.returncode != 0:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "uv"], check=True)
-    return [sys.executable, "-m", "uv"]
 
 
 def python312() -> str:
@@ -116,74 +97,17 @@ def python312() -> str:
     return os.path.realpath(out.stdout.strip())
 
 
-def step(lib: str, what: str, cmd: list[str]) -> None:
-    start = time.monotonic()
-    print(f"[{lib}] {what} ...", flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout + proc.stderr)
-        raise SystemExit(f"[{lib}] {what} failed (exit {proc.returncode}): {' '.join(cmd)}")
-    print(f"[{lib}] {what}: done in {time.monotonic() - start:.1f}s", flush=True)
-
-
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def check_pins(lib: str, python: Path) -> None:
-    code = (
-        "import importlib.metadata as m, json, sys\n"
-        "print(json.dumps({n: m.version(n) for n in sys.argv[1:]}))"
-    )
-    out = subprocess.run([str(python), "-c", code, *PINS], capture_output=True, text=True, check=True)
-    got = json.loads(out.stdout)
-    wrong = {n: v for n, v in got.items() if v != PINS[n]}
-    if wrong:
-        raise SystemExit(f"[{lib}] pinned versions not installed: got {wrong}, want {PINS}")
-    print(f"[{lib}] versions: " + ", ".join(f"{n} {v}" for n, v in got.items()), flush=True)
-
-
 def build(lib: str, force: bool = False) -> Path:
     """Make ``lib``'s venv current; returns its folder."""
     files = LibFiles.of(lib)
-    target = cache_dir() / lib
-    stamp = stamp_of(files)
-    with locked(cache_dir() / f".{lib}.lock"):
-        if not force and (target / STAMP).is_file() and (target / STAMP).read_text().strip() == stamp:
-            print(f"[{lib}] venv up to date: {target}", flush=True)
-            return target
-        start = time.monotonic()
-        uv = uv_command()
-        tmp = cache_dir() / f".{lib}.build-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        python = tmp / "bin" / "python"
-        # compiled now, not at the first import of every run (MaxText: ~2 minutes of imports otherwise)
-        pip = [*uv, "pip", "install", "--compile-bytecode", "--python", str(python)]
-        step(lib, "uv venv", [*uv, "venv", "-q", "--relocatable", "--python", python312(), str(tmp)])
-        overrides = ["--override", str(files.overrides)] if files.overrides else []
-        step(
-            lib,
-            f"install {files.requirements.name} (+ moefuse's dependencies)",
-            [*pip, *overrides, "-r", str(files.requirements), *moefuse_dependencies()],
-        )
-        if files.nodeps:
-            step(lib, f"install --no-deps {files.nodeps.name}", [*pip, "--no-deps", "-r", str(files.nodeps)])
-        check_pins(lib, python)
-        (tmp / STAMP).write_text(stamp + "\n")
-        if target.exists():
-            old = cache_dir() / f".{lib}.old-{os.getpid()}"
-            target.rename(old)
-            shutil.rmtree(old, ignore_errors=True)
-        tmp.rename(target)
-        print(f"[{lib}] venv built in {time.monotonic() - start:.1f}s: {target}", flush=True)
-        return target
+    overrides = ["--override", str(files.overrides)] if files.overrides else []
+    installs = [(f"install {files.requirements.name} (+ moefuse's dependencies)",
+                 [*overrides, "-r", str(files.requirements), *moefuse_dependencies()])]
+    if files.nodeps:
+        installs.append((f"install --no-deps {files.nodeps.name}", ["--no-deps", "-r", str(files.nodeps)]))
+    spec = VenvSpec(label=lib, target=cache_dir() / lib, stamp=stamp_of(files), stamp_file=STAMP,
+                    python=python312(), installs=installs, pins=PINS)
+    return build_venv(spec, force=force)
 
 
 def main(argv: list[str] | None = None) -> None:
