@@ -1,20 +1,23 @@
 """In which dtypes a recognised expert FFN computes, read from the program's own matmuls.
 
 The matcher looks through float casts to recognise an FFN; this module reads them back, so the
-fused op rounds where the program rounds (`MoeParams.compute_dtype` / `projection_dtype`), or
-the site is declined with the reason::
+fused op rounds where the program rounds (the dtype fields of `MoeParams`), or the site is
+declined with the reason::
 
     prec = ffn_precision(view, FfnValues(x, [w_gate, w_up, w_down], inputs, [weights], y, wdt))
     if isinstance(prec, str):
         return NoMatch(anchor, prec, OP)
-    MoeParams(..., compute_dtype=prec.compute_dtype, projection_dtype=prec.projection_dtype)
+    MoeParams(..., compute_dtype=prec.compute_dtype, projection_dtype=prec.projection_dtype, ...)
 
 The projections are the matmuls (`dot_general`, `ragged_dot_general`) of a value computed from
 the tokens by one computed from the expert weights alone; the down projections are those whose
-token side comes from another projection. Read in the op's terms (cdt, pdt as in `MoeParams`):
-the up projections' operands promote to one cdt and every projection returns one pdt; the
-activation between them computes in pdt, at most upcast exactly before the down projection;
-what the down projections return is combined in pdt, the combine dtype or the output dtype.
+token side comes from another projection. Read in the op's terms (as in `MoeParams`): the up
+projections multiply in one cdt (operands of two dtypes convert to the preferred_element_type, as
+JAX lowers them), every projection returns one pdt, its results are carried in one adt (a cast
+of them, else pdt) where biases and the activation run, the hidden rows are cast at most once
+(to hdt) before the down projection, which multiplies in result_type(hdt, cdt); the tokens and
+weights reach the matmuls cast only to those dtypes; the expert outputs are combined in pdt, adt,
+the combine dtype or the result's dtype.
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ class _Flow:
     after_proj: set[Any] = dataclasses.field(default_factory=set)
     after_down: set[Any] = dataclasses.field(default_factory=set)
     hidden: set[Any] = dataclasses.field(default_factory=set)  # h after its cast for the down projection
-    results: set[Any] = dataclasses.field(default_factory=set)  # what the projections return
+    results: set[Any] = dataclasses.field(default_factory=set)  # what the up projections return
     result_casts: dict[Any, Any] = dataclasses.field(default_factory=dict)  # a result cast: its dtype
 
 
@@ -107,9 +110,10 @@ def ffn_precision(view: View, vals: FfnValues) -> FfnPrecision | str:
             down = proj in flow.after_proj
             projections.append(_Projection(eqn, proj, down))
             flow.after_proj.update(outs)
-            flow.results.update(outs)
-            if down:
+            if down:  # what the down projections return is read as combined (`_combine`)
                 flow.after_down.update(outs)
+            else:
+                flow.results.update(outs)
         elif any(v in flow.after_proj for v in ins):
             flow.after_proj.update(outs)
             if any(v in flow.after_down for v in ins):
@@ -128,8 +132,8 @@ def ffn_precision(view: View, vals: FfnValues) -> FfnPrecision | str:
 
 
 def _note_result_alias_or_cast(view: View, eqn: C.JaxprEqn, outs: list[Any], flow: _Flow) -> None:
-    """A no-op of a projection's result (`name`, a sharding constraint) is that result; a cast of
-    it is the dtype the op carries results in (MoeParams.activation_dtype)."""
+    """A no-op of an up projection's result (`name`, a sharding constraint) is that result; a cast
+    of it is the dtype the op carries results in (MoeParams.activation_dtype)."""
     if len(outs) != 1:
         return
     src = view.canon(outs[0])

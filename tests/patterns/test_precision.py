@@ -43,9 +43,9 @@ def sorted_block(pet=None, hidden=None, act=None, pets=None, out=None):
         u = lax.ragged_dot(xs, w_up, sizes, preferred_element_type=pu)
         h = jax.nn.silu(g.astype(act)) * u.astype(act) if act else jax.nn.silu(g) * u
         h = h.astype(hidden) if hidden else h
-        y = lax.ragged_dot(h, w_down, sizes, preferred_element_type=pd)
+        y = lax.ragged_dot(h, w_down, sizes, preferred_element_type=pd).astype(F32)  # for the combine
         y = y[jnp.argsort(perm)].reshape(-1, K, x.shape[-1])
-        return jnp.sum(y.astype(F32) * w[..., None], axis=1).astype(out or x.dtype)
+        return jnp.sum(y * w[..., None], axis=1).astype(out or x.dtype)
 
     return block
 
