@@ -224,16 +224,18 @@ def run_one(case: Any, jaxpr_dir: Path | None) -> dict[str, Any]:
                 stage = "moefuse.jit"
                 got = jax.block_until_ready(moefuse.jit(built.fn)(*built.args))
                 mark("moefuse.jit")
-                result["checks"] += compare("forward", want, got)
+                # a program that computes in bf16 anywhere defines its f32 outputs to bf16 precision
+                # only: XLA keeps bf16 intermediates in f32 where it fuses them (at the realistic
+                # size EasyDeL STANDARD_MOE under jax.jit and op by op differ by 0.45 at scale 130)
+                floor = narrowest_float(closed)
+                result["checks"] += compare("forward", want, got, floor)
                 if case.trains:
                     stage = "jax.grad (the original program)"
                     want_g = float_argnums_grad(loss_of(built.fn, want), built.args)
                     stage = "jax.grad(moefuse.fuse(fn))"
                     got_g = float_argnums_grad(loss_of(moefuse.fuse(built.fn), want), built.args)
-                    # where a cotangent is rounded is not fixed by the forward program: autodiff of an
-                    # equal forward rounds bf16 cotangents at other points, so gradients are compared
-                    # at the narrowest precision the program computes in
-                    result["checks"] += compare("grad", want_g, got_g, narrowest_float(closed))
+                    # and where a cotangent is rounded is not fixed by the forward program either
+                    result["checks"] += compare("grad", want_g, got_g, floor)
                     mark("grad")
     except Exception as e:  # noqa: BLE001 - every failure is reported, with the stage it happened in
         tb = traceback.format_exc()
