@@ -176,7 +176,7 @@ def _read_router(view: View, anchor: int) -> _Found:
             f"top-{k} over {num_e} candidates: more than any MoE router "
             f"(limit {max_experts()}, MOEFUSE_MAX_EXPERTS); looks like vocabulary sampling"
         )
-    if k == num_e > 1:
+    if k == num_e > 1 and not _indexes_more_than(view, ids, num_e):
         raise _Reject(f"top-{k} of {num_e} candidates keeps them all: a sort, not a choice of experts")
     if C.is_dropvar(ids) or not (view.users(ids) or view.is_output(ids)):
         raise _Reject("the top-k indices are unused: no routing decision")
@@ -325,6 +325,24 @@ def _near_users(view: View, var: Any, through: frozenset[str] | None, depth: int
     return found
 
 
+def _indexes_more_than(view: View, ids: Any, n: int) -> bool:
+    """Whether the ids index an axis longer than the n candidates they rank: a gather from, or a
+    scatter into, an array with more than n entries along the indexed dim. A top-k of all its
+    candidates is then still a choice: of n experts out of more (an expert weight gathered at the
+    ids, tokens counted per expert), not a ranking of everything there is."""
+    for eqn in _near_users(view, ids, _INDEX_LAYOUT_OPS, depth=8):
+        name = eqn.primitive.name
+        if name == "gather":
+            dims = eqn.params["dimension_numbers"].start_index_map
+        elif name.startswith("scatter"):
+            dims = eqn.params["dimension_numbers"].scatter_dims_to_operand_dims
+        else:
+            continue
+        if any(_shape(eqn.invars[0])[d] > n for d in dims):
+            return True
+    return False
+
+
 def _read_weights(view: View, f: _Found, vals: Any, ids: Any) -> None:
     near_ids = _near_users(view, ids, _INDEX_LAYOUT_OPS, depth=8)
     gathered = [
@@ -412,7 +430,7 @@ def _check_scored(view: View, f: _Found) -> None:
 
 
 def _scored_outside(view: View, atom: Any) -> str | None:
-    """"softmax" / "sigmoid" (with the caller's location) if the body input `atom` is bound, through
+    """ "softmax" / "sigmoid" (with the caller's location) if the body input `atom` is bound, through
     any number of enclosing bodies run once (a shard_map, a jit), to such scores over its last axis."""
     got = view.outside(atom)
     while got is not None and got[0].op(got[1]) == "input":
@@ -464,8 +482,9 @@ def _read_post(view: View, f: _Found, ids: Any, num_e: int) -> None:
                 _check_no_partial_renorm(view, w, users, k_axis)
             break
         f.post.extend(step[0])
-        nonneg = nonneg and all(st[0] in ("renorm", "renorm_max") or (st[0] == "scale" and st[1] >= 0)
-                                for st in step[0])
+        nonneg = nonneg and all(
+            st[0] in ("renorm", "renorm_max") or (st[0] == "scale" and st[1] >= 0) for st in step[0]
+        )
         w = step[1]
     f.out_weights = w
 
@@ -561,32 +580,60 @@ def _scale_step(view: View, w: Any, u: Any, ids: Any, num_e: int, f: _Found) -> 
 
 
 def _group_limited(view: View, sel: Any) -> tuple[Any, int, int, str, float] | None:
-    """(x, n_group, topk_group, group_score, fill) if sel masks x to the best groups."""
-    if view.op(sel) != "select_n" or len(view.args(sel)) != 3:
+    """(x, n_group, topk_group, group_score, fill) if sel masks x to the best groups.
+
+    The mask is read in either layout: `where(mask[.., E], x, fill)`, the mask a reshape of a
+    [.., G, E/G] broadcast of the chosen groups, or `where(flags[.., G, 1], x.reshape(.., G, E/G),
+    fill).reshape(.., E)` (the same select done per group, then flattened: a reshape of an
+    elementwise op is the op of the reshaped operands)."""
+    per_group = (
+        view.op(sel) == "reshape"
+        and view.params(sel).get("dimensions") is None
+        and view.op(view.args(sel)[0]) == "select_n"
+    )
+    masked = view.args(sel)[0] if per_group else sel
+    if view.op(masked) != "select_n" or len(view.args(masked)) != 3:
         return None
-    pred, on_false, on_true = view.args(sel)
+    pred, on_false, on_true = view.args(masked)
     member = _membership(view, pred)
     if member is None:
         return None
-    mask, positive = member
-    x, fill_atom = (on_true, on_false) if positive else (on_false, on_true)
-    fill = view.scalar(fill_atom)
-    if fill is None:
+    if per_group:
+        grouped = _group_flags(view, pred, _shape(masked))
+    else:
+        grouped = _expand_groups(view, member[0], _shape(masked))
+        grouped = grouped and (grouped[0], grouped[1], grouped[2] == member[1])
+    chosen_true = grouped[2] if grouped else member[1]  # whether pred is true for the chosen groups
+    x, fill_atom = (on_true, on_false) if chosen_true else (on_false, on_true)
+    if per_group and (x := _flattened_groups(view, x, _shape(sel))) is None:
+        return None
+    if view.scalar(fill_atom) is None:
         raise _Reject("experts of dropped groups are filled with a non-constant value")
-    grouped = _expand_groups(view, mask, _shape(x))
     if grouped is None:
         raise _Reject(
             "experts are masked before the top-k, but not by a choice of consecutive expert groups "
             "moefuse can read (a fused router can only drop whole consecutive groups)"
         )
-    gi, n_group = grouped
+    gi, n_group, _ = grouped
     got = _group_choice(view, gi, x, n_group)
     if got is None:
         raise _Reject(
             "group mask found, but the group scores are not top-2 sums or maxima of the same selection scores"
         )
     topk_group, group_score = got
-    return x, n_group, topk_group, group_score, fill
+    return x, n_group, topk_group, group_score, view.scalar(fill_atom)
+
+
+def _flattened_groups(view: View, grouped: Any, shape: tuple[int, ...]) -> Any | None:
+    """x if `grouped` is x[.., E] reshaped to [.., G, E/G] (x of `shape`), else None."""
+    gshape = _shape(grouped)
+    if len(gshape) != len(shape) + 1 or gshape[:-2] != shape[:-1] or gshape[-2] * gshape[-1] != shape[-1]:
+        return None
+    eqn = view.producer(grouped)
+    if eqn is None or eqn.primitive.name != "reshape" or eqn.params.get("dimensions") is not None:
+        return None
+    x = view.canon(eqn.invars[0])
+    return x if _shape(x) == shape else None
 
 
 def _membership(view: View, pred: Any) -> tuple[Any, bool] | None:
@@ -607,8 +654,8 @@ def _membership(view: View, pred: Any) -> tuple[Any, bool] | None:
     return None
 
 
-def _expand_groups(view: View, mask: Any, shape: tuple[int, ...]) -> tuple[Any, int] | None:
-    """(chosen-group ids, n_group) if mask[.., e] says whether expert e's group was chosen."""
+def _expand_groups(view: View, mask: Any, shape: tuple[int, ...]) -> tuple[Any, int, bool] | None:
+    """(chosen-group ids, n_group, True) if mask[.., e] says whether expert e's group was chosen."""
     eqn = view.producer(mask)
     if eqn is None or eqn.primitive.name != "reshape":
         return None
@@ -616,12 +663,31 @@ def _expand_groups(view: View, mask: Any, shape: tuple[int, ...]) -> tuple[Any, 
     gshape = _shape(grouped)
     if len(gshape) != len(shape) + 1 or gshape[:-2] != shape[:-1] or gshape[-2] * gshape[-1] != shape[-1]:
         return None
-    n_group = gshape[-2]
-    base, dims = idioms.unexpand(view, grouped)
-    if _shape(base) != gshape[:-1] or any(dims.get(d) != d for d in range(len(gshape) - 1)):
-        return None
-    gi = _chosen_groups(view, base, n_group)
-    return None if gi is None else (gi, n_group)
+    return _group_flags(view, grouped, gshape)
+
+
+def _group_flags(view: View, flags: Any, gshape: tuple[int, ...]) -> tuple[Any, int, bool] | None:
+    """(chosen-group ids, n_group, positive) if flags[.., g, j] is the same for every expert j of
+    group g, and non-zero (positive) or zero (not positive) exactly for the chosen groups g.
+
+    Broadcasts along the experts of a group and size-1 dims are looked through, as are the
+    comparisons with 0 and casts to bool `_membership` reads (each flips or keeps the sense)."""
+    lead = gshape[:-1]
+    positive, atom = True, flags
+    for _ in range(8):
+        base, dims = idioms.unexpand(view, atom)
+        shape = _shape(base)
+        if shape[: len(lead)] != lead or any(n != 1 for n in shape[len(lead) :]):
+            return None
+        if any(dims.get(d) != d for d in range(len(lead))):
+            return None
+        if shape == lead and (gi := _chosen_groups(view, base, lead[-1])) is not None:
+            return gi, lead[-1], positive
+        member = _membership(view, base)
+        if member is None or member[0] is base:
+            return None
+        atom, positive = member[0], positive == member[1]
+    return None
 
 
 def _chosen_groups(view: View, gm: Any, n_group: int) -> Any | None:

@@ -360,6 +360,59 @@ def make_nm_strided_groups() -> ZooCase:
     )
 
 
+def make_nm_strided_groups_per_group_layout() -> ZooCase:
+    """The per-group-layout mask of a group-limited router, but over [T, E/G, G]: group g holds the
+    strided experts g, g + G, ...; the flags broadcast along the middle axis."""
+    num_tokens, d_model, num_experts, top_k = 16, 32, 32, 4
+    n_group, topk_group = 4, 2
+    x = normal(248, (num_tokens, d_model))
+    w = normal(249, (d_model, num_experts), scale=d_model**-0.5)
+
+    def fn(x, w):
+        scores = jax.nn.sigmoid(x @ w)
+        grouped = scores.reshape(num_tokens, num_experts // n_group, n_group)  # [T, E/G, G]
+        gs = lax.top_k(jnp.swapaxes(grouped, 1, 2), 2)[0].sum(-1)  # [T, G]
+        gm = jax.nn.one_hot(lax.top_k(gs, topk_group)[1], n_group).sum(1)  # [T, G]
+        choice = jnp.where(gm[:, None, :] > 0, grouped, -jnp.inf).reshape(num_tokens, num_experts)
+        ids = lax.top_k(choice, top_k)[1]
+        wt = jnp.take_along_axis(scores, ids, -1)
+        return wt / wt.sum(-1, keepdims=True), ids
+
+    return _case(
+        "nm_strided_groups_per_group_layout",
+        fn,
+        (x, w),
+        "strided groups masked in a [T, E/G, G] layout; a fused router's groups are consecutive",
+    )
+
+
+def make_nm_group_mask_per_expert_flags() -> ZooCase:
+    """Masked in the [T, G, E/G] layout, but the flags differ within a group (an expert-level
+    threshold), so whole groups are not what is kept."""
+    num_tokens, d_model, num_experts, top_k = 16, 32, 32, 4
+    n_group, topk_group = 4, 2
+    x = normal(250, (num_tokens, d_model))
+    w = normal(251, (d_model, num_experts), scale=d_model**-0.5)
+
+    def fn(x, w):
+        scores = jax.nn.sigmoid(x @ w)
+        grouped = scores.reshape(num_tokens, n_group, -1)
+        gs = lax.top_k(grouped, 2)[0].sum(-1)
+        gm = jax.nn.one_hot(lax.top_k(gs, topk_group)[1], n_group).sum(1)  # [T, G]
+        keep = (gm[:, :, None] > 0) & (grouped > 0.3)
+        choice = jnp.where(keep, grouped, -jnp.inf).reshape(num_tokens, num_experts)
+        ids = lax.top_k(choice, top_k)[1]
+        wt = jnp.take_along_axis(scores, ids, -1)
+        return wt / wt.sum(-1, keepdims=True), ids
+
+    return _case(
+        "nm_group_mask_per_expert_flags",
+        fn,
+        (x, w),
+        "per-group-layout mask ANDed with a per-expert threshold: not a choice of whole groups",
+    )
+
+
 def make_nm_attention_one_sequence() -> ZooCase:
     """Sparse attention over one unbatched sequence: softmax(q @ k.T) then the top-4 keys per query."""
     seq, d_head, top_k = 16, 32, 4
@@ -469,6 +522,26 @@ def make_nm_topk_sorts_all_candidates() -> ZooCase:
     )
 
 
+def make_nm_topk_sorts_all_classes_then_gathers() -> ZooCase:
+    """All 4 class probabilities ranked, then each class's embedding gathered in rank order: the ids
+    index exactly the 4 candidates they rank, so nothing is chosen."""
+    num_tokens, d_model, num_classes = 16, 32, 4
+    x = normal(252, (num_tokens, d_model))
+    w = normal(253, (d_model, num_classes), scale=d_model**-0.5)
+    table = normal(254, (num_classes, d_model))
+
+    def fn(x, w, table):
+        probs, ranked = lax.top_k(jax.nn.softmax(x @ w, axis=-1), num_classes)
+        return jnp.einsum("tc,tcd->td", probs, table[ranked])
+
+    return _case(
+        "nm_topk_sorts_all_classes_then_gathers",
+        fn,
+        (x, w, table),
+        "top-4 of 4 classes, ids gathering from the 4-row class table: a ranking, no choice",
+    )
+
+
 def make_nm_argsort_descending_reversed() -> ZooCase:
     """argsort(p)[:, ::-1][:, :k]: the largest first, but tied experts come out higher id first."""
     num_tokens, d_model, num_experts, top_k = 16, 32, 8, 2
@@ -527,11 +600,14 @@ NEAR_MISSES = [
     make_nm_shard_map_raw_topk,
     make_nm_shard_map_softmax_over_tokens,
     make_nm_strided_groups,
+    make_nm_strided_groups_per_group_layout,
+    make_nm_group_mask_per_expert_flags,
     make_nm_attention_one_sequence,
     make_nm_token_similarity_topk,
     make_nm_group_mask_clip_floor,
     make_nm_group_score_max_plus_min_masked,
     make_nm_topk_sorts_all_candidates,
+    make_nm_topk_sorts_all_classes_then_gathers,
     make_nm_argsort_descending_reversed,
     make_nm_argsort_sigmoid,
 ]

@@ -1084,6 +1084,68 @@ def make_f4_dsv3_jnp_onehot() -> ZooCase:
     )
 
 
+def make_f4_group_mask_per_group_layout() -> ZooCase:
+    """DS-V3 routing masked in the [T, G, E/G] layout: where(flags[:, :, None], grouped, -inf) then
+    flattened back to [T, E]; the flags are `not` of a zero count, so the select picks -inf first."""
+    num_tokens, d_model, num_experts, top_k = 16, 32, 32, 4
+    n_group, topk_group = 8, 3
+    x = normal(79, (num_tokens, d_model))
+    w = normal(80, (d_model, num_experts), scale=d_model**-0.5)
+    bias = normal(81, (num_experts,), scale=0.05)
+
+    def router(x, w, bias):
+        scores = jax.nn.sigmoid(x @ w)
+        grouped = (scores + bias).reshape(num_tokens, n_group, -1)
+        group_scores = lax.top_k(grouped, 2)[0].sum(-1)
+        picked = jnp.zeros((num_tokens, n_group), jnp.int32)
+        picked = picked.at[jnp.arange(num_tokens)[:, None], lax.top_k(group_scores, topk_group)[1]].add(1)
+        dropped = (picked == 0)[:, :, None]
+        choice = jnp.where(dropped, -jnp.inf, grouped).reshape(num_tokens, num_experts)
+        ids = lax.top_k(choice, top_k)[1]
+        weights = jnp.take_along_axis(scores, ids, axis=-1)
+        return weights / (weights.sum(-1, keepdims=True) + 1e-20), ids
+
+    return ZooCase(
+        "f4_group_mask_per_group_layout",
+        router,
+        (x, w, bias),
+        "F4",
+        router_expect(
+            top_k,
+            num_experts,
+            "sigmoid",
+            n_group=n_group,
+            topk_group=topk_group,
+            renorm=True,
+            selection_bias=True,
+        ),
+        note="group mask applied per group ([T, G, 1] flags, == 0 sense) before the flattening reshape",
+    )
+
+
+def make_f1_rank_all_of_fewer_logits() -> ZooCase:
+    """top-2 of 2 softmax scores whose ids pick expert weights out of 8: every candidate is kept, but
+    the ids still choose which 2 of the 8 experts run (a gate with fewer outputs than experts)."""
+    num_tokens, d_model, num_experts, num_logits = 16, 32, 8, 2
+    x = normal(82, (num_tokens, d_model))
+    w = normal(83, (d_model, num_logits), scale=d_model**-0.5)
+    experts = normal(84, (num_experts, d_model, d_model), scale=d_model**-0.5)
+
+    def router(x, w, experts):
+        vals, ids = lax.top_k(jax.nn.softmax(x @ w, axis=-1), num_logits)
+        rows = jnp.einsum("td,tkde->tke", x, experts[ids])
+        return jnp.einsum("tke,tk->te", rows, vals), ids
+
+    return ZooCase(
+        "f1_rank_all_of_fewer_logits",
+        router,
+        (x, w, experts),
+        "F1",
+        router_expect(num_logits, num_logits, "softmax"),
+        note="k equal to the number of logits; the ids gather from 8 expert weights",
+    )
+
+
 def make_f4_dsv2_group_limited_greedy() -> ZooCase:
     """DeepSeek-V2 'group_limited_greedy': softmax scores, group score = max, mask 0.0, no renorm, *16."""
     num_tokens, d_model, num_experts, top_k = 24, 32, 64, 6
@@ -1490,6 +1552,8 @@ ALL_ROUTERS = [
     make_f4_ling_hf_port,
     make_f4_dsv3_jnp_onehot,
     make_f4_dsv2_group_limited_greedy,
+    make_f1_rank_all_of_fewer_logits,
+    make_f4_group_mask_per_group_layout,
     make_f4_scan_groups,
     make_f4_ties_duplicated_groups,
     make_f4_sgl_ling_topk_bias,

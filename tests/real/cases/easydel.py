@@ -220,15 +220,10 @@ CASES: tuple[RealCase, ...] = (
     case("mixtral_fused_moe", MIXTRAL, "FUSED_MOE"),
     case("qwen3_moe_fused_moe", QWEN3_MOE, "FUSED_MOE"),
     case("qwen2_moe_fused_moe", QWEN2_MOE, "FUSED_MOE"),
-    case(
-        "deepseek_v3_fused_moe",
-        DEEPSEEK_V3,
-        "FUSED_MOE",
-        known_miss=(
-            "route: the gate hands top-k weights where [T, E] logits are expected (upstream bug): no "
-            "routing decision moefuse can fuse; the block fuses"
-        ),
-    ),
+    # the upstream MoEGate hands its top-k weights [T, k] on where [T, E] logits are expected: the
+    # layer's top-k of those k "logits" is the routing decision (ids 0 and 1 of the 8 experts), read as
+    # a route of 2 candidates because its ids index the 8 experts' weights and counts
+    case("deepseek_v3_fused_moe", DEEPSEEK_V3, "FUSED_MOE"),
     # biases gathered by each sorted row's expert as jnp.repeat(arange(E), sizes); bf16 tokens
     # against f32 weights in ragged_dots rounding to bf16, upcast, biases and activation in f32
     case("gpt_oss_fused_moe", GPT_OSS, "FUSED_MOE", expect=("route", "route", "moe")),
@@ -245,15 +240,7 @@ CASES: tuple[RealCase, ...] = (
     # float32 rows and weights, ragged_dots rounding to bfloat16 (preferred_element_type), the hidden
     # rows upcast before the down projection: MoeParams.projection_dtype / hidden_dtype
     case("mixtral_standard_moe", MIXTRAL, "STANDARD_MOE"),
-    case(
-        "deepseek_v3_dense_moe",
-        DEEPSEEK_V3,
-        "DENSE_MOE",
-        known_miss=(
-            "route: the top-k indices are unused / no routing weights (the upstream MoEGate bug); the "
-            "block fuses"
-        ),
-    ),
+    case("deepseek_v3_dense_moe", DEEPSEEK_V3, "DENSE_MOE"),  # the MoEGate bug above
     case(
         "grok_1_loop",
         GROK_1,

@@ -167,12 +167,7 @@ CASES = (
         lib="tpu_inference",
         name="deepseek_v3_router",
         build=functools.partial(build_jax_moe, "DENSE_MAT", "deepseek_v3"),
-        known_miss=(
-            "route: the ids pick entries of another [32, 8] distribution (distillation or sampling), not "
-            "experts (the expert top-k runs on sigmoid + bias masked per group in [T, G, E/G] layout by "
-            "where(one_hot(group ids).sum(1).astype(bool), ., -inf), reshaped to [T, E]; the weights are "
-            "take_along_axis of the un-biased sigmoid, renormalised with + 1e-20); the group top-ks "
-            "are declined as parts of it; the moe block fuses"
-        ),
+        # the group mask is applied per group: where(flags[T, G, 1], scores.reshape(T, G, E/G), -inf)
+        # flattened back to [T, E]
     ),
 )
