@@ -172,9 +172,9 @@ def progress(msg: str) -> None:
 
 def run_lib(lib: str, cases: list[RealCase], args: argparse.Namespace) -> list[dict[str, Any]]:
     """One worker subprocess per device count in ``lib``'s venv; its result rows."""
-    from tests.real.setup_venvs import venv_python
+    from tests.real.setup_venvs import CACHE
 
-    python = venv_python(lib)
+    python = CACHE.python(lib)
     if not python.exists():
         why = f"no venv at {python}: run `python tests/real/setup_venvs.py {lib}`"
         progress(f"[{lib}] {why}")

@@ -29,6 +29,26 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclasses.dataclass(frozen=True)
+class VenvCache:
+    """The folder a family of venvs lives in: ``$env_var``, else ``~/.cache/<default>``.
+
+    Example: ``VenvCache("MOEFUSE_REAL_CACHE", "moefuse-real").python("maxtext")``."""
+
+    env_var: str
+    default: str
+
+    def dir(self) -> Path:
+        return Path(os.environ.get(self.env_var) or Path.home() / ".cache" / self.default)
+
+    def venv(self, name: str) -> Path:
+        return self.dir() / name
+
+    def python(self, name: str) -> Path:
+        """The interpreter of venv `name` (which may not be built yet)."""
+        return self.venv(name) / "bin" / "python"
+
+
+@dataclasses.dataclass(frozen=True)
 class VenvSpec:
     """One venv to make current."""
 

@@ -1,9 +1,7 @@
 """What the deviceless compile scripts share: moefuse from the checkout, and the compile loop.
 
-moefuse is imported from a checkout without installing it (the compile venvs hold only JAX and libtpu or
-the CUDA plugin, so one cached venv serves every checkout): pyproject's `[tool.setuptools.package-dir]`
-maps `moefuse.kernels` -> `kernels/` and `moefuse.patterns` -> `patterns/`, which a plain sys.path
-entry cannot express; `use_checkout` installs the same finder as tests/real/run_case.py's. Call it
+moefuse is imported from the checkout without installing it (`use_checkout`, through tests/checkout.py,
+as tests/real/run_case.py does): the compile venvs hold only JAX and libtpu or the CUDA plugin. Call it
 before anything imports moefuse.
 """
 
@@ -18,7 +16,7 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))  # run as a script: the repo's `tests`
-from tests.real.run_case import CheckoutFinder  # noqa: E402  (the same import hook as the real models')
+from tests import checkout  # noqa: E402  (the import hook the real-model tier uses too)
 
 # platform -> {(op/impl, example): (substring of the error, why)}: configurations known not to compile
 # (nor lower: tests/compile/test_examples.py). One that compiles again fails the run, so that its entry
@@ -36,9 +34,7 @@ KNOWN_FAILURES: dict[str, dict[tuple[str, str], tuple[str, str]]] = {
 
 def use_checkout(root: Path = REPO_ROOT) -> None:
     """Import moefuse from `root` (default: the checkout this file is in), ahead of any installed copy."""
-    if "moefuse" in sys.modules:
-        raise RuntimeError("use_checkout must run before moefuse is imported")
-    sys.meta_path.insert(0, CheckoutFinder(root))
+    checkout.use_checkout(root)
 
 
 def chosen_targets(doc: str, names: Iterable[str], what: str, argv: list[str] | None) -> list[str]:

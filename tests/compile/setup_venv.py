@@ -30,22 +30,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: the repo's `tests`
-from tests.venv_build import VenvSpec, build_venv, moefuse_dependencies  # noqa: E402
+from tests.venv_build import VenvCache, VenvSpec, build_venv, moefuse_dependencies  # noqa: E402
 
 REQUIREMENTS = Path(__file__).resolve().parent / "requirements"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TIERS = ("tpu", "cuda")
 STAMP = ".moefuse-compile-stamp"
 FORMAT = 1  # bump when the build steps change, to rebuild every venv
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MOEFUSE_COMPILE_CACHE") or Path.home() / ".cache" / "moefuse-compile")
-
-
-def venv_python(tier: str) -> Path:
-    """The interpreter of `tier`'s venv (which may not be built yet)."""
-    return cache_dir() / tier / "bin" / "python"
+CACHE = VenvCache("MOEFUSE_COMPILE_CACHE", "moefuse-compile")
 
 
 def requirements(tier: str) -> Path:
@@ -96,7 +88,7 @@ def build(tier: str, force: bool = False) -> Path:
     """Make `tier`'s venv current; returns its folder."""
     installs = [(f"install {requirements(tier).name} (+ moefuse's dependencies)",
                  ["-r", str(requirements(tier)), *moefuse_dependencies()])]
-    spec = VenvSpec(label=tier, target=cache_dir() / tier, stamp=stamp_of(tier), stamp_file=STAMP,
+    spec = VenvSpec(label=tier, target=CACHE.venv(tier), stamp=stamp_of(tier), stamp_file=STAMP,
                     python=base_python(), installs=installs, pins=pins(tier))
     return build_venv(spec, force=force)
 
@@ -113,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown tiers {sorted(unknown)}; valid: {', '.join(TIERS)}")
     if args.print_python:
         for tier in args.tiers or TIERS:
-            print(venv_python(tier))
+            print(CACHE.python(tier))
         return
     start = time.monotonic()
     for tier in args.tiers or TIERS:

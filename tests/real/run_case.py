@@ -19,44 +19,20 @@ Example::
 from __future__ import annotations
 
 import argparse
-import importlib.abc
-import importlib.machinery
-import importlib.util
 import json
 import os
 import sys
 import time
-import tomllib
 import traceback
 from pathlib import Path
 from typing import Any
 
 HARNESS_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(HARNESS_ROOT))  # run as a script: the repo's `tests`
+from tests.checkout import use_checkout  # noqa: E402
+
 DEVICES_FLAG = "--xla_force_host_platform_device_count"
 RESULT_PREFIX = "MOEFUSE_REAL_RESULT "  # libraries print to stdout too: result lines carry this prefix
-
-
-class CheckoutFinder(importlib.abc.MetaPathFinder):
-    """Finds ``moefuse`` and its mapped subpackages (``moefuse.kernels`` -> ``kernels/``) in a checkout."""
-
-    def __init__(self, root: Path) -> None:
-        with open(root / "pyproject.toml", "rb") as f:
-            package_dir = tomllib.load(f)["tool"]["setuptools"]["package-dir"]
-        self.packages = {name: (root / rel).resolve() for name, rel in package_dir.items()}
-
-    def find_spec(
-        self, fullname: str, path: Any = None, target: Any = None
-    ) -> importlib.machinery.ModuleSpec | None:
-        folder = self.packages.get(fullname)
-        if folder is None:
-            return None
-        return importlib.util.spec_from_file_location(
-            fullname, folder / "__init__.py", submodule_search_locations=[str(folder)]
-        )
-
-
-def use_checkout(root: Path) -> None:
-    sys.meta_path.insert(0, CheckoutFinder(root))
 
 
 def set_devices(n: int) -> None:
@@ -271,7 +247,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--jaxpr-dir", type=Path, help="also write <lib>__<name>.txt: the jaxpr and the Plan")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(HARNESS_ROOT))
     cases = [find_case(c) for c in args.cases]
     devices = {c.devices for c in cases}
     if len(devices) != 1:

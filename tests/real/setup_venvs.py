@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: the repo's `tests`
-from tests.venv_build import VenvSpec, build_venv, moefuse_dependencies  # noqa: E402
+from tests.venv_build import VenvCache, VenvSpec, build_venv, moefuse_dependencies  # noqa: E402
 
 REQUIREMENTS = Path(__file__).resolve().parent / "requirements"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -42,15 +42,7 @@ PYTHON_VERSION = "3.12.1"
 PINS = {"jax": "0.12.0.1", "jaxlib": "0.12.0.1", "flax": "0.12.12"}
 STAMP = ".moefuse-real-stamp"
 FORMAT = 2  # bump when the build steps change, to rebuild every venv
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MOEFUSE_REAL_CACHE") or Path.home() / ".cache" / "moefuse-real")
-
-
-def venv_python(lib: str) -> Path:
-    """The interpreter of ``lib``'s venv (which may not be built yet)."""
-    return cache_dir() / lib / "bin" / "python"
+CACHE = VenvCache("MOEFUSE_REAL_CACHE", "moefuse-real")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +97,7 @@ def build(lib: str, force: bool = False) -> Path:
                  [*overrides, "-r", str(files.requirements), *moefuse_dependencies()])]
     if files.nodeps:
         installs.append((f"install --no-deps {files.nodeps.name}", ["--no-deps", "-r", str(files.nodeps)]))
-    spec = VenvSpec(label=lib, target=cache_dir() / lib, stamp=stamp_of(files), stamp_file=STAMP,
+    spec = VenvSpec(label=lib, target=CACHE.venv(lib), stamp=stamp_of(files), stamp_file=STAMP,
                     python=python312(), installs=installs, pins=PINS)
     return build_venv(spec, force=force)
 

@@ -30,7 +30,7 @@ import pytest
 from tests.real.case import RealCase
 from tests.real.cases import LIBS, load_cases
 from tests.real.run_case import RESULT_PREFIX
-from tests.real.setup_venvs import venv_python
+from tests.real.setup_venvs import CACHE
 
 pytestmark = pytest.mark.real
 
@@ -44,7 +44,7 @@ CASES: list[RealCase] = [case for lib in LIBS for case in load_cases(lib)]
 def batch_results(lib: str, devices: int) -> dict[str, dict[str, Any]] | str:
     """Run every case of ``lib`` needing ``devices`` devices in one subprocess: results by case id,
     or why the run failed (cached too, so one broken venv costs one run, not one per case)."""
-    python = venv_python(lib)
+    python = CACHE.python(lib)
     if not python.exists():
         return f"no venv for {lib} at {python}: run `python tests/real/setup_venvs.py {lib}` first"
     ids = [c.id for c in CASES if c.lib == lib and c.devices == devices]
