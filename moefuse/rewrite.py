@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import networkx as nx
 
 from moefuse import _compat as C
@@ -170,7 +171,7 @@ def _analyse(
 ) -> Level:
     from moefuse.patterns import PATTERNS
 
-    flat = inline_jits(closed) if _has_jit(closed.jaxpr) else closed
+    flat = inline_jits(closed) if _needs_retrace(closed.jaxpr) else closed
     seen, origin = C.inline_custom_vjps(flat, inline_jits)
     inlined = Inlined(flat, origin)
     view = View(seen, bound)
@@ -431,20 +432,34 @@ def _analyse_bodies(
     return subs
 
 
-def _has_jit(jaxpr: C.Jaxpr) -> bool:
-    return any(e.primitive.name in C.JIT_NAMES for e in jaxpr.eqns)
+def _needs_retrace(jaxpr: C.Jaxpr) -> bool:
+    """Whether `inline_jits` changes `jaxpr`: it has a nested `jit`, or removes unit dims from the
+    result of an elementwise op or of a broadcast (what `_UnitDims` reads through)."""
+    made = {v: e for e in jaxpr.eqns for v in e.outvars}
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in C.JIT_NAMES:
+            return True
+        src = made.get(eqn.invars[0]) if eqn.invars and not C.is_literal(eqn.invars[0]) else None
+        if src is not None and _removed_unit_dims(eqn) is not None and _recorded(src):
+            return True
+    return False
 
 
 def inline_jits(closed: C.ClosedJaxpr) -> C.ClosedJaxpr:
-    """`closed` with every nested `jit` equation inlined (bodies of other primitives untouched)."""
+    """`closed` with every nested `jit` equation inlined (bodies of other primitives untouched), and
+    unit dims removed from an elementwise op's result read as the op of the unexpanded operands
+    (`_UnitDims`): the same values, bit for bit, in a normal form for matching."""
+    unit_dims = _UnitDims()
 
     def run(*args: Any) -> list[Any]:
-        return _eval_inlining(closed.jaxpr, closed.consts, args)
+        return _eval_inlining(closed.jaxpr, closed.consts, args, unit_dims)
 
     return C.trace_to_closed_jaxpr(run, [v.aval for v in closed.jaxpr.invars])
 
 
-def _eval_inlining(jaxpr: C.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
+def _eval_inlining(
+    jaxpr: C.Jaxpr, consts: Sequence[Any], args: Sequence[Any], unit_dims: _UnitDims
+) -> list[Any]:
     env: dict[Any, Any] = {}
     _write(env, jaxpr.constvars, consts)
     _write(env, jaxpr.invars, args)
@@ -452,11 +467,142 @@ def _eval_inlining(jaxpr: C.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -
         invals = [_read(env, v) for v in eqn.invars]
         if eqn.primitive.name in C.JIT_NAMES:
             body = C.as_closed(eqn.params.get("jaxpr", eqn.params.get("call_jaxpr")))
-            outs = _eval_inlining(body.jaxpr, body.consts, invals)
+            outs = _eval_inlining(body.jaxpr, body.consts, invals, unit_dims)
         else:
-            outs = C.bind_eqn(eqn, invals)
+            outs = unit_dims.bind(eqn, invals)
         _write(env, eqn.outvars, outs)
     return [_read(env, v) for v in jaxpr.outvars]
+
+
+# Elementwise primitives whose params do not depend on the shape: with every operand reshaped by
+# the same removal of unit dims (a rank-0 operand as it is), each output element is computed from
+# the same operand elements, so the result is the removal applied to the original result, exactly.
+_ELEMENTWISE = frozenset(
+    {
+        *("neg", "sign", "floor", "ceil", "round", "is_finite", "abs", "not", "exp", "exp2", "log"),
+        *("log1p", "expm1", "logistic", "tanh", "sin", "cos", "tan", "sqrt", "rsqrt", "cbrt", "erf"),
+        *("erfc", "erf_inv", "square", "integer_pow", "convert_element_type", "reduce_precision"),
+        *("add", "sub", "mul", "div", "rem", "pow", "max", "min", "atan2", "nextafter"),
+        *("and", "or", "xor", "eq", "ne", "lt", "le", "gt", "ge", "select_n", "clamp"),
+    }
+)
+
+
+def _is_elementwise(eqn: C.JaxprEqn) -> bool:
+    return eqn.primitive.name in _ELEMENTWISE and eqn.params.get("sharding") is None
+
+
+def _recorded(eqn: C.JaxprEqn) -> bool:
+    """Whether `_UnitDims` can remove unit dims from `eqn`'s result through `eqn`."""
+    name = eqn.primitive.name
+    shaping = name in ("broadcast_in_dim", "reshape") and eqn.params.get("sharding") is None
+    return _is_elementwise(eqn) or (shaping and eqn.params.get("dimensions") is None)
+
+
+def _removed_unit_dims(eqn: C.JaxprEqn) -> tuple[int, ...] | None:
+    """The unit dims of its operand that `eqn` removes, if that is all it does (a `squeeze`, or a
+    `reshape` to the operand's shape without some of its size-1 dims)."""
+    if not eqn.invars or C.is_literal(eqn.invars[0]) or len(eqn.outvars) != 1:
+        return None
+    shape, out = tuple(eqn.invars[0].aval.shape), tuple(eqn.outvars[0].aval.shape)
+    if eqn.primitive.name == "squeeze":
+        return tuple(sorted(d % len(shape) for d in eqn.params["dimensions"]))
+    if eqn.primitive.name == "reshape" and eqn.params.get("dimensions") is None and len(out) < len(shape):
+        return _unit_dims_to_drop(shape, out)
+    return None
+
+
+def _unit_dims_to_drop(shape: tuple[int, ...], out: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The size-1 dims of `shape` whose removal leaves `out`, or None if no such dims exist."""
+    kept, j = [], 0
+    for d, n in enumerate(shape):
+        if j < len(out) and out[j] == n:
+            kept.append(d)
+            j += 1
+        elif n != 1:
+            return None
+    return tuple(d for d in range(len(shape)) if d not in kept) if j == len(out) else None
+
+
+class _UnitDims:
+    """Binds the equations of a retrace, reading a removal of unit dims (`squeeze`, or a reshape
+    that only drops size-1 dims) from an elementwise op's result as the elementwise op of its
+    operands without those dims, down to broadcasts (and unit-dim reshapes) that added them.
+
+    `squeeze(mul(silu(x[None]), y[None]), 0)` is bound as `mul(silu(x), y)`, and
+    `squeeze(x[None], 0)` as `x`: elementwise ops commute with adding and removing unit dims, so
+    the values are the same bit for bit. Only a removal whose operand tree ends in such broadcasts
+    everywhere is rewritten (no new squeeze of another value is made); anything else, or any error,
+    binds the equation as written.
+    """
+
+    def __init__(self) -> None:
+        self._made: dict[int, tuple[Any, C.JaxprEqn, list[Any]]] = {}  # id(value) -> its equation
+        self._done: dict[tuple[int, tuple[int, ...]], tuple[Any, Any]] = {}  # (id, dims) -> (value, result)
+
+    def bind(self, eqn: C.JaxprEqn, invals: list[Any]) -> list[Any]:
+        """`eqn` bound on `invals`, with a removal of unit dims read through (see the class)."""
+        dims = _removed_unit_dims(eqn)
+        got = None if dims is None else self._without_unit_dims(eqn, invals[0], dims)
+        if got is not None:
+            return [got]
+        outs = C.bind_eqn(eqn, invals)
+        if _recorded(eqn):
+            self._made[id(outs[0])] = (outs[0], eqn, invals)
+        return outs
+
+    def _without_unit_dims(self, eqn: C.JaxprEqn, val: Any, dims: tuple[int, ...]) -> Any | None:
+        """`val` without the unit dims `dims`, computed from recorded values, if it has `eqn`'s type."""
+        try:
+            got = self._drop(val, dims)
+        except Exception:  # noqa: BLE001 - the normal form is optional: bind as written instead
+            if strict():
+                raise
+            log.debug("moefuse: could not remove unit dims through %s", eqn.primitive, exc_info=True)
+            return None
+        want = eqn.outvars[0].aval
+        if got is None or tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
+            return None
+        return got
+
+    def _drop(self, val: Any, dims: tuple[int, ...]) -> Any | None:
+        """`val` with its size-1 dims `dims` removed, or None when not every leaf is a broadcast."""
+        if not dims:
+            return val
+        made = self._made.get(id(val))
+        if made is None or made[0] is not val:
+            return None
+        done = self._done.get((id(val), dims))
+        if done is not None and done[0] is val:
+            return done[1]
+        _, eqn, invals = made
+        out = [n for d, n in enumerate(val.shape) if d not in dims]
+        got = self._drop_through(eqn, invals, dims, tuple(out))
+        self._done[(id(val), dims)] = (val, got)
+        return got
+
+    def _drop_through(self, eqn: C.JaxprEqn, invals: list[Any], dims: tuple[int, ...], out: tuple) -> Any:
+        """The result of recorded `eqn` without its unit dims `dims` (shape `out`), or None."""
+        src = invals[0]
+        if eqn.primitive.name == "broadcast_in_dim":
+            bcast = tuple(eqn.params["broadcast_dimensions"])
+            kept = [i for i, d in enumerate(bcast) if d not in dims]  # operand dims that stay
+            inner = self._drop(src, tuple(i for i, d in enumerate(bcast) if d in dims))
+            if inner is None:
+                return None
+            new_bcast = tuple(bcast[i] - sum(r < bcast[i] for r in dims) for i in kept)
+            if jnp.shape(inner) == out and new_bcast == tuple(range(len(out))):
+                return inner
+            return jax.lax.broadcast_in_dim(inner, out, new_bcast)
+        if eqn.primitive.name == "reshape":
+            if _unit_dims_to_drop(tuple(eqn.outvars[0].aval.shape), jnp.shape(src)) is None:
+                return None  # only a reshape that added unit dims is read through
+            return src if jnp.shape(src) == out else jax.lax.reshape(src, out)
+        rank = len(eqn.outvars[0].aval.shape)
+        args = [a if jnp.ndim(a) == 0 else self._drop(a, dims) for a in invals]
+        if any(a is None for a in args) or any(jnp.ndim(a) not in (0, rank) for a in invals):
+            return None
+        return C.bind_eqn(eqn, args)[0]
 
 
 def evaluate(level: Level, args: Sequence[Any]) -> list[Any]:

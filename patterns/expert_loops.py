@@ -1,6 +1,7 @@
 """Expert FFNs unrolled by a Python loop: over the experts, or over the k slots of each token.
 
     y = sum over e of weight_e[:, None] * FFN(x; W[e])          (looped_expert_outputs)
+    (also in a layout with unit token dims: y [1, T, D] = sum of weight_e[:, :, None] * FFN_e(x)[None])
     y = sum over j of w[:, j, None] * FFN(x; W[ids[:, j]])       (slot_loop_outputs)
 
     ffn, weights, ids = looped_expert_outputs(view, y)
@@ -8,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -28,6 +30,8 @@ def looped_expert_outputs(view: View, y: Any) -> tuple[ExpertFfn, Any, Any] | No
 
     The Python-loop spelling (HF Mixtral / Qwen2-MoE ports): weight_e = sum(where(ids == e, w, 0), -1)
     and each expert's FFN reads the e-th slice of stacked weights. Every expert must appear once.
+    y, the weights and the FFN's [T, D] result may hold the tokens with unit dims added ([1, T, D],
+    ids [1, T, k]): each token's row then sits at the same place of each, in row-major order.
     """
     return _unrolled_sum(view, y, _loop_term, lambda stacks, ids: _shape(stacks[-1][0])[0])
 
@@ -70,18 +74,24 @@ def _sum_terms(view: View, atom: Any) -> list[Any]:
 
 
 def _loop_term(view: View, term: Any) -> tuple[int, tuple] | None:
-    """(e, key) for term = weight_e[:, None] * FFN_e(x); key holds what must agree across experts."""
-    if view.op(term) != "mul" or len(_shape(term)) != 2:
+    """(e, key) for term = weight_e[:, None] * FFN_e(x); key holds what must agree across experts.
+
+    term [..T, D] may have unit token dims that weight_e [..T] and FFN_e(x) [T, D] lack or hold
+    elsewhere (`_same_rows`)."""
+    if view.op(term) != "mul" or len(_shape(term)) < 2:
         return None
     for wexp, cur in (view.args(term), view.args(term)[::-1]):
         we, dims = idioms.unexpand(view, wexp)
-        if len(_shape(we)) != 1 or dims.get(0) != 0:
+        if not _same_rows(term, we, dims, tokens_only=True):
             continue
         sel = loop_expert_weight(view, we)
         if sel is None:
             continue
         e, w, ids = sel
-        down = _expert_slice_dot(view, cur, e, contracted="F")
+        out, out_dims = idioms.unexpand(view, cur)
+        if len(_shape(out)) != 2 or not _same_rows(term, out, out_dims, tokens_only=False):
+            continue
+        down = _expert_slice_dot(view, out, e, contracted="F")
         if down is None:
             continue
         a, wd = down
@@ -98,24 +108,42 @@ def _loop_term(view: View, term: Any) -> tuple[int, tuple] | None:
     return None
 
 
-def loop_expert_weight(view: View, atom: Any) -> tuple[int, Any, Any] | None:
-    """(e, w, ids) for atom[t] = sum_j [ids[t, j] == e] * w[t, j].
+def _same_rows(term: Any, part: Any, dims: dict[int, int], tokens_only: bool) -> bool:
+    """Whether `part`, expanded into `term` [..T, D] by `dims` (part dim -> term dim), puts its rows
+    at term's token positions in the same row-major order: the expansion only adds unit dims.
 
-    Spelled `sum(where(ids == e, w, 0), -1)`, `sum(w * (ids == e), -1)`, or a contraction of w with
-    expert e's column of `one_hot(ids, E)` (`einsum('kt,tk->t', one_hot(ids).T[e], w)`, HF Qwen2-MoE).
+    `part` is [..T] (tokens_only: a per-token weight) or [T, D] (an expert's output, D kept last).
+    """
+    n = len(_shape(term)) - 1  # term's token dims
+    width = len(_shape(part)) - (0 if tokens_only else 1)
+    if len(dims) != len(_shape(part)) or any(dims[i] >= n for i in range(width)):
+        return False
+    if not tokens_only and (width != 1 or dims[1] != n or _shape(part)[1] != _shape(term)[n]):
+        return False
+    return math.prod(_shape(part)[:width]) == math.prod(_shape(term)[:n])
+
+
+def loop_expert_weight(view: View, atom: Any) -> tuple[int, Any, Any] | None:
+    """(e, w, ids) for atom[..t] = sum_j [ids[..t, j] == e] * w[..t, j].
+
+    Spelled `sum(where(ids == e, w, 0), -1)`, `sum(w * (ids == e), -1)` (ids [..T, k], any number of
+    token dims), or a contraction of w [T, k] with expert e's column of `one_hot(ids, E)`
+    (`einsum('kt,tk->t', one_hot(ids).T[e], w)`, HF Qwen2-MoE).
     The multiplying spellings differ from the fused op only for an infinite weight (inf * 0 is NaN).
     """
-    if view.op(atom) == "reduce_sum" and tuple(view.params(atom)["axes"]) == (1,):
+    rank = len(_shape(atom)) + 1  # of ids and w
+    if view.op(atom) == "reduce_sum" and tuple(view.params(atom)["axes"]) == (rank - 1,):
         (inner,) = view.args(atom)
+        per_token = ("T",) * (rank - 1) + ("K",)
         if view.op(inner) == "select_n":
             pred, on_false, on_true = view.args(inner)
             col = _onehot_column(view, pred)
-            if view.scalar(on_false) == 0.0 and col is not None and col[2] == ("T", "K"):
+            if view.scalar(on_false) == 0.0 and col is not None and col[2] == per_token:
                 return (col[1], view.canon(on_true), col[0]) if _shape(col[0]) == _shape(on_true) else None
         if view.op(inner) == "mul":
             for m, w in (view.args(inner), view.args(inner)[::-1]):
                 col = _onehot_column(view, m)
-                if col is not None and col[2] == ("T", "K") and _shape(col[0]) == _shape(w):
+                if col is not None and col[2] == per_token and _shape(col[0]) == _shape(w):
                     return col[1], view.canon(w), col[0]
         return None
     got = dot(view, atom)
@@ -136,7 +164,7 @@ def loop_expert_weight(view: View, atom: Any) -> tuple[int, Any, Any] | None:
 
 
 def _onehot_column(view: View, atom: Any) -> tuple[Any, int, tuple[str, ...]] | None:
-    """(ids, e, labels) if atom is `ids == e` for ids [T, K], with its dims labelled "T" and "K".
+    """(ids, e, labels) if atom is `ids == e` for ids [..T, K], with its dims labelled "T" and "K".
 
     Spelled `ids == e` (any cast) or as expert e's slice of a (transposed) `one_hot(ids, E)`.
     """
@@ -147,8 +175,9 @@ def _onehot_column(view: View, atom: Any) -> tuple[Any, int, tuple[str, ...]] | 
         got = scalar_operand(view, atom)
         if got is None or not jnp.issubdtype(got[0].aval.dtype, jnp.integer):
             return None
-        if len(_shape(got[0])) == 2 and float(got[1]).is_integer():
-            return got[0], int(got[1]), ("T", "K")
+        rank = len(_shape(got[0]))
+        if rank >= 2 and float(got[1]).is_integer():
+            return got[0], int(got[1]), ("T",) * (rank - 1) + ("K",)
         return None
     sq = view.producer(atom)
     if sq is None or sq.primitive.name != "squeeze" or len(sq.params["dimensions"]) != 1:

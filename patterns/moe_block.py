@@ -68,7 +68,8 @@ SUPPORTED = (
         "Python loop over experts",
         "`for e in range(E)`: `w_e[:, None] * ffn(x, w1[e], ...)` with "
         "`w_e = sum(where(ids == e, w, 0), -1)`, `sum(w * (ids == e), -1)` or "
-        "`einsum('kt,tk->t', one_hot(ids).T[e], w)`",
+        "`einsum('kt,tk->t', one_hot(ids).T[e], w)`; also in a `[1, T, D]` layout (ids `[1, T, k]`, "
+        "`w_e[:, :, None] * ffn(x)[None]`)",
         "num_experts, k, activation",
     ),
     (
@@ -183,7 +184,7 @@ def _adds_expert_term(view: View, eqn: Any) -> bool:
             continue
         for side in view.args(term):
             base, _ = idioms.unexpand(view, side)
-            if len(_shape(base)) == 1 and loop_expert_weight(view, base) is not None:
+            if loop_expert_weight(view, base) is not None:
                 return True
             if slot_column(view, side) is not None and jnp.issubdtype(side.aval.dtype, jnp.floating):
                 return True  # w[:, j, None] * FFN_slot_j(x): the loop over the k slots
@@ -338,10 +339,11 @@ def _proposal(
     def emit(kernel: str, x: Any, w: Any, i: Any, *rest: Any) -> list[Any]:
         ws, bs = list(rest[: n_w - 3]), list(rest[n_w - 3 :])
         w_in, wd, b_in, b_down = _kernel_weights(ffn, layout, ws, bs, x.dtype)
-        tokens = x.shape[:-1]  # several token dims ([B, S, D]) run as [B * S, D]
+        # several token dims ([B, S, D]) run as [B * S, D]; the recognisers proved that x, w, ids and
+        # y list the tokens in the same row-major order (y may also hold unit dims that x lacks)
         x, w, i = x.reshape(-1, x.shape[-1]), w.reshape(-1, w.shape[-1]), i.reshape(-1, i.shape[-1])
         out = moe_ffn(x, w, i, w_in, wd, params, b_in=b_in, b_down=b_down, impl=kernel)
-        return [out.reshape(*tokens, out.shape[-1]).astype(y.aval.dtype)]
+        return [out.reshape(y.aval.shape).astype(y.aval.dtype)]
 
     described = plan_params(params, dispatch)
     routed = Proposal(op=OP, anchor=anchor, inputs=inputs, outputs=[y], params=described, emit=emit)
