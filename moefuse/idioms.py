@@ -9,6 +9,7 @@ Each recogniser takes a view and an atom and returns what the idiom binds, or No
     take(view, g)                    # -> (vector, indices) for vec[idx]
     repeated_rows(view, r)           # -> (x, k) for jnp.repeat(x, k, axis=0)
     one_hot(view, m)                 # -> (indices, n)
+    distinct_along_last(view, ids)   # -> whether ids never repeat along the last axis (top_k's)
     argsort(view, order)             # -> (keys, axis)
     reduction(view, r, "sum")        # -> (operand, axes), keepdims spellings included
 
@@ -576,3 +577,14 @@ def bincount(view: View, atom: Any) -> tuple[Any, int] | None:
         got = one_hot(view, view.args(atom)[0])
         return (got[0], n) if got is not None and got[1] == n and len(_shape(got[0])) == 1 else None
     return None
+
+
+def distinct_along_last(view: View, ids: Any) -> bool:
+    """Whether the integer array ids [..., k] never holds one value twice along its last axis: the
+    indices of a `lax.top_k` over that axis (k different positions of its operand)."""
+    ids = view.canon(ids)
+    eqn = view.producer(ids)
+    if eqn is None or eqn.primitive.name != "top_k" or view.out_index(ids) != 1:
+        return False
+    rank = len(_shape(ids))
+    return eqn.params.get("axis", rank - 1) in (-1, rank - 1)

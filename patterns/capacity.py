@@ -23,7 +23,10 @@ combine is exactly `sum_j w_j * [ids_j == e] * [p_j == c < C]` with w_j the rout
 choice j, the dispatch its support, and p_j the kernel's position (token-major for a cumsum over
 flattened (tokens, k); slot-major when choice j's cumsum is offset by the counts of choices < j).
 Slots may also come from `one_hot(sum(position * keep, E), C)` (the kept position, 0 where dropped)
-as long as a keep bit masks the dropped assignments out of slot 0 again; a router weight computed
+as long as a keep bit masks the dropped assignments out of slot 0 again, or from
+`one_hot(kept position + 1, C + 1)[..., 1:]` (MaxText: dropped ones land in the slot cut off);
+a sum over k stands for the one choice routed to each expert only when the ids are a top_k's
+(distinct per token) and every choice's value is 0 at its other experts; a router weight computed
 with masks (`sum(scores * one_hot(ids), -1)`, `scores * (1 - mask_1)`) is an opaque per-token weight,
 passed to the kernel as the program computes it. Anything else (`<=` off by one, counts over the
 wrong groups, positions per choice without the earlier choices' counts, dropped assignments left in
@@ -47,7 +50,17 @@ from moefuse import idioms
 from moefuse.match import NoMatch, Proposal
 from moefuse.patterns.activations import kernel_activation
 from moefuse.patterns.capacity_buffers import Ffn, expert_outputs
-from moefuse.patterns.capacity_masks import ZERO, Ctx, Reject, Val, describe, interpret, shape, token_labels
+from moefuse.patterns.capacity_masks import (
+    ZERO,
+    Ctx,
+    Reject,
+    Val,
+    describe,
+    interpret,
+    shape,
+    slot_shift,
+    token_labels,
+)
 from moefuse.patterns.dots import dot_labels
 from moefuse.patterns.moe_block import plan_params
 from moefuse.patterns.precision import FfnValues, ffn_precision
@@ -59,7 +72,8 @@ SUPPORTED = (
         OP,
         "capacity dispatch (token dropping)",
         "GShard top-2 (per-choice exclusive cumsum + earlier choices' kept counts, `combine.astype(bool)` "
-        "dispatch), MaxText (cumsum over flattened (s, k), `<= C`, `[B,S,E,C]` einsums), Switch "
+        "dispatch), MaxText (cumsum over flattened (s, k), `<= C`, `[B,S,E,C]` einsums; also top-k weights "
+        "scattered to `[B,S,E]` and slots `one_hot(pos + 1, C + 1)[..., 1:]`), Switch "
         "(`one_hot(cumsum * mask - 1, C)`); experts `einsum('...ec,...d->ec...d')` then batched per-expert "
         "matmuls",
         "num_experts, k, activation, capacity, capacity_order, capacity_groups",
@@ -115,6 +129,7 @@ def _prove(view: View, anchor: int, eqn: Any, ffn: Ffn, num_e: int, comb: Any, c
     cv = interpret(view, comb, ctx)
     if cv is None:
         raise Reject("the combine tensor is not built from the router's weights and one-hot masks")
+    _unshifted(cv)
     c_lab = cv.labels
     if [c_lab[i] for i in cc] != [o_lab[i] for i in oc] or [c_lab[i] for i in cb] != [o_lab[i] for i in ob]:
         raise Reject("the combine einsum pairs combine and buffer dims differently")
@@ -134,6 +149,7 @@ def _prove(view: View, anchor: int, eqn: Any, ffn: Ffn, num_e: int, comb: Any, c
         dv = interpret(view, d_atom, ctx)
         if dv is None:
             raise Reject("the dispatch tensor is not built from the one-hot masks")
+        _unshifted(dv)
         if dv.labels != ffn.d_labels:
             raise Reject("the dispatch tensor's dims are not the combine's")
     if c_lab != ffn.d_labels and tuple(sorted(c_lab, key=str)) != tuple(sorted(ffn.d_labels, key=str)):
@@ -160,20 +176,27 @@ def _prove(view: View, anchor: int, eqn: Any, ffn: Ffn, num_e: int, comb: Any, c
     return _proposal(view, anchor, ffn, slots, weights, k, num_e, cap, order, groups, combine_dtype, ctx)
 
 
+def _unshifted(v: Val) -> None:
+    """Reject slots taken from a one_hot of position + d whose first d slots are never cut off."""
+    d = slot_shift(v.labels)
+    if d is not None:
+        raise Reject(
+            f"one_hot over capacity of a position off by {d:g}, its first {d:g} slot(s) never sliced off"
+        )
+
+
 def _support_of(view: View, d: Any, comb: Any) -> bool:
-    """Whether d == (comb != 0) (GShard's `combine.astype(bool)`), cast back to a number."""
+    """Whether d == (comb != 0) (GShard's / MaxText's `combine.astype(bool)`), or that cast to a number."""
     d = view.canon(d)
-    while view.op(d) == "convert_element_type":
-        inner = view.args(d)[0]
-        if inner.aval.dtype == np.bool_:
-            src = view.canon(inner)
-            if view.op(src) == "convert_element_type":
-                return view.same(view.args(src)[0], comb)
-            if view.op(src) == "ne":
-                a, b = view.args(src)
-                return view.scalar(b) == 0 and view.same(a, comb)
-            return False
-        d = view.canon(inner)
+    while d.aval.dtype != np.bool_ and view.op(d) == "convert_element_type":
+        d = view.args(d)[0]  # a number cast from the 0 / 1 support below, exactly
+    if d.aval.dtype != np.bool_:
+        return False
+    if view.op(d) == "convert_element_type":
+        return view.same(view.args(d)[0], comb)
+    if view.op(d) == "ne":
+        a, b = view.args(d)
+        return view.scalar(b) == 0 and view.same(a, comb)
     return False
 
 

@@ -1,8 +1,10 @@
 """The abstract interpreter of capacity mask arithmetic (the proof behind `patterns/capacity.py`).
 
 `interpret(view, atom, ctx)` reads how a capacity block computes its masks -- one_hot of the router's
-ids, cumsum over tokens, +/- and comparisons with constants, products, sums over experts / tokens /
-k, one_hot of positions, where, einsums -- and returns, for every value, what it holds at one
+ids, cumsum over tokens (also over tokens and k flattened into one axis, and values computed in that
+layout), +/- and comparisons with constants, products, sums over experts / tokens / k, one_hot of
+positions (also of position + d with its first d slots sliced off), where, einsums, the k weights
+scattered to their experts -- and returns, for every value, what it holds at one
 assignment (token t, choice j): at the assignment's own expert (`on`) and at the other experts
 (`off`), as one of the expressions below, plus the router weights multiplied in. Per-choice
 positions, the counts added to them and the keep thresholds are recorded in `Ctx` so the pattern
@@ -50,9 +52,16 @@ def shape(a: Any) -> tuple[int, ...]:
 _ONE, ZERO, _UNK = ("c", 1.0), ("c", 0.0), ("u",)
 
 
+# Dim labels: "t0".. token dims, "K", "E", "C" (slot c of the buffers), None (broadcast / size 1),
+# (scan, "K") for the last token axis and k flattened into one token-major axis ([.., S * K, ..]),
+# and ("C", d) for a capacity axis whose index i is slot i - d (one_hot of a position + d, before
+# its first d entries are sliced off; what a value says it holds there is true for slots c >= 0,
+# the ones the slice keeps).
+
+
 @dataclasses.dataclass(frozen=True)
 class Val:
-    labels: tuple  # per dim: "t0".. token dims, "K", "E", "C", or None (broadcast / size 1)
+    labels: tuple  # per dim, see "Dim labels" above
     kind: str  # "m": mask arithmetic; "cnt": counts of choices `fams` per expert; "sum": terms
     on: tuple = _ONE
     off: tuple = ZERO  # at experts other than the assignment's own (only if "E" in labels)
@@ -68,7 +77,7 @@ class Ctx:
     tok: tuple[int, ...]  # token shape (x.shape[:-1])
     num_e: int
     ids_fams: dict = dataclasses.field(default_factory=dict)  # fam atom -> "slot" | "k"
-    masks: list = dataclasses.field(default_factory=list)  # one_hot(ids) atoms (region boundary)
+    masks: list = dataclasses.field(default_factory=list)  # one_hot(ids), scattered weights (region boundary)
     orders: set = dataclasses.field(default_factory=set)
     caps: set = dataclasses.field(default_factory=set)
     cdims: set = dataclasses.field(default_factory=set)
@@ -92,6 +101,21 @@ class Ctx:
 
 def token_labels(ctx: Ctx) -> tuple[str, ...]:
     return tuple(f"t{i}" for i in range(ctx.nt))
+
+
+def _flat(ctx: Ctx) -> tuple[str, str]:
+    """The label of the last token axis and k flattened token-major into one axis."""
+    return (ctx.scan, "K")
+
+
+def slot_shift(labels: tuple) -> int | None:
+    """d for a dim labelled ("C", d) (slots still shifted by d), None if there is none."""
+    return next((lab[1] for lab in labels if isinstance(lab, tuple) and lab[0] == "C"), None)
+
+
+def _has_slots(labels: tuple) -> bool:
+    """Whether some dim is a capacity axis (shifted or not)."""
+    return "C" in labels or slot_shift(labels) is not None
 
 
 def _const(v: float) -> Val:
@@ -252,6 +276,9 @@ def _sem_uncached(view: View, atom: Any, ctx: Ctx) -> Val | None:
     oh = idioms.one_hot(view, atom)
     if oh is not None:
         return _one_hot(view, atom, oh[0], oh[1], ctx)
+    put = idioms.put_along_last_axis(view, atom)
+    if put is not None:
+        return _scattered_weights(view, atom, put[0], put[1], ctx)
     name = view.op(atom)
     args = view.args(atom)
     if name == "convert_element_type":
@@ -266,7 +293,9 @@ def _sem_uncached(view: View, atom: Any, ctx: Ctx) -> Val | None:
         perm = view.params(atom)["permutation"]
         return dataclasses.replace(inner, labels=tuple(inner.labels[p] for p in perm))
     if name == "reshape":
-        return _flat_cumsum(view, atom, ctx)
+        return _reshape(view, atom, ctx)
+    if name == "slice":
+        return _slice(view, atom, ctx)
     if name == "cumsum":
         return _cumsum(view, atom, ctx)
     if name in ("mul", "add", "sub"):
@@ -348,22 +377,25 @@ def _one_hot(view: View, atom: Any, src: Any, n: int, ctx: Ctx) -> Val | None:
         ctx.masks.append(atom)
         labels = token_labels(ctx) + (("K",) if kind == "k" else ()) + ("E",)
         return Val(labels=labels, kind="m", on=_ONE, off=ZERO, fam=src)
-    # one_hot(position, C): the capacity-slot indicator
-    if pos.kind != "m" or pos.weights or pos.ksum or "C" in pos.labels:
+    # one_hot(position + d, n): the capacity-slot indicator, its slots shifted by d
+    if pos.kind != "m" or pos.weights or _has_slots(pos.labels):
         raise Reject("one_hot over capacity of something that is not a position")
-    ctx.cdims.add(n)
+    d = _position_offset(pos, n)
+    if d == 0:
+        ctx.cdims.add(n)
 
     def slot(e: tuple) -> tuple:
         if e[0] == "lp":
             e = _first(ctx, pos.fam, e)
-        if e[0] == "p" and e[1] == 0:
+        if e[0] == "p" and e[1] == d:
             return ("d",)
-        if e[0] == "kp" and e[1] == 0:
-            if e[2] == int(e[2]) and 0 <= e[2] < n:
-                return ("kd", e[2])  # dropped assignments land in slot z unless a keep bit masks them
+        if e[0] == "kp" and e[1] == d:
+            z = e[2] - d  # the slot dropped assignments land in
+            if z == int(z) and 0 <= z < n - d:
+                return ("kd", z)  # dropped assignments land in slot z unless a keep bit masks them
             return ("d",)
         if e[0] == "c":
-            ctx.outside.append(e[1])
+            ctx.outside.append(e[1] - d)
             return ZERO
         if e[0] == "u":
             return _UNK
@@ -371,12 +403,44 @@ def _one_hot(view: View, atom: Any, src: Any, n: int, ctx: Ctx) -> Val | None:
 
     on = slot(pos.on)
     off = slot(pos.off) if "E" in pos.labels else on
-    return Val(labels=pos.labels + ("C",), kind="m", on=on, off=off, fam=pos.fam)
+    label = "C" if d == 0 else ("C", d)
+    return Val(labels=pos.labels + (label,), kind="m", on=on, off=off, fam=pos.fam, ksum=pos.ksum)
 
 
-def _cumsum(view: View, atom: Any, ctx: Ctx, token_major: Val | None = None) -> Val | None:
+def _position_offset(pos: Val, n: int) -> int:
+    """d for the one_hot over n classes of a position + d (0 when no position is involved)."""
+    e = next((e for e in (pos.on, pos.off) if e[0] in ("lp", "p", "kp")), None)
+    if e is None:
+        return 0
+    if e[1] != int(e[1]) or not 0 <= e[1] < n:
+        raise Reject(f"one_hot over capacity of {describe(e)} (a position off by {e[1]:g})")
+    return int(e[1])
+
+
+def _scattered_weights(view: View, atom: Any, ids: Any, updates: Any, ctx: Ctx) -> Val | None:
+    """zeros[.., E].at[.., ids].set(w) (or `.add`): each choice's weight w_j at its expert ids_j.
+
+    Written at distinct experts, that is `sum_j w_j * one_hot(ids_j, E)`: a weight times the
+    one-hot masks, summed over k.
+    """
+    ids = view.canon(ids)
+    if shape(atom) != ctx.tok + (ctx.num_e,) or _is_ids(view, ids, ctx) != "k":
+        return None
+    if interpret(view, updates, ctx) is not None:
+        return None
+    if not idioms.distinct_along_last(view, ids):
+        raise Reject("weights written to experts by ids that may repeat an expert within a token")
+    ctx.ids_fams.setdefault(ids, "k")
+    ctx.masks.append(atom)
+    w = (view.canon(updates), token_labels(ctx) + ("K",))
+    return Val(labels=token_labels(ctx) + ("E",), kind="m", fam=ids, weights=(w,), ksum=True)
+
+
+def _cumsum(view: View, atom: Any, ctx: Ctx) -> Val | None:
+    """cumsum of the one-hot mask over tokens: positions + 1, per choice (slot-major) or over the
+    flattened (last token axis, k) axis (token-major)."""
     eqn = view.producer(atom)
-    inner = token_major if token_major is not None else interpret(view, eqn.invars[0], ctx)
+    inner = interpret(view, eqn.invars[0], ctx)
     if inner is None:
         return None
     axis = eqn.params["axis"]
@@ -384,7 +448,7 @@ def _cumsum(view: View, atom: Any, ctx: Ctx, token_major: Val | None = None) -> 
         raise Reject("a reverse cumsum: positions counted from the last token")
     if inner.kind != "m" or inner.weights or inner.ksum or (inner.on, inner.off) != (_ONE, ZERO):
         raise Reject("cumsum of something other than the one-hot expert mask")
-    if token_major is not None:
+    if inner.labels[axis] == _flat(ctx):
         on = ("p", 1.0)
         ctx.orders.add("token_major")
     else:
@@ -400,28 +464,61 @@ def _cumsum(view: View, atom: Any, ctx: Ctx, token_major: Val | None = None) -> 
     return dataclasses.replace(inner, on=on, off=_UNK)
 
 
-def _flat_cumsum(view: View, atom: Any, ctx: Ctx) -> Val | None:
-    """reshape(cumsum(reshape(mask [.., S, K, E] -> [.., S*K, E]))): token-major positions."""
-    cs = view.canon(view.args(atom)[0])
-    ce = view.producer(cs)
-    if ce is None or ce.primitive.name != "cumsum":
+def _reshape(view: View, atom: Any, ctx: Ctx) -> Val | None:
+    """Mask values reshaped [.., S, K, ..] -> [.., S * K, ..] (token-major) or back."""
+    if view.params(atom).get("dimensions") is not None:
         return None
-    src = view.canon(ce.invars[0])
-    if view.op(src) != "reshape":
+    src = view.args(atom)[0]
+    inner = interpret(view, src, ctx)
+    if inner is None:
         return None
-    mask = view.canon(view.args(src)[0])
-    m = interpret(view, mask, ctx)
-    if m is None or shape(mask) != shape(atom):
+    labels = _reshaped_labels(inner.labels, shape(src), shape(atom), ctx)
+    if labels is not None:
+        return dataclasses.replace(inner, labels=labels)
+    if _merges_token_dims(inner.labels, shape(src), shape(atom), ctx):
+        raise Reject(
+            "token groups flattened together: positions would be counted over several groups at once"
+        )
+    raise Reject("mask values reshaped other than by flattening (last token axis, k) and back")
+
+
+def _merges_token_dims(labels: tuple, src: tuple, out: tuple, ctx: Ctx) -> bool:
+    """Whether reshaping src to out merges two adjacent token dims into one."""
+    toks = token_labels(ctx)
+    return any(
+        labels[i] in toks and labels[i + 1] in toks and out == src[:i] + (src[i] * src[i + 1],) + src[i + 2 :]
+        for i in range(len(labels) - 1)
+    )
+
+
+def _reshaped_labels(labels: tuple, src: tuple, out: tuple, ctx: Ctx) -> tuple | None:
+    """The labels after reshaping src to out, when it merges (scan, K) or splits them again."""
+    flat, scan = _flat(ctx), ctx.tok[-1]
+    for i in range(len(labels) - 1):
+        if labels[i : i + 2] == flat and out == src[:i] + (src[i] * src[i + 1],) + src[i + 2 :]:
+            return labels[:i] + (flat,) + labels[i + 2 :]
+    for i, lab in enumerate(labels):
+        if lab == flat and out == src[:i] + (scan, src[i] // scan) + src[i + 1 :]:
+            return labels[:i] + flat + labels[i + 1 :]
+    return None
+
+
+def _slice(view: View, atom: Any, ctx: Ctx) -> Val | None:
+    """`slots[..., d:]` of a one_hot over capacity of position + d: the slot indicator itself."""
+    eqn = view.producer(atom)
+    inner = interpret(view, eqn.invars[0], ctx)
+    if inner is None:
         return None
-    labels = m.labels
-    n = len(labels)
-    axis = ce.params["axis"]
-    if n < 3 or labels[-3:] != (ctx.scan, "K", "E") or len(shape(src)) != n - 1 or axis != n - 3:
-        raise Reject("a cumsum over flattened dims other than (last token axis, k)")
-    if shape(src) != shape(mask)[:-3] + (shape(mask)[-3] * shape(mask)[-2], shape(mask)[-1]):
-        raise Reject("a cumsum over flattened dims other than (last token axis, k)")
-    got = _cumsum(view, cs, ctx, token_major=m)
-    return None if got is None else dataclasses.replace(got, labels=labels)
+    src = shape(eqn.invars[0])
+    start, limit = eqn.params["start_indices"], eqn.params["limit_indices"]
+    strides = eqn.params["strides"] or (1,) * len(src)
+    cut = [i for i, n in enumerate(src) if (start[i], limit[i], strides[i]) != (0, n, 1)]
+    d = slot_shift(inner.labels)
+    if len(cut) != 1 or inner.labels[cut[0]] != ("C", d) or (start[cut[0]], strides[cut[0]]) != (d, 1):
+        raise Reject("a slice of mask values other than cutting off the slots a shifted one_hot adds")
+    (i,) = cut
+    ctx.cdims.add(limit[i] - start[i])
+    return dataclasses.replace(inner, labels=inner.labels[:i] + ("C",) + inner.labels[i + 1 :])
 
 
 def _aligned(view: View, atom: Any, rank: int, ctx: Ctx) -> tuple[Val | None, Any, tuple]:
@@ -545,10 +642,10 @@ def _reduce(view: View, atom: Any, ctx: Ctx) -> Val | None:
         return None
     if v.kind != "m":
         raise Reject(f"counts summed over {lab}")
-    if lab == "E" and "C" not in v.labels and any("E" in w_lab for _, w_lab in v.weights):
+    if lab == "E" and not _has_slots(v.labels) and any("E" in w_lab for _, w_lab in v.weights):
         return None  # sum(scores * one_hot(ids), -1): a per-token weight, passed to the kernel as is
     if lab == "E":  # per assignment (exactly one expert is its own: ids are in range)
-        if v.off != ZERO or "C" in v.labels and v.on[0] in ("d", "kd") and v.weights:
+        if v.off != ZERO or (_has_slots(v.labels) and v.on[0] in ("d", "kd") and v.weights) or v.ksum:
             raise Reject("a sum over experts that picks up other experts' values")
         return dataclasses.replace(v, labels=labels, off=ZERO)
     if lab == ctx.scan and "E" in v.labels:
@@ -558,7 +655,7 @@ def _reduce(view: View, atom: Any, ctx: Ctx) -> Val | None:
             raise Reject("counts of all k choices at once")
         return Val(labels=labels, kind="cnt", fams=frozenset({v.fam}))
     if lab == "K":
-        return dataclasses.replace(v, labels=labels, ksum=True)
+        return _summed_over_k(view, dataclasses.replace(v, labels=labels), ctx)
     raise Reject(f"mask values summed over {lab or 'a broadcast dim'}")
 
 
@@ -634,8 +731,21 @@ def _dot_general(view: View, atom: Any, ctx: Ctx) -> Val | None:
     if contracted:
         if ctx.ids_fams.get(out.fam) != "k":
             raise Reject("a sum over k of values that are not per choice")
-        out = dataclasses.replace(out, ksum=True)
+        out = _summed_over_k(view, out, ctx)
     return out
+
+
+def _summed_over_k(view: View, v: Val, ctx: Ctx) -> Val:
+    """v (already laid out without its k axis) summed over the k choices of its family.
+
+    At each expert that is the value of the one choice routed there (0 where none is) only when
+    every choice's value is 0 at its other experts and a token's k ids are distinct.
+    """
+    if "E" not in v.labels or v.off != ZERO:
+        raise Reject("a sum over k of values that are not 0 at the choices' other experts")
+    if not idioms.distinct_along_last(view, v.fam):
+        raise Reject("a sum over k of choices whose ids may repeat an expert within a token")
+    return dataclasses.replace(v, ksum=True)
 
 
 def _weight_labels(view: View, w: Any, ctx: Ctx, v: Val) -> tuple | None:

@@ -279,20 +279,9 @@ def combine_matrix(view: View, atom: Any) -> tuple[Any, Any, int] | None:
     got = idioms.put_along_last_axis(view, atom)
     if got is None or not view.is_nonneg_index(got[0]):
         return None
-    if name == "scatter" and not _distinct_per_row(view, got[0]):
+    if name == "scatter" and not idioms.distinct_along_last(view, got[0]):
         return None  # `.set` keeps one of two weights written to the same expert; the op sums them
     return got[1], got[0], num_e
-
-
-def _distinct_per_row(view: View, ids: Any) -> bool:
-    """Whether ids [..T, k] never repeat an expert within a row: `lax.top_k` indices along the last axis."""
-    eqn = view.producer(view.canon(ids))
-    return (
-        eqn is not None
-        and eqn.primitive.name == "top_k"
-        and view.out_index(view.canon(ids)) == 1
-        and eqn.params.get("axis", len(_shape(ids)) - 1) in (-1, len(_shape(ids)) - 1)
-    )
 
 
 def _proposal(

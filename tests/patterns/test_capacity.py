@@ -125,7 +125,7 @@ def test_keep_rule_off_by_one_declines():
 @pytest.mark.parametrize(
     ("make", "reason"),
     [
-        (make_nm_moe_capacity_global_count, "not a count of assignments per expert"),
+        (make_nm_moe_capacity_global_count, "positions would be counted over several groups at once"),
         (make_nm_moe_capacity_mixed_order, "cumsum of something other than the one-hot expert mask"),
         (make_nm_moe_capacity_swapped_weights, "not the router's weights of the same choice"),
         (make_nm_moe_capacity_one_based_slots, "off by 1"),
