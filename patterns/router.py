@@ -176,7 +176,7 @@ def _read_router(view: View, anchor: int) -> _Found:
             f"top-{k} over {num_e} candidates: more than any MoE router "
             f"(limit {max_experts()}, MOEFUSE_MAX_EXPERTS); looks like vocabulary sampling"
         )
-    if k == num_e > 1 and not _indexes_more_than(view, ids, num_e):
+    if k == num_e > 1 and not _indexes_more_than(view, ids, num_e, sel_in):
         raise _Reject(f"top-{k} of {num_e} candidates keeps them all: a sort, not a choice of experts")
     if C.is_dropvar(ids) or not (view.users(ids) or view.is_output(ids)):
         raise _Reject("the top-k indices are unused: no routing decision")
@@ -325,11 +325,12 @@ def _near_users(view: View, var: Any, through: frozenset[str] | None, depth: int
     return found
 
 
-def _indexes_more_than(view: View, ids: Any, n: int) -> bool:
-    """Whether the ids index an axis longer than the n candidates they rank: a gather from, or a
-    scatter into, an array with more than n entries along the indexed dim. A top-k of all its
-    candidates is then still a choice: of n experts out of more (an expert weight gathered at the
-    ids, tokens counted per expert), not a ranking of everything there is."""
+def _indexes_more_than(view: View, ids: Any, n: int, ranked: Any) -> bool:
+    """Whether the ids index a table longer than the n candidates they rank: a gather from, or a
+    scatter into, an array with more than n entries along the indexed dim that is not computed from
+    what was ranked (expert weights gathered at the ids, tokens counted per expert into zeros). A top-k
+    of all its candidates is then still a choice of n experts out of more, not a ranking of everything
+    there is. Rows of the ranked data itself (activations indexed by the ranks) are no such table."""
     for eqn in _near_users(view, ids, _INDEX_LAYOUT_OPS, depth=8):
         name = eqn.primitive.name
         if name == "gather":
@@ -338,9 +339,36 @@ def _indexes_more_than(view: View, ids: Any, n: int) -> bool:
             dims = eqn.params["dimension_numbers"].scatter_dims_to_operand_dims
         else:
             continue
-        if any(_shape(eqn.invars[0])[d] > n for d in dims):
+        table = eqn.invars[0]
+        if any(_shape(table)[d] > n for d in dims) and not _shares_inputs(view, table, ranked):
             return True
     return False
+
+
+def _shares_inputs(view: View, a: Any, b: Any) -> bool:
+    """Whether a and b are both computed from some same input of this level (constants do not count)."""
+    return bool(_inputs_of(view, a) & _inputs_of(view, b))
+
+
+def _inputs_of(view: View, atom: Any) -> set[Any]:
+    """The inputs of this level (jaxpr invars) that `atom` is computed from."""
+    found: set[Any] = set()
+    seen: set[int] = set()
+    stack = [atom]
+    invars = set(view.jaxpr.invars)
+    while stack:
+        v = stack.pop()
+        if C.is_literal(v):
+            continue
+        if v in invars:
+            found.add(v)
+            continue
+        i = view.eqn_index(v)
+        if i is None or i in seen:
+            continue
+        seen.add(i)
+        stack.extend(view.jaxpr.eqns[i].invars)
+    return found
 
 
 def _read_weights(view: View, f: _Found, vals: Any, ids: Any) -> None:

@@ -542,6 +542,25 @@ def make_nm_topk_sorts_all_classes_then_gathers() -> ZooCase:
     )
 
 
+def make_nm_topk_sorts_all_then_indexes_activations() -> ZooCase:
+    """All 4 scores of each token ranked, then the ranks index rows of the tokens themselves (16 rows,
+    more than the 4 candidates): the indexed array is the ranked data's own, not a table of experts."""
+    num_tokens, d_model, num_classes = 16, 32, 4
+    x = normal(255, (num_tokens, d_model))
+    w = normal(256, (d_model, num_classes), scale=d_model**-0.5)
+
+    def fn(x, w):
+        probs, ranked = lax.top_k(jax.nn.softmax(x @ w, axis=-1), num_classes)
+        return jnp.einsum("tc,tcd->td", probs, x[ranked])
+
+    return _case(
+        "nm_topk_sorts_all_then_indexes_activations",
+        fn,
+        (x, w),
+        "top-4 of 4 scores whose ranks index rows of the same tokens: a ranking, no expert table",
+    )
+
+
 def make_nm_argsort_descending_reversed() -> ZooCase:
     """argsort(p)[:, ::-1][:, :k]: the largest first, but tied experts come out higher id first."""
     num_tokens, d_model, num_experts, top_k = 16, 32, 8, 2
@@ -608,6 +627,7 @@ NEAR_MISSES = [
     make_nm_group_score_max_plus_min_masked,
     make_nm_topk_sorts_all_candidates,
     make_nm_topk_sorts_all_classes_then_gathers,
+    make_nm_topk_sorts_all_then_indexes_activations,
     make_nm_argsort_descending_reversed,
     make_nm_argsort_sigmoid,
 ]
