@@ -7,7 +7,8 @@ the op. `moe_ffn` is a `jax.custom_vjp`: the forward runs the chosen implementat
 is the routed backward of `xla.backward` for impl="xla", the kernels' routed backward of
 `grouped.backward` for impl="pallas_tpu" / "pallas_gpu" (grouped matmuls `gmm` for dx, transposed
 ones `tgmm` for the expert weights), and the VJP of the forward for impl="reference" (the pure-jnp
-`reference.moe_ffn_reference`, which defines the op) and impl="dense" (`dense.dense_ffn`).
+`reference.moe_ffn_reference`, which defines the op), impl="dense" (`dense.dense_ffn`) and
+impl="slots" (`slots.slots_ffn`, capacity sites).
 Gradients flow to x, weights and every expert weight and bias; ids carry none.
 
 Example, Qwen3-MoE-style SwiGLU experts (top-2 of 8)::
@@ -38,7 +39,7 @@ import jax.numpy as jnp
 
 from moefuse import select
 
-from . import dense, grouped, pallas_gpu, pallas_tpu, xla
+from . import dense, grouped, pallas_gpu, pallas_tpu, slots, xla
 from .grouped import Tiles
 from .params import GLU_ACTIVATIONS, MoeParams
 from .reference import (
@@ -96,6 +97,7 @@ IMPLS: dict[str, Impl] = {
     "xla": Impl(lambda x, weights, ids, ew, params, o: xla.forward(x, weights, ids, ew, params),
                 lambda res, g, params, o: xla.backward(res, g, params)),
     "dense": _autodiff(dense.dense_ffn),
+    "slots": _autodiff(slots.slots_ffn),
     "pallas_tpu": _pallas(pallas_tpu.BACKEND),
     "pallas_gpu": _pallas(pallas_gpu.BACKEND),
 }
@@ -153,14 +155,42 @@ def _tiles(backend: grouped.Backend) -> Callable:
 DENSE_WORK = 2**20
 
 
+def _ffn_dims(req: select.Request) -> tuple[int, int, int]:
+    """(tokens, E * D * F) of a site: its token count and the size of its expert weights."""
+    p = req.params
+    x, w_down = req.inputs[0], req.inputs[3 + (2 if p["activation"] in GLU_ACTIVATIONS
+                                                and not p["fused_gate_up"] else 1)]
+    return math.prod(x.shape[:-1]), math.prod(w_down.shape)
+
+
 def _small_dense(req: select.Request) -> bool:
     """a site whose original runs every expert on every token, at a size where that is as fast"""
     p = req.params
     if p.get("dispatch") != "dense" or p.get("capacity") is not None:
         return False
-    x, w_down = req.inputs[0], req.inputs[3 + (2 if p["activation"] in GLU_ACTIVATIONS
-                                                and not p["fused_gate_up"] else 1)]
-    return math.prod(x.shape[:-1]) * math.prod(w_down.shape) < DENSE_WORK
+    t, edf = _ffn_dims(req)
+    return t * edf < DENSE_WORK
+
+
+# Capacity sites on CPU (2 cores shared with other jobs, 2026-12-07, jax 0.10.2;
+# benchmarks/results/capacity_cpu.json): the slots schedule ran at 1.08-1.16x of the sorted one with at
+# most one capacity slot per assignment (E*G*C <= T*k), at 1.3-2.6x at the tiny size (E*G*C*D*F =
+# 2^16-2^19, where the sort's fixed cost dominates) whatever the slots, and at 0.39-0.88x with 2-4 slots
+# per assignment at the larger sizes. MaxText's dense capacity path through moefuse.jit (jax 0.12.0.1,
+# capacity factor 0.5) against its original: slots 1.02-1.43x from tiny to realistic sizes, where the
+# sorted schedule gave 0.82-1.39x.
+SLOTS_WORK = 2**20
+
+
+def _slots_pay(req: select.Request) -> bool:
+    """a site that drops tokens, with at most one capacity slot per assignment or at a size where the
+    sorted schedule's fixed cost dominates"""
+    p = req.params
+    if p.get("capacity") is None:
+        return False
+    t, edf = _ffn_dims(req)
+    slots = p["num_experts"] * p["capacity"] * p.get("capacity_groups", 1)
+    return slots <= t * p["k"] or slots * edf // p["num_experts"] < SLOTS_WORK
 
 
 def _one_rounding(req: select.Request, target: select.Target) -> str | None:
@@ -240,6 +270,10 @@ select.register(
                      when=_small_dense, fits=_one_rounding,
                      note="every expert on every token (XLA), as the original computes it: at this size "
                           "a few large dots beat sorting"),
+    select.KernelRow("moe", "cpu", "slots",
+                     shape=f"capacity, E*G*C <= T*k or E*G*C*D*F < {SLOTS_WORK:,}", when=_slots_pay,
+                     note="each expert on its capacity slots of every token group (XLA), as capacity "
+                          "originals compute: at this size that beats sorting"),
     select.KernelRow("moe", "cpu", "xla", note="sorted block schedule (XLA)"),
 )
 
@@ -264,7 +298,8 @@ def moe_ffn(
     (gelu/relu/silu); for GLU activations the pair (w_gate, w_up) of [E, D, F], or one [E, D, 2F]
     array when params.fused_gate_up (layout params.gate_up_layout). w_down is [E, F, D].
     b_in ([E, F], a pair, or [E, 2F], following w_in) and b_down [E, D] are required iff
-    params.has_expert_bias. `impl` is one of IMPLS ("reference", "xla", "dense", "pallas_tpu", "pallas_gpu"),
+    params.has_expert_bias. `impl` is one of IMPLS ("reference", "xla", "dense", "slots", "pallas_tpu",
+    "pallas_gpu"),
     or the `select.Kernel` chosen (its interpret flag and tiles are used). For the Pallas ones
     `interpret=True` runs the kernels in interpret mode (any platform) and `tiles` overrides the
     backend's `default_tiles`.

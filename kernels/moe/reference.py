@@ -220,10 +220,16 @@ def expert_hidden(v: jax.Array, w: ExpertWeights, params: MoeParams) -> jax.Arra
 
 def live_mask_reference(ids: jax.Array, params: MoeParams) -> jax.Array:
     """live[t, j]: the assignment has an expert in range and, with a capacity, was not dropped."""
-    e = params.num_experts
-    in_range = (ids >= 0) & (ids < e)
+    in_range = (ids >= 0) & (ids < params.num_experts)
     if params.capacity is None:
         return in_range
+    return in_range & (capacity_positions(ids, params) < params.capacity)
+
+
+def capacity_positions(ids: jax.Array, params: MoeParams) -> jax.Array:
+    """pos[t, j]: how many in-range assignments to the same expert come before (t, j) in its token
+    group, in params.capacity_order (see MoeParams); 0 for an out-of-range assignment."""
+    e = params.num_experts
     t, k = ids.shape
     g = params.capacity_groups
     onehot = jax.nn.one_hot(ids, e, dtype=jnp.int32)  # [T, k, E]; out-of-range ids are all-zero rows
@@ -235,9 +241,7 @@ def live_mask_reference(ids: jax.Array, params: MoeParams) -> jax.Array:
     else:  # priority (t, j)
         prio = grouped.reshape(g, (t // g) * k, e)
         pos = (jnp.cumsum(prio, axis=1) - prio).reshape(g, t // g, k, e)
-    # position of each assignment among the live assignments to its expert before it
-    pos = jnp.sum(pos.reshape(t, k, e) * onehot, axis=-1)
-    return in_range & (pos < params.capacity)
+    return jnp.sum(pos.reshape(t, k, e) * onehot, axis=-1)
 
 
 def moe_ffn_reference(

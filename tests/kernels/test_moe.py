@@ -27,12 +27,14 @@ from jax.scipy.special import erf
 from moefuse.kernels.moe import MoeParams, moe_ffn, schedule, xla
 
 # impl or impl/branch: the XLA implementation with its run-time choice of the capacity pass forced
-VARIANTS = ("reference", "xla/capacity-pass", "xla/loop-only", "dense")
+VARIANTS = ("reference", "xla/capacity-pass", "xla/loop-only", "dense", "slots")
 
 
 def variants(p: MoeParams) -> tuple[str, ...]:
-    """The variants that take p: "dense" drops no tokens (it refuses a capacity, tested on its own)."""
-    return VARIANTS if p.capacity is None else tuple(v for v in VARIANTS if v != "dense")
+    """The variants that take p: "dense" drops no tokens and "slots" needs a capacity (each refuses
+    the other case, tested on its own)."""
+    skip = "dense" if p.capacity is not None else "slots"
+    return tuple(v for v in VARIANTS if v != skip)
 F32 = dict(rtol=1e-5, atol=1e-5)
 BF16 = dict(rtol=1e-2, atol=1e-2)
 
@@ -352,6 +354,8 @@ GRAD_CASES = [  # (params kwargs, T): capacity pass + loop, sparse path, capacit
     ),
     (dict(num_experts=8, k=2, activation="gelu", has_expert_bias=True), 6),
     (dict(num_experts=4, k=2, activation="geglu", fused_gate_up=True, capacity=12, has_expert_bias=True), 32),
+    (dict(num_experts=4, k=2, activation="swiglu", capacity=5, capacity_groups=2,
+          capacity_order="token_major"), 16),
 ]
 
 
@@ -391,6 +395,13 @@ def test_dense_refuses_a_capacity():
     x, weights, ids, ew = make_inputs(p, t=8)
     with pytest.raises(ValueError, match="does not drop tokens"):
         run(p, "dense", x, weights, ids, ew)
+
+
+def test_slots_refuses_a_dropless_site():
+    p = MoeParams(num_experts=4, k=2, activation="gelu")
+    x, weights, ids, ew = make_inputs(p, t=8)
+    with pytest.raises(ValueError, match="needs params.capacity"):
+        run(p, "slots", x, weights, ids, ew)
 
 
 def test_dense_keeps_the_dense_originals_nan_of_an_unselected_expert():

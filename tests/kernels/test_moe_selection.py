@@ -1,5 +1,6 @@
 """Which `moe` implementation the CPU rows choose: a dense original at a small size keeps a dense
-schedule (kernels/moe/dense.py); larger, or spelled by gathering the k experts, it gets the sorted one."""
+schedule (kernels/moe/dense.py); larger, or spelled by gathering the k experts, it gets the sorted one.
+A capacity site runs its capacity slots (kernels/moe/slots.py) when they are few or the size is small."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import numpy as np
 import pytest
 
 import moefuse
+from moefuse import select
+from tests.zoo.moe_blocks import make_capacity_gshard_top2
 
 D, F, E, K = 32, 64, 8, 2
 
@@ -69,3 +72,39 @@ def test_the_dense_gradient_equals_the_original():
     got, want = moefuse.jit(loss(dense_moe))(*args), jax.jit(loss(dense_moe))(*args)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_a_small_capacity_site_runs_its_capacity_slots():
+    """GShard top-2 (G=2 groups of 16 tokens, E=8, C=4: 64 slots for 64 assignments) through the
+    slots schedule, equal to the original, values and gradients."""
+    case = make_capacity_gshard_top2()
+    site = _moe_site(case.fn, case.args)
+    assert site.params["capacity"] == 4 and site.kernel == "slots", site
+    got, want = moefuse.jit(case.fn)(*case.args), jax.jit(case.fn)(*case.args)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+    def loss(fn):
+        return jax.grad(lambda *a: jnp.sum(fn(*a)[0] ** 2), argnums=(0, 2, 3))
+
+    for g, w in zip(moefuse.jit(loss(case.fn))(*case.args), jax.jit(loss(case.fn))(*case.args)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "t, d, f, capacity, kernel",
+    [
+        (256, 256, 512, 32, "slots"),  # E*C = T*k: every slot is an assignment's
+        (256, 256, 512, 64, "xla"),  # two slots per assignment at E*C*D*F = 2^27: sorting pays
+        (32, 32, 64, 32, "slots"),  # four slots per assignment, but E*C*D*F = 2^19: fixed costs rule
+    ],
+)
+def test_capacity_sites_choose_slots_by_slots_per_assignment_and_size(t, d, f, capacity, kernel):
+    e, k = 16 if t == 256 else 8, 2
+    params = {"num_experts": e, "k": k, "activation": "swiglu", "fused_gate_up": False, "capacity": capacity,
+              "capacity_groups": 1, "dispatch": "capacity"}
+    sds = jax.ShapeDtypeStruct
+    inputs = (sds((t, d), jnp.float32), sds((t, k), jnp.float32), sds((t, k), jnp.int32),
+              sds((e, d, f), jnp.float32), sds((e, d, f), jnp.float32), sds((e, f, d), jnp.float32))
+    choice = select.choose(select.Request("moe", params, inputs), select.target_for("cpu"))
+    assert choice.kernel.impl == kernel, choice
