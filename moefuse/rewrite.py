@@ -33,6 +33,7 @@ import networkx as nx
 
 from moefuse import _compat as C
 from moefuse import _testing, select
+from moefuse.emit_key import emit_key
 from moefuse.match import NoMatch, Proposal, escaping, region_of, region_problem
 from moefuse.plan import Decline, Site
 from moefuse.view import Bound, View, live_equations
@@ -334,7 +335,24 @@ def _convex(view: View, region: set[int]) -> bool:
 
 def _type_problem(prop: Proposal, kernel: select.Kernel) -> str | None:
     """The fused op (with the chosen kernel) must build and give exactly the original outputs'
-    shapes and dtypes."""
+    shapes and dtypes. Sites whose emits are the same function of inputs of the same types
+    (`emit_key`: a model's identical layers) share one check."""
+    key = emit_key(prop.emit)
+    if key is None:
+        return _build_problem(prop, kernel)
+    key = (key, kernel, tuple(str(v.aval) for v in (*prop.inputs, *prop.outputs)))
+    if key not in _TYPE_CHECKED:
+        if len(_TYPE_CHECKED) >= 4096:
+            _TYPE_CHECKED.clear()
+        _TYPE_CHECKED[key] = _build_problem(prop, kernel)
+    return _TYPE_CHECKED[key]
+
+
+_TYPE_CHECKED: dict[Any, str | None] = {}
+
+
+def _build_problem(prop: Proposal, kernel: select.Kernel) -> str | None:
+    """`_type_problem` for one site: build the fused op abstractly (`jax.eval_shape`)."""
     try:
         outs = jax.eval_shape(lambda *a: list(prop.emit(kernel, *a)), *[_sds(v) for v in prop.inputs])
     except Exception as e:  # noqa: BLE001 - any failure means we cannot prove equality

@@ -115,10 +115,10 @@ def with_shared_expert(view: View, prop: Proposal, x: Any) -> Proposal:
     if ffn is None:
         return prop
     weights = [w for w, _, _ in ffn.projections] + ([ffn.sigmoid_gate[0]] if ffn.sigmoid_gate else [])
-    n_routed = len(prop.inputs)
+    n_routed, routed_emit = len(prop.inputs), prop.emit
 
     def emit(kernel: str, *vals: Any) -> list[Any]:
-        (routed,) = prop.emit(kernel, *vals[:n_routed])
+        (routed,) = routed_emit(kernel, *vals[:n_routed])
         shared = _shared_value(ffn, vals[0], list(vals[n_routed:]))
         return [routed + shared if y_first else shared + routed]
 
