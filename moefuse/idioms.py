@@ -12,6 +12,7 @@ Each recogniser takes a view and an atom and returns what the idiom binds, or No
     distinct_along_last(view, ids)   # -> whether ids never repeat along the last axis (top_k's)
     argsort(view, order)             # -> (keys, axis)
     reduction(view, r, "sum")        # -> (operand, axes), keepdims spellings included
+    product(view, p)                 # -> Product(coef, factors): nested muls, neg, / const flattened
 
 Softmax is recognised inline (`exp(x - max) / sum`, with or without `stop_gradient`), as a
 `custom_jvp` function whose body is that, as `exp(log_softmax(x))` and as `exp(x - logsumexp(x))`
@@ -282,6 +283,39 @@ def _softmax_custom_jvp(view: View, atom: Any) -> Softmax | None:
     if sm is None or sm.operand not in body.jaxpr.invars:
         return None
     return Softmax(view.canon(eqn.invars[body.jaxpr.invars.index(sm.operand)]), sm.axis)
+
+
+@dataclasses.dataclass(frozen=True)
+class Product:
+    """atom = coef * factors[0] * factors[1] * ... (factors in the normal form, constants folded)."""
+
+    coef: float
+    factors: tuple[Any, ...]
+
+
+def product(view: View, atom: Any, depth: int = 6) -> Product:
+    """`atom` read as a product: nested multiplications flattened in any association, `neg` and
+    scalar constants (multiplied, or divided by) folded into one coefficient. Every atom is a product
+    (of itself, coefficient 1); `(0.5 * x) * y`, `x * (y * 0.5)` and `-(x * y) / -2` are all
+    Product(0.5, (x, y)). The coefficient is exact only as real numbers: the program rounds after each
+    step, so compare it with a tolerance of the dtype's precision."""
+    atom = view.canon(atom)
+    if (c := view.scalar(atom)) is not None:
+        return Product(c, ())
+    name = view.op(atom)
+    if depth > 0 and name == "mul":
+        a, b = (product(view, v, depth - 1) for v in view.args(atom))
+        return Product(a.coef * b.coef, a.factors + b.factors)
+    if depth > 0 and name == "neg":
+        inner = product(view, view.args(atom)[0], depth - 1)
+        return Product(-inner.coef, inner.factors)
+    if depth > 0 and name == "div":
+        num, den = view.args(atom)
+        c = view.scalar(den)
+        if c is not None and c != 0:
+            inner = product(view, num, depth - 1)
+            return Product(inner.coef / c, inner.factors)
+    return Product(1.0, (atom,))
 
 
 def sigmoid(view: View, atom: Any) -> Any | None:

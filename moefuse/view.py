@@ -46,6 +46,10 @@ _ORDER_KEEPING = frozenset({"reshape", "squeeze", "expand_dims", "broadcast_in_d
 _NEVER_MERGED = frozenset({"rng_uniform"})  # stateful without an effect: two calls differ
 _COMMUTATIVE = frozenset({"add", "mul", "max", "min", "eq", "ne", "and", "or", "xor", "add_any"})
 _NONNEG_INDEX_OPS = frozenset({"iota", "argmax", "argmin"})
+# b.astype(number) OP const is b itself (the cast holds 0 and 1 only): the const each OP needs
+_BOOL_TRUE_WHEN = {"gt": (0.0,), "ne": (0.0,), "eq": (1.0,), "ge": (1.0,)}
+_BOOL_TESTS = frozenset({*_BOOL_TRUE_WHEN, "lt", "le"})
+_SWAPPED = {"lt": "gt", "le": "ge", "ne": "ne", "eq": "eq", "gt": "lt", "ge": "le"}  # c OP x is x SWAPPED c
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +174,8 @@ class View:
                 atom = self._clip_at_zero_of_nonneg(eqn)
             elif name == "mul" and (x := self._times_one(eqn)) is not None:
                 atom = x
+            elif name in _BOOL_TESTS and (b := self._bool_round_trip(eqn)) is not None:
+                atom = b
             else:
                 return atom
 
@@ -374,6 +380,22 @@ class View:
         for one, x in ((a, b), (b, a)):
             if self.scalar(one) == 1.0 and not C.is_literal(x) and _same_aval(x, eqn.outvars[0]):
                 return x
+        return None
+
+    def _bool_round_trip(self, eqn: C.JaxprEqn) -> Any | None:
+        """For a bool b cast to numbers and compared back (`b.astype(f) > 0`, `!= 0`, `== 1`, `0 < ...`,
+        as `jnp.where(one_hot(ids, E) > 0, ...)` writes it): b (the cast holds only 0 and 1)."""
+        a, c = eqn.invars
+        name = eqn.primitive.name
+        for cast, const, op in ((a, c, name), (c, a, _SWAPPED.get(name))):
+            if C.is_literal(cast) or self.scalar(const) != _BOOL_TRUE_WHEN.get(op, (None,))[0]:
+                continue
+            got = self.raw_producer(self._rep.get(cast, cast))
+            if got is None or got[0].primitive.name != "convert_element_type":
+                continue
+            b = got[0].invars[0]
+            if not C.is_literal(b) and b.aval.dtype == jnp.bool_ and _same_aval(b, eqn.outvars[0]):
+                return b
         return None
 
     def _clip_at_zero_of_nonneg(self, eqn: C.JaxprEqn) -> Any | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from moefuse import _compat as C
@@ -140,35 +141,68 @@ def _with_const(view: View, atom: Any, op: str, const: float) -> Any | None:
 
 
 def _gelu_tanh(view: View, atom: Any) -> Any | None:
-    """x for x * (0.5 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))) as jax.nn.gelu spells it."""
-    a, b = view.args(atom)
-    for x, h in ((a, b), (b, a)):
-        one_plus = _with_const(view, h, "mul", 0.5)
-        t = None if one_plus is None else _with_const(view, one_plus, "add", 1.0)
+    """x for 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))) in any association of the products
+    (jax.nn.gelu's `x * (0.5 * (1 + tanh(...)))`, a hand-written `0.5 * x * (...)`), x^3 as
+    `x ** 3` or `x * x * x`."""
+    tol = _precision(atom)
+    outer = idioms.product(view, atom)
+    if len(outer.factors) != 2 or not _near(outer.coef, 0.5, tol):
+        return None
+    for x, h in (outer.factors, outer.factors[::-1]):
+        t = _with_const(view, h, "add", 1.0)
         if t is None or view.op(t) != "tanh":
             continue
-        poly = _with_const(view, view.args(t)[0], "mul", SQRT_2_OVER_PI)
-        if poly is None or view.op(poly) != "add":
+        inner = idioms.product(view, view.args(t)[0])
+        if len(inner.factors) != 1 or not _near(inner.coef, SQRT_2_OVER_PI, tol):
+            continue
+        poly = inner.factors[0]
+        if view.op(poly) != "add":
             continue
         for xx, cube in (view.args(poly), view.args(poly)[::-1]):
-            pw = _with_const(view, cube, "mul", GELU_TANH_C)
-            if view.same(xx, x) and pw is not None and view.op(pw) == "integer_pow":
-                if view.params(pw)["y"] == 3 and view.same(view.args(pw)[0], x):
-                    return x
+            c = idioms.product(view, cube)
+            if view.same(xx, x) and _near(c.coef, GELU_TANH_C, tol) and _is_cube_of(view, c.factors, x):
+                return x
     return None
+
+
+def _is_cube_of(view: View, factors: tuple[Any, ...], x: Any) -> bool:
+    """Whether the product of `factors` is x^3: `x ** 3` (integer_pow), or x times x times x."""
+    if len(factors) == 3:
+        return all(view.same(f, x) for f in factors)
+    if len(factors) == 1 and view.op(factors[0]) == "integer_pow":
+        return view.params(factors[0])["y"] == 3 and view.same(view.args(factors[0])[0], x)
+    return False
 
 
 def _gelu_erf(view: View, atom: Any) -> Any | None:
-    """x for (0.5 * x) * erfc(-x / sqrt(2)) as jax.nn.gelu(approximate=False) spells it."""
-    a, b = view.args(atom)
-    for half_x, e in ((a, b), (b, a)):
-        x = _with_const(view, half_x, "mul", 0.5)
-        if x is None or view.op(e) != "erfc":
+    """x for 0.5 * x * erfc(-x / sqrt(2)) (jax.nn.gelu(approximate=False)) or 0.5 * x * (1 + erf(x /
+    sqrt(2))), in any association of the products."""
+    tol = _precision(atom)
+    outer = idioms.product(view, atom)
+    if len(outer.factors) != 2 or not _near(outer.coef, 0.5, tol):
+        return None
+    for x, e in (outer.factors, outer.factors[::-1]):
+        if view.op(e) == "erfc":
+            arg, want = view.args(e)[0], -INV_SQRT2
+        elif (erf := _with_const(view, e, "add", 1.0)) is not None and view.op(erf) == "erf":
+            arg, want = view.args(erf)[0], INV_SQRT2
+        else:
             continue
-        neg = _with_const(view, view.args(e)[0], "mul", INV_SQRT2)
-        if neg is not None and view.op(neg) == "neg" and view.same(view.args(neg)[0], x):
+        scaled = idioms.product(view, arg)
+        if len(scaled.factors) == 1 and view.same(scaled.factors[0], x) and _near(scaled.coef, want, tol):
             return x
     return None
+
+
+def _precision(atom: Any) -> float:
+    """A tolerance for constants folded in `atom`'s dtype: a few of its ulps (bf16 rounds 1/sqrt(2) to
+    0.70703125)."""
+    dtype = atom.aval.dtype if jnp.issubdtype(atom.aval.dtype, jnp.floating) else jnp.float32
+    return 4 * float(jnp.finfo(dtype).eps)
+
+
+def _near(got: float, want: float, rel: float) -> bool:
+    return abs(got - want) <= rel * abs(want)
 
 
 def _close(a: float | None, b: float) -> bool:

@@ -195,3 +195,18 @@ def test_repeated_rows_is_jnp_repeat_along_rows_only():
     assert idioms.repeated_rows(view, outs[2]) is None
     got, k = idioms.repeated_rows(view, outs[3])
     assert k == 3 and got.aval.shape == (4, 2, 8)
+
+
+def test_product_flattens_any_association_and_folds_constants():
+    def fn(x, y):
+        return (0.5 * x) * y, x * (y * 0.5), -(x * y) / -2.0, x * 3.0, jnp.tanh(x)
+
+    closed = jax.make_jaxpr(fn)(jnp.ones(3), jnp.ones(3))
+    view = View(closed)
+    x, y = closed.jaxpr.invars
+    a, b, c, d, t = closed.jaxpr.outvars
+    for v in (a, b, c):
+        p = idioms.product(view, v)
+        assert p.coef == 0.5 and sorted(map(id, p.factors)) == sorted(map(id, (x, y))), p
+    assert idioms.product(view, d) == idioms.Product(3.0, (x,))
+    assert idioms.product(view, t) == idioms.Product(1.0, (view.canon(t),))

@@ -77,3 +77,27 @@ def test_a_loop_body_is_not_bound_to_its_operands():
     assert not plan.fused
     (d,) = [d for d in plan.declined if d.op == "route"]
     assert "nor where the body's caller computes it" in d.reason and d.path.startswith("scan")
+
+
+def test_a_bool_cast_to_numbers_and_compared_back_is_the_bool():
+    """b.astype(f) > 0, != 0, == 1, >= 1, 0 < ... are b (as `jnp.where(one_hot(ids, E) > 0, ...)` writes
+    it); other comparisons (< 1, > 1, 0 > ...) and a cast of numbers that are not bools stay as written."""
+    ids = jnp.asarray([[0, 2], [1, 3]], jnp.int32)
+
+    def fn(ids):
+        b = ids > 1
+        f = b.astype(jnp.float32)
+        i = b.astype(jnp.int32)
+        same = (f > 0, f != 0, i == 1, f >= 1, 0 < f, 1 <= i)
+        other = (f < 1, f > 1, 0 > f, ids.astype(jnp.float32) > 0)
+        return b, same, other
+
+    closed = jax.make_jaxpr(fn)(ids)
+    view = View(closed)
+    b, *rest = closed.jaxpr.outvars
+    same, other = rest[:6], rest[6:]
+    assert view.op(b) == "gt"
+    for v in same:
+        assert view.canon(v) is view.canon(b), view.producer(v)
+    for v in other:
+        assert view.canon(v) is not view.canon(b) and view.op(v) in ("lt", "gt"), view.producer(v)

@@ -26,10 +26,22 @@ def _view(fn, *args):
         (jax.nn.relu, "relu"),
         (jax.nn.silu, "silu"),
         (lambda x: x * jax.nn.sigmoid(x), "silu"),
+        # hand-written GELUs: products in other associations, x^3 spelled out, erf instead of erfc
+        (lambda x: 0.5 * x * (1.0 + jnp.tanh(0.7978845608 * (x + 0.044715 * x**3))), "gelu_tanh"),
+        (lambda x: x * 0.5 * (1 + jnp.tanh((x + 0.044715 * x * x * x) * 0.7978845608)), "gelu_tanh"),
+        (lambda x: 0.5 * x * (1.0 + jax.lax.erf(x / 1.4142135623730951)), "gelu"),
+        (lambda x: (x * 0.5) * (1.0 + jax.lax.erf(x * 0.7071067811865476)), "gelu"),
     ],
 )
 def test_plain_activations(fn, name):
     view, out = _view(fn, jnp.ones((4,)))
+    got = _plain_activation(view, out)
+    assert got is not None and got[0] == name and view.op(got[1]) == "input"
+
+
+@pytest.mark.parametrize("approximate, name", [(True, "gelu_tanh"), (False, "gelu")])
+def test_gelu_in_bfloat16_its_constants_rounded(approximate, name):
+    view, out = _view(lambda x: jax.nn.gelu(x, approximate=approximate), jnp.ones((4,), jnp.bfloat16))
     got = _plain_activation(view, out)
     assert got is not None and got[0] == name and view.op(got[1]) == "input"
 
@@ -41,6 +53,12 @@ def test_plain_activations(fn, name):
         lambda x: x * jax.nn.sigmoid(2 * x),
         lambda x: jax.nn.gelu(x) + 1,
         lambda x: jnp.maximum(x, 1),
+        # GELU look-alikes: another coefficient, x^2 for x^3, the erf of another value, a third factor
+        lambda x: 0.6 * x * (1.0 + jnp.tanh(0.7978845608 * (x + 0.044715 * x**3))),
+        lambda x: 0.5 * x * (1.0 + jnp.tanh(0.7978845608 * (x + 0.044715 * x**2))),
+        lambda x: 0.5 * x * (1.0 + jax.lax.erf(x / 1.5)),
+        lambda x: 0.5 * x * (1.0 + jax.lax.erf(jnp.ones_like(x) / 1.4142135623730951)),
+        lambda x: 0.5 * x * x * (1.0 + jax.lax.erf(x / 1.4142135623730951)),
     ],
 )
 def test_not_activations(fn):
