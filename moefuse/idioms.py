@@ -6,6 +6,8 @@ Each recogniser takes a view and an atom and returns what the idiom binds, or No
         x, axis = sm.operand, sm.axis
     sigmoid(view, s)                 # -> operand of lax.logistic
     take_along_axis(view, w)         # -> (array, indices) for x[..., idx] along the last axis
+    take_rows_along(view, y)         # -> (array, indices, axis) for whole rows picked along an axis
+    indices_below(view, ids, n)      # -> whether ids are known to lie in [0, n) (top_k ids, argmax ...)
     take(view, g)                    # -> (vector, indices) for vec[idx]
     repeated_rows(view, r)           # -> (x, k) for jnp.repeat(x, k, axis=0)
     one_hot(view, m)                 # -> (indices, n)
@@ -357,6 +359,53 @@ def take_along_axis(view: View, atom: Any) -> tuple[Any, Any] | None:
     ):
         return take_along_concat(view, arr, ind, _shape(atom))
     return None
+
+
+def take_rows_along(view: View, atom: Any) -> tuple[Any, Any, int] | None:
+    """(arr, idx, axis) if atom[b.., j, r..] == arr[b.., idx[b.., j], r..]: whole trailing rows picked
+    along `axis`, each batch position b.. with its own indices (`jnp.take_along_axis(arr, idx[..., None],
+    axis)` of an array with trailing dims, e.g. the k chosen experts' outputs out of [T, E, D])."""
+    eqn = view.producer(atom)
+    if eqn is None or eqn.primitive.name != "gather":
+        return None
+    arr, ind = (view.canon(v) for v in eqn.invars)
+    dn = eqn.params["dimension_numbers"]
+    shape, out = _shape(arr), _shape(atom)
+    if len(dn.start_index_map) != 1 or tuple(dn.collapsed_slice_dims) != tuple(dn.start_index_map):
+        return None
+    axis = dn.start_index_map[0]
+    lead, trail = tuple(range(axis)), tuple(range(axis + 1, len(shape)))
+    if tuple(dn.operand_batching_dims) != lead or tuple(dn.start_indices_batching_dims) != lead:
+        return None
+    if tuple(eqn.params["slice_sizes"]) != (1,) * (axis + 1) + shape[axis + 1 :]:
+        return None
+    if tuple(dn.offset_dims) != tuple(range(axis + 1, len(out))) or len(out) != len(shape):
+        return None
+    idx, _ = unexpand(view, ind)
+    if _shape(ind)[-1] != 1 or _shape(idx) != out[: axis + 1] or not trail:
+        return None
+    return arr, idx, axis
+
+
+def indices_below(view: View, atom: Any, n: int) -> bool:
+    """Whether `atom` holds indices known to lie in [0, n): top_k ids of at most n candidates, an
+    argmax / argmin over at most n, an iota up to n, or layouts and concatenations of those."""
+    atom = view.canon(atom)
+    eqn = view.producer(atom)
+    if eqn is None:
+        return False
+    name = eqn.primitive.name
+    if name in ("top_k", "approx_top_k") and view.out_index(atom) == 1:
+        return _shape(eqn.invars[0])[-1] <= n
+    if name in ("argmax", "argmin"):
+        return all(_shape(eqn.invars[0])[a] <= n for a in eqn.params["axes"])
+    if name == "iota":
+        return eqn.params["shape"][eqn.params["dimension"]] <= n
+    if name in ("broadcast_in_dim", "reshape", "squeeze", "expand_dims", "slice", "transpose"):
+        return indices_below(view, eqn.invars[0], n)
+    if name == "concatenate":
+        return all(indices_below(view, v, n) for v in eqn.invars)
+    return False
 
 
 def _batched_along_last(

@@ -146,6 +146,10 @@ class MoePattern:
             if ffn.labels[o_sum] != "E" or tuple(ffn.labels[d] for d in o_tok) != token_labels(len(o_tok)):
                 return NoMatch(anchor, "the combine does not sum expert outputs over experts per token", OP)
             return _proposal(view, anchor, ffn, weights, ids, num_e, "dense", w_atom.aval.dtype)
+        picked = _picked_dense_outputs(view, o_atom, o_sum, o_tok)
+        if picked is not None:
+            ffn, ids, num_e = picked
+            return _proposal(view, anchor, ffn, view.uncast(w_atom), ids, num_e, "dense", w_atom.aval.dtype)
         o_rows = view.uncast(o_atom)  # expert outputs upcast for the combine (ffn_precision checks it)
         dispatch, got = "gather", gathered_expert_outputs(view, o_rows)
         if got is None:
@@ -166,6 +170,26 @@ class MoePattern:
         ffn, ids, weights = got
         combine_dtype = view.jaxpr.eqns[anchor].outvars[0].aval.dtype
         return _proposal(view, anchor, ffn, weights, ids, _shape(ffn.w_down)[0], "sorted", combine_dtype)
+
+
+def _picked_dense_outputs(
+    view: View, o_atom: Any, o_sum: int, o_tok: tuple[int, ...]
+) -> tuple[ExpertFfn, Any, int] | None:
+    """(ffn, ids, E) for o [..T, k, D] = every expert's FFN on every token [..T, E, D] with the k outputs
+    at ids picked along E (`take_along_axis(y, ids[..., None], axis)`); the ids must be valid experts
+    (a pick out of range would read a fill value where the fused op adds nothing)."""
+    got = idioms.take_rows_along(view, o_atom)
+    if got is None:
+        return None
+    dense, ids, axis = got
+    nt = len(o_tok)
+    num_e = _shape(dense)[axis]
+    if axis != nt or o_sum != nt or o_tok != tuple(range(nt)) or not idioms.indices_below(view, ids, num_e):
+        return None
+    ffn = dense_expert_outputs(view, dense, num_e)
+    if ffn is None or ffn.labels != (*token_labels(nt), "E", "D"):
+        return None
+    return ffn, ids, num_e
 
 
 def _is_loop_sum_root(view: View, eqn: Any) -> bool:

@@ -210,3 +210,35 @@ def test_product_flattens_any_association_and_folds_constants():
         assert p.coef == 0.5 and sorted(map(id, p.factors)) == sorted(map(id, (x, y))), p
     assert idioms.product(view, d) == idioms.Product(3.0, (x,))
     assert idioms.product(view, t) == idioms.Product(1.0, (view.canon(t),))
+
+
+def test_take_rows_along_binds_whole_rows_picked_along_an_axis():
+    y = jnp.arange(4 * 8 * 3, dtype=jnp.float32).reshape(4, 8, 3)
+
+    def fn(y, p):
+        _, ids = lax.top_k(p, 2)  # [4, 2], known non-negative (no wrap-around of negative indices)
+        picked = jnp.take_along_axis(y, ids[:, :, None], axis=1)  # [4, 2, 3]
+        last = jnp.take_along_axis(y[:, :, 0], ids, axis=1)  # a pick along the last axis: no rows
+        first = jnp.take_along_axis(y, ids[:, :1, None], axis=0)  # along axis 0, not per batch position
+        return picked, last, first, ids
+
+    closed = inline_jits(jax.make_jaxpr(fn)(y, jnp.ones((4, 8))))
+    view = View(closed)
+    picked, last, first, ids = closed.jaxpr.outvars
+    assert idioms.take_rows_along(view, picked) == (closed.jaxpr.invars[0], view.canon(ids), 1)
+    assert idioms.take_rows_along(view, last) is None and idioms.take_rows_along(view, first) is None
+
+
+def test_indices_below_knows_top_k_argmax_and_iota_bounds():
+    def fn(p):
+        _, ids = lax.top_k(p, 2)
+        am = jnp.argmax(p, axis=-1)
+        both = jnp.concatenate([ids, am[:, None]], axis=1)
+        return ids, am, both, jnp.arange(8), ids + 1, ids.astype(jnp.float32).astype(jnp.int32)
+
+    closed = inline_jits(jax.make_jaxpr(fn)(jnp.ones((3, 8))))
+    view = View(closed)
+    ids, am, both, iota, shifted, recast = closed.jaxpr.outvars
+    for v in (ids, am, both, iota):
+        assert idioms.indices_below(view, v, 8) and not idioms.indices_below(view, v, 7)
+    assert not idioms.indices_below(view, shifted, 9) and not idioms.indices_below(view, recast, 8)

@@ -513,3 +513,51 @@ NEAR_MOE_MISSES += [
     make_nm_moe_capacity_swapped_weights,
     make_nm_moe_capacity_one_based_slots,
 ]
+
+
+def make_nm_moe_picked_outputs_of_given_ids() -> ZooCase:
+    """Every expert on every token, the k outputs picked by take_along_axis at the top-2 of NINE scores
+    for eight experts: id 8 reads NaN (the gather's fill) where a fused op would add nothing."""
+    num_tokens, d_model, d_ff, num_experts, top_k = 16, 32, 64, 8, 2
+    x = normal(2600, (num_tokens, d_model))
+    wr = _w(2604, (d_model, num_experts + 1), d_model)
+    w_up = _w(2601, (num_experts, d_model, d_ff), d_model)
+    w_down = _w(2602, (num_experts, d_ff, d_model), d_ff)
+
+    def fn(x, wr, w_up, w_down):
+        w, ids = lax.top_k(jax.nn.softmax(x @ wr, axis=-1), top_k)  # ids in [0, 9)
+        y = jnp.einsum("tef,efd->ted", jax.nn.relu(jnp.einsum("td,edf->tef", x, w_up)), w_down)
+        return jnp.sum(jnp.take_along_axis(y, ids[:, :, None], axis=1) * w[:, :, None], axis=1)
+
+    return _case(
+        "nm_moe_picked_outputs_of_given_ids",
+        fn,
+        (x, wr, w_up, w_down),
+        "ids choose among 9 scores for 8 experts: id 8 reads NaN from the gather, a fused op adds 0",
+    )
+
+
+def make_nm_moe_picked_outputs_along_tokens() -> ZooCase:
+    """The dense outputs [E, T, D] picked along the TOKEN axis by top-k ids of experts: rows of other
+    tokens, not the chosen experts' outputs."""
+    num_tokens, d_model, d_ff, num_experts, top_k = 8, 32, 64, 8, 2
+    x = normal(2610, (num_tokens, d_model))
+    wr = _w(2611, (d_model, num_experts), d_model)
+    w_up = _w(2612, (num_experts, d_model, d_ff), d_model)
+    w_down = _w(2613, (num_experts, d_ff, d_model), d_ff)
+
+    def fn(x, wr, w_up, w_down):
+        w, ids = lax.top_k(jax.nn.softmax(x @ wr, axis=-1), top_k)
+        y = jnp.einsum("etf,efd->etd", jax.nn.relu(jnp.einsum("td,edf->etf", x, w_up)), w_down)  # [E, T, D]
+        return jnp.sum(jnp.take_along_axis(y, ids[:, :, None], axis=1) * w[:, :, None], axis=1)
+
+    return _case(
+        "nm_moe_picked_outputs_along_tokens",
+        fn,
+        (x, wr, w_up, w_down),
+        "y is [E, T, D]: picking along axis 1 takes token ids[t, j]'s output of expert t, not expert "
+        "ids[t, j]'s output for token t",
+    )
+
+
+NEAR_MOE_MISSES += [make_nm_moe_picked_outputs_of_given_ids, make_nm_moe_picked_outputs_along_tokens]
