@@ -13,6 +13,7 @@ Each recogniser takes a view and an atom and returns what the idiom binds, or No
     one_hot(view, m)                 # -> (indices, n)
     distinct_along_last(view, ids)   # -> whether ids never repeat along the last axis (top_k's)
     argsort(view, order)             # -> (keys, axis)
+    inverse_permutation(view, inv)   # -> perm, for argsort(perm) or zeros.at[perm].set(arange)
     reduction(view, r, "sum")        # -> (operand, axes), keepdims spellings included
     product(view, p)                 # -> Product(coef, factors): nested muls, neg, / const flattened
 
@@ -610,6 +611,29 @@ def argsort(view: View, atom: Any) -> tuple[Any, int] | None:
     ):
         return None
     return keys, axis
+
+
+def inverse_permutation(view: View, atom: Any) -> Any | None:
+    """perm if atom [N] is the inverse of the permutation perm = argsort(...) along axis 0:
+    `argsort(perm)`, or `zeros(N).at[perm].set(arange(N))` (both give inv[perm[i]] = i)."""
+    got = argsort(view, atom)
+    if got is not None:
+        perm, axis = got
+        return perm if axis == 0 and len(_shape(atom)) == 1 and argsort(view, perm) is not None else None
+    eqn = view.producer(atom)
+    if eqn is None or eqn.primitive.name != "scatter" or len(_shape(atom)) != 1:
+        return None
+    operand, indices, updates = (view.canon(v) for v in eqn.invars[:3])
+    dn = eqn.params["dimension_numbers"]
+    if tuple(dn.inserted_window_dims) != (0,) or tuple(dn.scatter_dims_to_operand_dims) != (0,):
+        return None
+    perm = index_array(view, indices)
+    if perm is None or view.scalar(operand) is None or _shape(perm) != _shape(atom):
+        return None
+    got = argsort(view, perm)
+    if got is None or got[1] != 0 or view.op(updates) != "iota" or view.params(updates)["dimension"] != 0:
+        return None
+    return perm
 
 
 def put_along_last_axis(view: View, atom: Any) -> tuple[Any, Any] | None:

@@ -318,12 +318,17 @@ class View:
     def is_nonneg_index(self, atom: Any) -> bool:
         """Whether `atom` is an integer index known to be >= 0 (top_k/argsort ids, iota, ...)."""
         atom = self.canon(atom)
+        if C.is_literal(atom) or atom in self.consts:
+            val = self.value(atom)
+            return bool(jnp.issubdtype(val.dtype, jnp.integer) and (val >= 0).all())
         eqn = self.producer(atom)
         if eqn is None:
             return False
         name = eqn.primitive.name
         if name in _NONNEG_INDEX_OPS:
             return True
+        if name in ("scatter", "scatter-add", "scatter_add"):  # entries of the operand or (sums of) updates
+            return self.is_nonneg_index(eqn.invars[0]) and self.is_nonneg_index(eqn.invars[2])
         if name in ("top_k", "approx_top_k") and self.out_index(atom) == 1:
             return True
         if name == "sort" and self.out_index(atom) >= eqn.params.get("num_keys", 1):

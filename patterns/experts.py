@@ -417,9 +417,9 @@ def _unpermuted(view: View, flat: Any) -> tuple[Any, Any] | tuple[None, None]:
     taken = idioms.take(view, flat)
     if taken is not None:
         vals, inv = taken
-        got = idioms.argsort(view, inv)
-        if got is not None and got[1] == 0 and idioms.argsort(view, got[0]) is not None:
-            return vals, got[0]
+        perm = idioms.inverse_permutation(view, inv)
+        if perm is not None:
+            return vals, perm
     eqn = view.producer(flat)
     if eqn is not None and eqn.primitive.name == "scatter":
         operand, indices, updates = (view.canon(v) for v in eqn.invars[:3])

@@ -242,3 +242,23 @@ def test_indices_below_knows_top_k_argmax_and_iota_bounds():
     for v in (ids, am, both, iota):
         assert idioms.indices_below(view, v, 8) and not idioms.indices_below(view, v, 7)
     assert not idioms.indices_below(view, shifted, 9) and not idioms.indices_below(view, recast, 8)
+
+
+def test_inverse_permutation_by_argsort_or_by_scatter_of_positions():
+    def fn(ids):
+        perm = jnp.argsort(ids)
+        n = perm.shape[0]
+        by_argsort = jnp.argsort(perm)
+        by_scatter = jnp.zeros_like(perm).at[perm].set(jnp.arange(n))
+        not_positions = jnp.zeros_like(perm).at[perm].set(jnp.arange(n) * 2)
+        not_a_permutation = jnp.zeros_like(perm).at[ids].set(jnp.arange(n))
+        return perm, by_argsort, by_scatter, not_positions, not_a_permutation
+
+    closed = inline_jits(jax.make_jaxpr(fn)(jnp.asarray([3, 1, 2, 1, 0, 3], jnp.int32)))
+    view = View(closed)
+    perm, by_argsort, by_scatter, not_positions, not_a_permutation = closed.jaxpr.outvars
+    for inv in (by_argsort, by_scatter):
+        assert idioms.inverse_permutation(view, inv) is view.canon(perm)
+        assert view.is_nonneg_index(inv)  # so `sorted_rows[inv]` needs no wrap-around of negative indices
+    assert idioms.inverse_permutation(view, not_positions) is None
+    assert idioms.inverse_permutation(view, not_a_permutation) is None
