@@ -231,14 +231,28 @@ def _expert_slice_dot(view: View, atom: Any, e: int, contracted: str) -> tuple[A
 
 
 def slot_column(view: View, atom: Any) -> tuple[Any, int] | None:
-    """(a, j) if atom [T] is column j of a 2-D array a [T, K] (`a[:, j]`), looking through broadcasts."""
+    """(a, j) if atom [T] is column j of a 2-D array a [T, K] (`a[:, j]`), looking through broadcasts;
+    the column may keep its unit dim (`a[:, j:j + 1]`, broadcast along the features by a product)."""
     atom, dims = idioms.unexpand(view, atom)
     if dims.get(0) != 0:  # w[:, j, None]: the column must run along the tokens
         return None
-    sq = view.producer(view.canon(atom))
-    if sq is None or sq.primitive.name != "squeeze" or tuple(sq.params["dimensions"]) != (1,):
+    atom = view.canon(atom)
+    sq = view.producer(atom)
+    if (
+        sq is not None
+        and sq.primitive.name == "broadcast_in_dim"
+        and tuple(sq.params["broadcast_dimensions"]) == (0, 1)
+        and _shape(sq.invars[0])[1:] == (1,)
+    ):
+        atom = view.canon(sq.invars[0])  # [T, 1] broadcast along the features: the column itself
+        sq = view.producer(atom)
+    if sq is not None and sq.primitive.name == "squeeze" and tuple(sq.params["dimensions"]) == (1,):
+        column = sq.invars[0]
+    elif len(_shape(atom)) == 2 and _shape(atom)[1] == 1:
+        column = atom
+    else:
         return None
-    cut = column_slice(view, sq.invars[0])
+    cut = column_slice(view, column)
     if cut is None or cut[1] != 1 or len(_shape(cut[0])) != 2:
         return None
     start, limit, stride = cut[2]

@@ -561,3 +561,32 @@ def make_nm_moe_picked_outputs_along_tokens() -> ZooCase:
 
 
 NEAR_MOE_MISSES += [make_nm_moe_picked_outputs_of_given_ids, make_nm_moe_picked_outputs_along_tokens]
+
+
+def make_nm_moe_slot_loop_swapped_columns() -> ZooCase:
+    """A loop over the k slots (weights kept as [T, 1] columns, w[:, j:j+1]) whose slot j runs the
+    expert of slot j but weighs it by the other slot's weight."""
+    num_tokens, d_model, d_ff, num_experts, top_k = 16, 32, 48, 8, 2
+    x = normal(2620, (num_tokens, d_model))
+    wr = _w(2621, (d_model, num_experts), d_model)
+    w1 = _w(2622, (num_experts, d_ff, d_model), d_model)
+    w2 = _w(2623, (num_experts, d_model, d_ff), d_ff)
+
+    def fn(x, wr, w1, w2):
+        w, ids = lax.top_k(jax.nn.softmax(x @ wr, axis=-1), top_k)
+        out = jnp.zeros_like(x)
+        for j in range(top_k):
+            h = jax.nn.relu(jnp.einsum("tfd,td->tf", w1[ids[:, j]], x))
+            y = jnp.einsum("tdf,tf->td", w2[ids[:, j]], h)
+            out = out + w[:, 1 - j : 2 - j] * y
+        return out
+
+    return _case(
+        "nm_moe_slot_loop_swapped_columns",
+        fn,
+        (x, wr, w1, w2),
+        "slot j's expert output is weighted by slot 1-j's weight: not a combine by the router's weights",
+    )
+
+
+NEAR_MOE_MISSES += [make_nm_moe_slot_loop_swapped_columns]
