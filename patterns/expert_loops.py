@@ -132,8 +132,9 @@ def loop_expert_weight(view: View, atom: Any) -> tuple[int, Any, Any] | None:
     The multiplying spellings differ from the fused op only for an infinite weight (inf * 0 is NaN).
     """
     rank = len(_shape(atom)) + 1  # of ids and w
+    atom = view.uncast(atom)  # jnp.sum of bf16 values: summed in f32 and cast back (one nonzero term)
     if view.op(atom) == "reduce_sum" and tuple(view.params(atom)["axes"]) == (rank - 1,):
-        (inner,) = view.args(atom)
+        inner = view.uncast(view.args(atom)[0])
         per_token = ("T",) * (rank - 1) + ("K",)
         if view.op(inner) == "select_n":
             pred, on_false, on_true = view.args(inner)
