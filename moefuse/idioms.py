@@ -16,6 +16,8 @@ Each recogniser takes a view and an atom and returns what the idiom binds, or No
     inverse_permutation(view, inv)   # -> perm, for argsort(perm) or zeros.at[perm].set(arange)
     reduction(view, r, "sum")        # -> (operand, axes), keepdims spellings included
     product(view, p)                 # -> Product(coef, factors): nested muls, neg, / const flattened
+    column(view, c)                  # -> (a, j) for a[..., j]
+    column_sum(view, s)              # -> ColumnSum: s = sum over j of f(a[..., j], b[..., j], ...)
 
 Softmax is recognised inline (`exp(x - max) / sum`, with or without `stop_gradient`), as a
 `custom_jvp` function whose body is that, as `exp(log_softmax(x))` and as `exp(x - logsumexp(x))`
@@ -695,3 +697,160 @@ def distinct_along_last(view: View, ids: Any) -> bool:
         return False
     rank = len(_shape(ids))
     return eqn.params.get("axis", rank - 1) in (-1, rank - 1)
+
+
+
+# Primitives applied element by element (scalars broadcast): a function of column j stays one of column j.
+_ELEMENTWISE = frozenset({
+    "add", "sub", "mul", "div", "neg", "max", "min", "abs", "sign", "exp", "log", "tanh", "logistic",
+    "sqrt", "rsqrt", "integer_pow", "pow", "select_n", "eq", "ne", "lt", "le", "gt", "ge", "and", "or",
+    "not", "convert_element_type",
+})
+_SYMMETRIC = frozenset({"add", "mul", "max", "min", "eq", "ne", "and", "or"})
+
+
+def column(view: View, atom: Any) -> tuple[Any, int] | None:
+    """(a, j) if atom is `a[..., j]`: column j of a [..., k] along its last axis (a slice of width one
+    there, then that axis squeezed)."""
+    eqn = view.producer(atom)
+    if eqn is None or eqn.primitive.name != "squeeze":
+        return None
+    cut = view.producer(eqn.invars[0])
+    if cut is None or cut.primitive.name != "slice" or set(cut.params.get("strides") or (1,)) != {1}:
+        return None
+    a = view.canon(cut.invars[0])
+    last = len(_shape(a)) - 1
+    starts, limits = cut.params["start_indices"], cut.params["limit_indices"]
+    if last < 1 or tuple(eqn.params["dimensions"]) != (last,) or limits[last] != starts[last] + 1:
+        return None
+    if any((starts[d], limits[d]) != (0, _shape(a)[d]) for d in range(last)):
+        return None
+    return a, int(starts[last])
+
+
+@dataclasses.dataclass(frozen=True)
+class ColumnSum:
+    """atom = sum over j < k of f(a[..., j], b[..., j], ...): one elementwise f of column j of each of
+    the arrays a, b ... [..., k] (and of values that are the same in every term)."""
+
+    term: Any  # the term of column 0: f of the column-0 reads
+    arrays: dict[Any, Any]  # each column-0 read in `term` (a canonical atom) -> the array it is column 0 of
+    k: int
+
+
+def column_sum(view: View, atom: Any) -> ColumnSum | None:
+    """The sum over all k columns of an elementwise function of column j, written out as k terms added
+    up (`where(ids[:, 0] == e, w[:, 0], 0) + where(ids[:, 1] == e, w[:, 1], 0)`), or None.
+
+    Terms may come in any order and added zeros are ignored. Every term reads column j of its arrays
+    for its own j, and is term 0 with each column 0 replaced by column j (values not read from a
+    column must be the same in every term); each j < k appears once, k the arrays' last dim. (Summing
+    the k terms in another order than the program differs from it only by rounding.)
+    """
+    terms = _add_terms(view, atom)
+    if terms is None:
+        return None
+    by_column: dict[int, Any] = {}
+    widths: set[int] = set()
+    for term in terms:
+        if view.scalar(term) == 0.0:
+            continue
+        reads = _column_reads(view, term)
+        cols = {j for _, j in reads.values()}
+        if len(cols) != 1 or next(iter(cols)) in by_column:
+            return None
+        by_column[next(iter(cols))] = term
+        widths |= {_shape(a)[-1] for a, _ in reads.values()}
+    if len(widths) != 1 or sorted(by_column) != list(range(next(iter(widths)))):
+        return None
+    first = by_column[0]
+    cone = _column_cone(view, first)
+    if not all(_same_but_column(view, first, t, j, cone, {}) for j, t in by_column.items()):
+        return None
+    return ColumnSum(first, {read: a for read, (a, _) in _column_reads(view, first).items()}, len(by_column))
+
+
+_MAX_TERMS = 1024  # a sum of more terms than this is not read as one over columns
+
+
+def _add_terms(view: View, atom: Any) -> list[Any] | None:
+    """The terms of a tree of adds, each as often as it is added (atom itself when it is not an add);
+    None past _MAX_TERMS."""
+    terms, stack = [], [view.canon(atom)]
+    while stack:
+        a = stack.pop()
+        if view.op(a) == "add":
+            stack.extend(view.args(a)[::-1])
+        elif len(terms) == _MAX_TERMS:
+            return None
+        else:
+            terms.append(a)
+    return terms
+
+
+def _column_reads(view: View, atom: Any) -> dict[Any, tuple[Any, int]]:
+    """{read: (a, j)} for each column read `read` = a[..., j] that atom computes from elementwise."""
+    reads: dict[Any, tuple[Any, int]] = {}
+    seen: set[Any] = set()
+    stack = [view.canon(atom)]
+    while stack:
+        a = stack.pop()
+        if C.is_literal(a) or a in seen:
+            continue
+        seen.add(a)
+        got = column(view, a)
+        if got is not None:
+            reads[a] = got
+        elif view.op(a) in _ELEMENTWISE:
+            stack.extend(view.args(a))
+    return reads
+
+
+def _column_cone(view: View, atom: Any) -> set[Any]:
+    """The values atom computes from elementwise that read a column (themselves, or their operands)."""
+    cone: set[Any] = set()
+    done: set[Any] = set()
+    stack = [(view.canon(atom), False)]
+    while stack:
+        a, expanded = stack.pop()
+        if C.is_literal(a) or (a in done and not expanded):
+            continue
+        if column(view, a) is not None:
+            cone.add(a)
+            done.add(a)
+        elif view.op(a) not in _ELEMENTWISE:
+            done.add(a)
+        elif not expanded:
+            stack.append((a, True))
+            stack.extend((v, False) for v in view.args(a))
+        else:
+            done.add(a)
+            if any(not C.is_literal(v) and v in cone for v in view.args(a)):
+                cone.add(a)
+    return cone
+
+
+def _same_but_column(view: View, first: Any, other: Any, j: int, cone: set[Any], memo: dict) -> bool:
+    """Whether `other` computes what `first` does with each column 0 it reads replaced by column j of
+    the same array, and every other value the same (cone: `_column_cone` of the whole term)."""
+    first, other = view.canon(first), view.canon(other)
+    if C.is_literal(first) or C.is_literal(other) or first not in cone:
+        return view.same(first, other)
+    if (first, other) not in memo:
+        memo[first, other] = _same_node_but_column(view, first, other, j, cone, memo)
+    return memo[first, other]
+
+
+def _same_node_but_column(view: View, first: Any, other: Any, j: int, cone: set[Any], memo: dict) -> bool:
+    col = column(view, first)
+    if col is not None:
+        return col[1] == 0 and column(view, other) == (col[0], j)
+    name = view.op(first)
+    if view.op(other) != name or view.params(first) != view.params(other):
+        return False
+    a, b = view.args(first), view.args(other)
+    if len(a) != len(b):
+        return False
+    if all(_same_but_column(view, x, y, j, cone, memo) for x, y in zip(a, b)):
+        return True
+    return name in _SYMMETRIC and all(_same_but_column(view, x, y, j, cone, memo) for x, y in zip(a, b[::-1]))

@@ -371,7 +371,8 @@ def _proposal(view, anchor, ffn: Ffn, slots, weights, k, num_e, cap, order, grou
     masks = list(dict.fromkeys(view.canon(m) for m in ctx.masks))
     expert_weights = [ffn.w_gate] + ([ffn.w_up] if gated else []) + [ffn.w_down]
     inputs = [ffn.x, *weights, *slots, *expert_weights, *masks]
-    prec = ffn_precision(view, FfnValues(ffn.x, expert_weights, inputs, weights, y, combine_dtype))
+    prec = ffn_precision(view, FfnValues(ffn.x, [[w] for w in expert_weights], inputs, weights, y,
+                                         combine_dtype))
     if isinstance(prec, str):
         return NoMatch(anchor, prec, OP)
     params = MoeParams(

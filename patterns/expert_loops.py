@@ -1,7 +1,8 @@
 """Expert FFNs unrolled by a Python loop: over the experts, or over the k slots of each token.
 
     y = sum over e of weight_e[:, None] * FFN(x; W[e])          (looped_expert_outputs)
-    (also in a layout with unit token dims: y [1, T, D] = sum of weight_e[:, :, None] * FFN_e(x)[None])
+    (W[e] the e-th slice of a stacked W, or expert e's arrays of its own: `PerExpertWeights`;
+    also in a layout with unit token dims: y [1, T, D] = sum of weight_e[:, :, None] * FFN_e(x)[None])
     y = sum over j of w[:, j, None] * FFN(x; W[ids[:, j]])       (slot_loop_outputs)
 
     ffn, weights, ids = looped_expert_outputs(view, y)
@@ -9,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -17,7 +19,7 @@ import jax.numpy as jnp
 from moefuse import idioms
 from moefuse.patterns.activations import activation_of, scalar_operand
 from moefuse.patterns.dots import column_slice, dot, down_labels, through_transpose
-from moefuse.patterns.experts import ExpertFfn
+from moefuse.patterns.experts import ExpertFfn, PerExpertWeights
 from moefuse.view import View
 
 
@@ -26,30 +28,56 @@ def _shape(a: Any) -> tuple[int, ...]:
 
 
 def looped_expert_outputs(view: View, y: Any) -> tuple[ExpertFfn, Any, Any] | None:
-    """(ffn, weights, ids) for y = sum over e in range(E) of weight_e[:, None] * FFN(x; W[e]).
+    """(ffn, weights, ids) for y = sum over e in range(E) of weight_e[:, None] * FFN(x; W_e).
 
-    The Python-loop spelling (HF Mixtral / Qwen2-MoE ports): weight_e = sum(where(ids == e, w, 0), -1)
-    and each expert's FFN reads the e-th slice of stacked weights. Every expert must appear once.
-    y, the weights and the FFN's [T, D] result may hold the tokens with unit dims added ([1, T, D],
-    ids [1, T, k]): each token's row then sits at the same place of each, in row-major order.
+    The Python-loop spelling (HF Mixtral / Qwen2-MoE ports, EasyDeL Grok-1 / PhiMoE): weight_e =
+    sum(where(ids == e, w, 0), -1) (or a spelling of it, `loop_expert_weight`), and each expert's FFN
+    reads its weights W_e either as the e-th slice of stacked weights or as arrays of its own (a model
+    that keeps each expert as a module: separate inputs, constants or values computed before the
+    block), per matrix; the own arrays of all experts must agree in shape, dtype and layout, and
+    expert e's come from the term whose weight selects `ids == e` (`PerExpertWeights`). Every expert
+    e < E appears once: E is the stacked weights' expert dim, or the number of terms when every matrix
+    is per expert (ids past the last expert contribute nothing, in the program and in the fused op).
+    y, x, the weights and the FFN's result may hold the tokens with unit dims added ([1, T, D], ids
+    [1, T, k]): each token's row then sits at the same place of each, in row-major order.
     """
-    return _unrolled_sum(view, y, _loop_term, lambda stacks, ids: _shape(stacks[-1][0])[0])
+    return _unrolled_sum(view, y, _loop_term, _num_experts)
+
+
+def _num_experts(stacks: tuple, own_count: int, ids: Any) -> int:
+    """E of a loop over experts: a stacked matrix's expert dim, else the number of terms."""
+    stacked = [w for w, _ in stacks if not isinstance(w, _Own)]
+    return _shape(stacked[0])[0] if stacked else own_count
+
+
+@dataclasses.dataclass(frozen=True)
+class _Own:
+    """The key of a matrix each term reads as an array of its own: what all of them must agree in."""
+
+    shape: tuple[int, ...]
+    dtype: Any
 
 
 def _unrolled_sum(view: View, y: Any, term_of: Any, count: Any) -> tuple[ExpertFfn, Any, Any] | None:
-    """A sum of unrolled terms, term_of(view, term) -> (index, key), one term for each index in
-    range(count(stacks, ids)), all with the same key (x, weight stacks, activation, weights, ids)."""
+    """A sum of unrolled terms, term_of(view, term) -> (index, key, own), one term for each index in
+    range(count(stacks, number of terms, ids)), all with the same key (x, weight stacks, activation,
+    weights, ids). A matrix whose key is an `_Own` is read from each term's own array (own[m])."""
     seen: dict[int, tuple] = {}
+    owns: dict[int, tuple] = {}
     for term in (t for t in _sum_terms(view, y) if view.scalar(t) != 0.0):
         got = term_of(view, term)
         if got is None or got[0] in seen:
             return None
-        seen[got[0]] = got[1]
+        seen[got[0]], owns[got[0]] = got[1], got[2]
     if len(set(seen.values())) != 1:
         return None
     ((x, stacks, act, act_params, w, ids),) = set(seen.values())
-    if sorted(seen) != list(range(count(stacks, ids))):
+    if sorted(seen) != list(range(count(stacks, len(seen), ids))):
         return None
+    stacks = tuple(
+        (PerExpertWeights(tuple(owns[i][m] for i in sorted(owns))) if isinstance(w_m, _Own) else w_m, dims)
+        for m, (w_m, dims) in enumerate(stacks)
+    )
     (wg, wg_dims), up, (wd, wd_dims) = stacks if len(stacks) == 3 else (stacks[0], None, stacks[1])
     ffn = ExpertFfn(
         x=x,
@@ -73,10 +101,11 @@ def _sum_terms(view: View, atom: Any) -> list[Any]:
     return [atom]
 
 
-def _loop_term(view: View, term: Any) -> tuple[int, tuple] | None:
-    """(e, key) for term = weight_e[:, None] * FFN_e(x); key holds what must agree across experts.
+def _loop_term(view: View, term: Any) -> tuple[int, tuple, tuple] | None:
+    """(e, key, own) for term = weight_e[:, None] * FFN_e(x); key holds what must agree across experts,
+    own each matrix's array of its own (None where it is the e-th slice of a stacked one).
 
-    term [..T, D] may have unit token dims that weight_e [..T] and FFN_e(x) [T, D] lack or hold
+    term [..T, D] may have unit token dims that weight_e [..T] and FFN_e(x) [..T, D] lack or hold
     elsewhere (`_same_rows`)."""
     if view.op(term) != "mul" or len(_shape(term)) < 2:
         return None
@@ -89,22 +118,25 @@ def _loop_term(view: View, term: Any) -> tuple[int, tuple] | None:
             continue
         e, w, ids = sel
         out, out_dims = idioms.unexpand(view, cur)
-        if len(_shape(out)) != 2 or not _same_rows(term, out, out_dims, tokens_only=False):
+        if len(_shape(out)) < 2 or not _same_rows(term, out, out_dims, tokens_only=False):
             continue
-        down = _expert_slice_dot(view, out, e, contracted="F")
+        down = _expert_dot(view, out, e, contracted="F")
         if down is None:
             continue
-        a, wd = down
+        a, wd, own_d = down
         inner = activation_of(view, a)
         if inner is None:
             continue
         act, gate, up, act_params = inner
-        g = _expert_slice_dot(view, gate, e, contracted="D")
-        u = None if up is None else _expert_slice_dot(view, up, e, contracted="D")
+        g = _expert_dot(view, gate, e, contracted="D")
+        u = None if up is None else _expert_dot(view, up, e, contracted="D")
         if g is None or (up is not None and (u is None or not view.same(u[0], g[0]))):
             continue
+        if _shape(g[0])[:-1] != _shape(out)[:-1]:
+            continue  # the FFN keeps x's token dims: its rows are x's rows
         stacks = (g[1], wd) if u is None else (g[1], u[1], wd)
-        return e, (view.canon(g[0]), stacks, act, act_params, w, ids)
+        own = (g[2], own_d) if u is None else (g[2], u[2], own_d)
+        return e, (view.canon(g[0]), stacks, act, act_params, w, ids), own
     return None
 
 
@@ -112,13 +144,13 @@ def _same_rows(term: Any, part: Any, dims: dict[int, int], tokens_only: bool) ->
     """Whether `part`, expanded into `term` [..T, D] by `dims` (part dim -> term dim), puts its rows
     at term's token positions in the same row-major order: the expansion only adds unit dims.
 
-    `part` is [..T] (tokens_only: a per-token weight) or [T, D] (an expert's output, D kept last).
+    `part` is [..T] (tokens_only: a per-token weight) or [..T, D] (an expert's output, D kept last).
     """
     n = len(_shape(term)) - 1  # term's token dims
     width = len(_shape(part)) - (0 if tokens_only else 1)
     if len(dims) != len(_shape(part)) or any(dims[i] >= n for i in range(width)):
         return False
-    if not tokens_only and (width != 1 or dims[1] != n or _shape(part)[1] != _shape(term)[n]):
+    if not tokens_only and (dims[width] != n or _shape(part)[width] != _shape(term)[n]):
         return False
     return math.prod(_shape(part)[:width]) == math.prod(_shape(term)[:n])
 
@@ -127,26 +159,29 @@ def loop_expert_weight(view: View, atom: Any) -> tuple[int, Any, Any] | None:
     """(e, w, ids) for atom[..t] = sum_j [ids[..t, j] == e] * w[..t, j].
 
     Spelled `sum(where(ids == e, w, 0), -1)`, `sum(w * (ids == e), -1)` (ids [..T, k], any number of
-    token dims), or a contraction of w [T, k] with expert e's column of `one_hot(ids, E)`
-    (`einsum('kt,tk->t', one_hot(ids).T[e], w)`, HF Qwen2-MoE).
+    token dims), the same sum written out over the k columns (`where(ids[:, 0] == e, w[:, 0], 0) +
+    where(ids[:, 1] == e, w[:, 1], 0)`, `idioms.column_sum`), or a contraction of w [T, k] with expert
+    e's column of `one_hot(ids, E)` (`einsum('kt,tk->t', one_hot(ids).T[e], w)`, HF Qwen2-MoE).
     The multiplying spellings differ from the fused op only for an infinite weight (inf * 0 is NaN).
     """
     rank = len(_shape(atom)) + 1  # of ids and w
     atom = view.uncast(atom)  # jnp.sum of bf16 values: summed in f32 and cast back (one nonzero term)
     if view.op(atom) == "reduce_sum" and tuple(view.params(atom)["axes"]) == (rank - 1,):
-        inner = view.uncast(view.args(atom)[0])
         per_token = ("T",) * (rank - 1) + ("K",)
-        if view.op(inner) == "select_n":
-            pred, on_false, on_true = view.args(inner)
-            col = _onehot_column(view, pred)
-            if view.scalar(on_false) == 0.0 and col is not None and col[2] == per_token:
-                return (col[1], view.canon(on_true), col[0]) if _shape(col[0]) == _shape(on_true) else None
-        if view.op(inner) == "mul":
-            for m, w in (view.args(inner), view.args(inner)[::-1]):
-                col = _onehot_column(view, m)
-                if col is not None and col[2] == per_token and _shape(col[0]) == _shape(w):
-                    return col[1], view.canon(w), col[0]
-        return None
+
+        def mask(m: Any) -> tuple[Any, int] | None:
+            col = _onehot_column(view, m)
+            return (col[0], col[1]) if col is not None and col[2] == per_token else None
+
+        got = _selected_weight(view, view.uncast(view.args(atom)[0]), mask)
+        return got if got is not None and _shape(got[2]) == _shape(got[1]) else None
+    summed = idioms.column_sum(view, atom)
+    if summed is not None:
+        got = _selected_weight(view, summed.term, lambda m: _equals_expert(view, m))
+        if got is None:
+            return None
+        e, w, ids = got[0], summed.arrays.get(got[1]), summed.arrays.get(got[2])
+        return (e, w, ids) if w is not None and ids is not None and _shape(w) == _shape(ids) else None
     got = dot(view, atom)
     if got is None:
         return None
@@ -164,22 +199,44 @@ def loop_expert_weight(view: View, atom: Any) -> tuple[int, Any, Any] | None:
     return None
 
 
+def _selected_weight(view: View, atom: Any, mask: Any) -> tuple[int, Any, Any] | None:
+    """(e, w, ids) for atom = `where(m, w, 0)` or `w * m` (m cast to w's dtype), where mask(m) gives
+    (ids, e) for m = `ids == e`."""
+    if view.op(atom) == "select_n":
+        pred, on_false, on_true = view.args(atom)
+        got = mask(pred) if view.scalar(on_false) == 0.0 else None
+        return None if got is None else (got[1], view.canon(on_true), got[0])
+    if view.op(atom) == "mul":
+        for m, w in (view.args(atom), view.args(atom)[::-1]):
+            got = mask(m)
+            if got is not None:
+                return got[1], view.canon(w), got[0]
+    return None
+
+
+def _equals_expert(view: View, atom: Any) -> tuple[Any, int] | None:
+    """(ids, e) if atom is `ids == e` (any cast) for integer ids and an integer literal e."""
+    atom = view.canon(atom)
+    if view.op(atom) == "convert_element_type":
+        atom = view.args(atom)[0]
+    got = scalar_operand(view, atom) if view.op(atom) == "eq" else None
+    if got is None or not jnp.issubdtype(got[0].aval.dtype, jnp.integer) or not float(got[1]).is_integer():
+        return None
+    return view.canon(got[0]), int(got[1])
+
+
 def _onehot_column(view: View, atom: Any) -> tuple[Any, int, tuple[str, ...]] | None:
     """(ids, e, labels) if atom is `ids == e` for ids [..T, K], with its dims labelled "T" and "K".
 
     Spelled `ids == e` (any cast) or as expert e's slice of a (transposed) `one_hot(ids, E)`.
     """
+    eq = _equals_expert(view, atom)
+    if eq is not None:
+        rank = len(_shape(eq[0]))
+        return (*eq, ("T",) * (rank - 1) + ("K",)) if rank >= 2 else None
     atom = view.canon(atom)
     if view.op(atom) == "convert_element_type":
         atom = view.args(atom)[0]
-    if view.op(atom) == "eq":
-        got = scalar_operand(view, atom)
-        if got is None or not jnp.issubdtype(got[0].aval.dtype, jnp.integer):
-            return None
-        rank = len(_shape(got[0]))
-        if rank >= 2 and float(got[1]).is_integer():
-            return got[0], int(got[1]), ("T",) * (rank - 1) + ("K",)
-        return None
     sq = view.producer(atom)
     if sq is None or sq.primitive.name != "squeeze" or len(sq.params["dimensions"]) != 1:
         return None
@@ -197,38 +254,42 @@ def _onehot_column(view: View, atom: Any) -> tuple[Any, int, tuple[str, ...]] | 
     return oh[0], cut[2][0], tuple(labels)
 
 
-def _expert_slice_dot(view: View, atom: Any, e: int, contracted: str) -> tuple[Any, tuple] | None:
-    """(lhs, (W, W labels)) for atom = lhs[T, n] . M where M is (a transpose of) W[e] of stacked W."""
+def _expert_dot(view: View, atom: Any, e: int, contracted: str) -> tuple[Any, tuple, Any] | None:
+    """(lhs, (W, labels), own) for atom = lhs[..T, n] . M, M [n, m] (a transpose of) expert e's weight:
+    the e-th slice of a stacked W [E, .., ..] (own None), or an array of its own (W an `_Own` key of
+    its shape and dtype, own the array). The labels name the dim M contracts `contracted`."""
     got = dot(view, atom)
     if got is None:
         return None
     lhs, rhs, lc, rc, lb, rb = got
-    if lb or rb or len(_shape(lhs)) != 2 or tuple(lc) != (1,) or len(_shape(rhs)) != 2:
+    rank = len(_shape(lhs))
+    if lb or rb or rank < 2 or tuple(lc) != (rank - 1,) or len(_shape(rhs)) != 2:
         return None
     base, perm = through_transpose(view, rhs)
-    sq = view.producer(base)
+    labels = ["?", "?"]
+    labels[perm[rc[0]]] = contracted  # the weight's dim that the matmul contracts
+    labels[1 - perm[rc[0]]] = "F" if contracted == "D" else "D"
+    stacked = _stacked_slice(view, base)
+    if stacked is not None and stacked[1] == e:
+        return lhs, (stacked[0], ("E", *labels)), None
+    return lhs, (_Own(_shape(base), base.aval.dtype), tuple(labels)), base
+
+
+def _stacked_slice(view: View, atom: Any) -> tuple[Any, int] | None:
+    """(W, i) if atom is W[i] for a stacked W [E, .., ..] (a unit slice of dim 0, squeezed)."""
+    sq = view.producer(atom)
     if sq is None or sq.primitive.name != "squeeze" or tuple(sq.params["dimensions"]) != (0,):
         return None
     sl = view.producer(sq.invars[0])
     if sl is None or sl.primitive.name != "slice" or any(st != 1 for st in sl.params.get("strides") or ()):
         return None
     stacked = view.canon(sl.invars[0])
-    if (
-        sl.params["start_indices"][0] != e
-        or sl.params["limit_indices"][0] != e + 1
-        or len(_shape(stacked)) != 3
-    ):
+    starts, limits = sl.params["start_indices"], sl.params["limit_indices"]
+    if len(_shape(stacked)) != 3 or limits[0] != starts[0] + 1:
         return None
-    if any(
-        sl.params["start_indices"][d] != 0 or sl.params["limit_indices"][d] != _shape(stacked)[d]
-        for d in (1, 2)
-    ):
+    if any(starts[d] != 0 or limits[d] != _shape(stacked)[d] for d in (1, 2)):
         return None
-    w_dim = 1 + perm[rc[0]]  # the stacked weight's dim that the matmul contracts
-    labels = ["E", "?", "?"]
-    labels[w_dim] = contracted
-    labels[3 - w_dim] = "F" if contracted == "D" else "D"
-    return lhs, (stacked, tuple(labels))
+    return stacked, int(starts[0])
 
 
 def slot_column(view: View, atom: Any) -> tuple[Any, int] | None:
@@ -266,11 +327,12 @@ def slot_loop_outputs(view: View, y: Any) -> tuple[ExpertFfn, Any, Any] | None:
     The decode-style loop over the k slots: each slot gathers its experts' weights per token
     (`w_fc[ids[:, j]]`) and runs a batched matvec; every slot of the same ids and weights appears once.
     """
-    return _unrolled_sum(view, y, _slot_term, lambda stacks, ids: _shape(ids)[1])
+    return _unrolled_sum(view, y, _slot_term, lambda stacks, terms, ids: _shape(ids)[1])
 
 
-def _slot_term(view: View, term: Any) -> tuple[int, tuple] | None:
-    """(j, key) for term = w[:, j, None] * FFN(x; W[ids[:, j]]); key must agree across slots."""
+def _slot_term(view: View, term: Any) -> tuple[int, tuple, tuple] | None:
+    """(j, key, own) for term = w[:, j, None] * FFN(x; W[ids[:, j]]); key must agree across slots (own:
+    no matrix is the slot's own)."""
     if view.op(term) != "mul" or len(_shape(term)) != 2:
         return None
     for wexp, cur in (view.args(term), view.args(term)[::-1]):
@@ -292,7 +354,7 @@ def _slot_term(view: View, term: Any) -> tuple[int, tuple] | None:
             continue
         stacks = ((g[1], g[3]),) + (() if u is None else ((u[1], u[3]),))
         stacks += ((wd, down_labels(wd_dims)),)
-        return col[1], (view.canon(g[0]), stacks, act, act_params, col[0], ids_col[0])
+        return col[1], (view.canon(g[0]), stacks, act, act_params, col[0], ids_col[0]), (None,) * len(stacks)
     return None
 
 

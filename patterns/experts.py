@@ -38,9 +38,18 @@ def _shape(a: Any) -> tuple[int, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
+class PerExpertWeights:
+    """One expert matrix kept as E separate arrays: expert e's is arrays[e], without an expert dim
+    (a model that keeps each expert as its own module). Its labels (`ExpertFfn.w_*_dims`) are those of
+    each array; all of them agree in shape, dtype and layout."""
+
+    arrays: tuple[Any, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class ExpertFfn:
     x: Any  # tokens [T, D]
-    w_gate: Any  # [E, D, F]-like stacked weight (its own dim order, see w_*_dims)
+    w_gate: Any  # [E, D, F]-like stacked weight (its own dim order, see w_*_dims), or PerExpertWeights
     w_up: Any | None  # None for a plain (non-gated) MLP
     w_down: Any
     activation: str  # "swiglu", "geglu", "geglu_tanh", "gelu", "gelu_tanh", "relu", "silu"

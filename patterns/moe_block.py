@@ -34,6 +34,7 @@ from moefuse.patterns.expert_loops import (
 )
 from moefuse.patterns.experts import (
     ExpertFfn,
+    PerExpertWeights,
     dense_expert_outputs,
     gathered_expert_outputs,
     is_ragged_dot,
@@ -66,10 +67,12 @@ SUPPORTED = (
     (
         OP,
         "Python loop over experts",
-        "`for e in range(E)`: `w_e[:, None] * ffn(x, w1[e], ...)` with "
-        "`w_e = sum(where(ids == e, w, 0), -1)`, `sum(w * (ids == e), -1)` or "
-        "`einsum('kt,tk->t', one_hot(ids).T[e], w)`; also in a `[1, T, D]` layout (ids `[1, T, k]`, "
-        "`w_e[:, :, None] * ffn(x)[None]`)",
+        "`for e in range(E)`: `w_e[:, None] * ffn(x, w1[e], ...)` or, experts kept as modules, "
+        "`ffn(x, experts[e][...])` on arrays of their own (taken as they are, never stacked; `[in, out]` "
+        "or torch `.T`) with `w_e = sum(where(ids == e, w, 0), -1)`, `sum(w * (ids == e), -1)`, that sum "
+        "written out over the k slots (`where(ids[:, 0] == e, w[:, 0], 0) + ...`) or "
+        "`einsum('kt,tk->t', one_hot(ids).T[e], w)`; also with `[B, S, D]` tokens or in a `[1, T, D]` "
+        "layout (ids `[1, T, k]`, `w_e[:, :, None] * ffn(x)[None]`)",
         "num_experts, k, activation",
     ),
     (
@@ -120,14 +123,13 @@ class MoePattern:
             if got is None:
                 return NoMatch(
                     anchor,
-                    "a sum of per-expert terms, but not one term per expert FFN on the e-th slice of "
-                    "weights stacked on an expert axis (separate per-expert arrays are not fused)",
+                    "a sum of per-expert terms, but not one term per expert e < E of the same FFN, "
+                    "each reading expert e's weights (the e-th slice of stacked weights, or arrays of "
+                    "its own that agree across experts in shape, dtype and layout)",
                     OP,
                 )
             ffn, weights, ids = got
-            return _proposal(
-                view, anchor, ffn, weights, ids, _shape(ffn.w_down)[0], "loop", weights.aval.dtype
-            )
+            return _proposal(view, anchor, ffn, weights, ids, _num_experts(ffn), "loop", weights.aval.dtype)
         ws = _weighted_sum(view, eqn)
         if ws is None:
             return NoMatch(anchor, "not a weighted sum of expert outputs", OP)
@@ -320,15 +322,16 @@ def _proposal(
 ) -> Proposal | NoMatch:
     """The fused op for a recognised block; it rounds where the program does (`ffn_precision`), and
     the combine runs in the dtype the program used for it."""
-    from moefuse.kernels.moe import MoeParams, moe_ffn
+    from moefuse.kernels.moe import EXPERT_WEIGHTS_PARAM, MoeParams, moe_ffn
 
     y = view.jaxpr.eqns[anchor].outvars[0]
     biases = [b for b in ffn.biases if b is not None]
     layout = _fused_layout(ffn)
     gated = ffn.w_up is not None
     expert_weights = [ffn.w_gate] + ([ffn.w_up] if gated else []) + [ffn.w_down]
-    inputs = [ffn.x, weights, ids, *expert_weights, *(b.array for b in biases)]
-    block = FfnValues(ffn.x, expert_weights, inputs, [weights], y, combine_dtype, bool(biases))
+    arrays = [_arrays(w) for w in expert_weights]  # a matrix kept per expert is E inputs of the op
+    inputs = [ffn.x, weights, ids, *(a for group in arrays for a in group), *(b.array for b in biases)]
+    block = FfnValues(ffn.x, arrays, inputs, [weights], y, combine_dtype, bool(biases))
     prec = ffn_precision(view, block)
     if isinstance(prec, str):
         return NoMatch(anchor, prec, OP)
@@ -350,7 +353,10 @@ def _proposal(
     n_w = len(inputs) - len(biases)
 
     def emit(kernel: str, x: Any, w: Any, i: Any, *rest: Any) -> list[Any]:
-        ws, bs = list(rest[: n_w - 3]), list(rest[n_w - 3 :])
+        given = iter(rest[: n_w - 3])
+        ws = [tuple(next(given) for _ in group) if isinstance(m, PerExpertWeights) else next(given)
+              for m, group in zip(expert_weights, arrays)]
+        bs = list(rest[n_w - 3 :])
         w_in, wd, b_in, b_down = _kernel_weights(ffn, layout, ws, bs, x.dtype)
         # several token dims ([B, S, D]) run as [B * S, D]; the recognisers proved that x, w, ids and
         # y list the tokens in the same row-major order (y may also hold unit dims that x lacks)
@@ -359,6 +365,8 @@ def _proposal(
         return [out.reshape(y.aval.shape).astype(y.aval.dtype)]
 
     described = plan_params(params, dispatch)
+    if any(isinstance(m, PerExpertWeights) for m in expert_weights):
+        described[EXPERT_WEIGHTS_PARAM] = "per_expert"
     routed = Proposal(op=OP, anchor=anchor, inputs=inputs, outputs=[y], params=described, emit=emit)
     return with_shared_expert(view, routed, ffn.x)
 
@@ -387,30 +395,52 @@ def _fused_layout(ffn: ExpertFfn) -> str | None:
 
 
 def _kernel_weights(ffn: ExpertFfn, layout: str | None, ws: list[Any], bs: list[Any], dtype: Any) -> tuple:
-    """(w_in, w_down, b_in, b_down) in the kernel's layouts ([E, D, F], [E, F, D], [E, F], [E, D])."""
+    """(w_in, w_down, b_in, b_down) in the kernel's layouts ([E, D, F], [E, F, D], [E, F], [E, D]); a
+    matrix kept per expert (its E values as a tuple in ws) as the kernel's `PerExpert` of [D, F] ..."""
     wg, wu, wd = (ws[0], ws[1], ws[2]) if ffn.w_up is not None else (ws[0], None, ws[1])
     given = iter(bs)
     b_gate, b_up, b_down = ((next(given), b) if b is not None else (None, None) for b in ffn.biases)
-    wd = jnp.transpose(wd, _perm(ffn.w_down_dims, "EFD"))
+    wd = _in_layout(wd, ffn.w_down_dims, "EFD")
     if layout is not None:
-        w_in = jnp.transpose(wg, _perm(ffn.w_gate_dims, "EDF"))
+        w_in = _in_layout(wg, ffn.w_gate_dims, "EDF")
         b_in = None if b_gate[1] is None else jnp.transpose(b_gate[0], _perm(b_gate[1].labels, "EF"))
     else:
-        w_in = jnp.transpose(_cols(wg, ffn.w_gate_dims, ffn.gate_cols), _perm(ffn.w_gate_dims, "EDF"))
+        w_in = _in_layout(_cols(wg, ffn.w_gate_dims, ffn.gate_cols), ffn.w_gate_dims, "EDF")
         b_in = _bias(b_gate, "EF")
         if wu is not None:
-            w_in = (w_in, jnp.transpose(_cols(wu, ffn.w_up_dims, ffn.up_cols), _perm(ffn.w_up_dims, "EDF")))
+            w_in = (w_in, _in_layout(_cols(wu, ffn.w_up_dims, ffn.up_cols), ffn.w_up_dims, "EDF"))
             b_in = (b_in, _bias(b_up, "EF"))
     b_down = _bias(b_down, "ED")
     if not any(b is not None for b in ffn.biases):
         return w_in, wd, None, None
-    e, f, d = (jnp.shape(wd)[i] for i in range(3))
+    e, f, d = wd.shape
     zeros = lambda shape: jnp.zeros(shape, dtype)
     if isinstance(b_in, tuple):
         b_in = tuple(zeros((e, f)) if b is None else b for b in b_in)
     elif b_in is None:
-        b_in = zeros((e, jnp.shape(w_in)[2]))
+        b_in = zeros((e, w_in.shape[2]))
     return w_in, wd, b_in, zeros((e, d)) if b_down is None else b_down
+
+
+def _in_layout(w: Any, dims: tuple[str, ...], want: str) -> Any:
+    """A stacked weight transposed to the kernel's layout `want`; a tuple of E per-expert values (each
+    labelled by dims, without "E") as the kernel's `PerExpert`, each array transposed to want[1:]."""
+    from moefuse.kernels.moe import PerExpert
+
+    if isinstance(w, tuple):
+        return PerExpert(tuple(jnp.transpose(a, _perm(dims, want[1:])) for a in w))
+    return jnp.transpose(w, _perm(dims, want))
+
+
+def _arrays(w: Any) -> tuple[Any, ...]:
+    """The arrays the fused op takes for one expert matrix: the stacked array, or the E arrays of a
+    matrix kept per expert."""
+    return w.arrays if isinstance(w, PerExpertWeights) else (w,)
+
+
+def _num_experts(ffn: ExpertFfn) -> int:
+    """E: the expert dim of the stacked W_down, or the number of its per-expert arrays."""
+    return len(ffn.w_down.arrays) if isinstance(ffn.w_down, PerExpertWeights) else _shape(ffn.w_down)[0]
 
 
 def _bias(given: tuple[Any, Bias | None], want: str) -> Any:

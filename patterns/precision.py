@@ -4,7 +4,7 @@ The matcher looks through float casts to recognise an FFN; this module reads the
 fused op rounds where the program rounds (the dtype fields of `MoeParams`), or the site is
 declined with the reason::
 
-    prec = ffn_precision(view, FfnValues(x, [w_gate, w_up, w_down], inputs, [weights], y, wdt))
+    prec = ffn_precision(view, FfnValues(x, [[w_gate], [w_up], [w_down]], inputs, [weights], y, wdt))
     if isinstance(prec, str):
         return NoMatch(anchor, prec, OP)
     MoeParams(..., compute_dtype=prec.compute_dtype, projection_dtype=prec.projection_dtype, ...)
@@ -45,7 +45,9 @@ class FfnValues:
     """The values of a recognised block the precision is read between."""
 
     x: Any  # the tokens the fused op takes
-    expert_weights: Sequence[Any]  # W_gate, W_up, W_down (the arrays the fused op takes)
+    # W_gate, W_up, W_down: each the arrays the fused op takes for it (one stacked array, or the E arrays
+    # of a matrix kept per expert, all of one dtype)
+    expert_weights: Sequence[Sequence[Any]]
     inputs: Sequence[Any]  # every input of the fused op (router weights, ids, biases ...)
     router_weights: Sequence[Any]  # the weights the expert outputs are combined by
     y: Any  # the block's output
@@ -88,13 +90,13 @@ class _Flow:
 def ffn_precision(view: View, vals: FfnValues) -> FfnPrecision | str:
     """The fused op's compute and projection dtypes for the block `vals`, or why they do not fit.
 
-    >>> prec = ffn_precision(view, FfnValues(ffn.x, [wg, wu, wd], inputs, [weights], y, jnp.float32))
+    >>> prec = ffn_precision(view, FfnValues(ffn.x, [[wg], [wu], [wd]], inputs, [weights], y, jnp.float32))
     >>> prec.projection_dtype  # ragged_dots of f32 rows with preferred_element_type=bf16
     'bfloat16'
     """
     region = sorted(region_of(view, vals.inputs, [vals.y]))
     xs = canonical_set(view, [vals.x])
-    ws = [canonical_set(view, [w]) for w in vals.expert_weights]
+    ws = [canonical_set(view, w) for w in vals.expert_weights]
     routing = canonical_set(view, vals.router_weights)
     flow = _Flow()
     projections: list[_Projection] = []
@@ -228,7 +230,7 @@ def _floats(eqn: C.JaxprEqn) -> list[Any]:
 def _pre_projection(view, vals: FfnValues, region, flow: _Flow, cdt, ddt) -> str | None:
     """Tokens and expert weights reach the projections cast only to the dtypes the fused op uses."""
     x_dtype = jnp.dtype(view.canon(vals.x).aval.dtype)
-    w_dtypes = [jnp.dtype(view.canon(w).aval.dtype) for w in vals.expert_weights]
+    w_dtypes = [jnp.dtype(view.canon(w[0]).aval.dtype) for w in vals.expert_weights]
     down_w = len(vals.expert_weights) - 1
     for i in region:
         eqn = view.jaxpr.eqns[i]

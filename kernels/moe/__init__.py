@@ -11,6 +11,11 @@ ones `tgmm` for the expert weights), and the VJP of the forward for impl="refere
 impl="slots" (`slots.slots_ffn`, capacity sites).
 Gradients flow to x, weights and every expert weight and bias; ids carry none.
 
+Expert weights come stacked on a leading expert axis, or as `PerExpert`: E separate arrays of one
+matrix, for models that keep each expert as its own module. impl="xla" reads those where they are
+(stacking them would copy every expert's weights on every call); "dense" and the Pallas kernels read
+one stacked array, so they refuse them, and their selection rows decline a site that has them.
+
 Example, Qwen3-MoE-style SwiGLU experts (top-2 of 8)::
 
     import jax, jax.numpy as jnp
@@ -43,15 +48,23 @@ from . import dense, grouped, pallas_gpu, pallas_tpu, slots, xla
 from .grouped import Tiles
 from .params import GLU_ACTIVATIONS, MoeParams
 from .reference import (
+    ExpertArray,
     ExpertWeights,
+    PerExpert,
     expert_weights,
+    has_per_expert,
     moe_ffn_reference,
     routed_ffn_reference,
     validate_inputs,
 )
 from .xla import schedule
 
-__all__ = ["IMPLS", "MoeParams", "Tiles", "moe_ffn", "moe_ffn_reference", "schedule"]
+__all__ = ["IMPLS", "MoeParams", "PerExpert", "Tiles", "moe_ffn", "moe_ffn_reference", "schedule"]
+
+# The Plan parameter a pattern sets (to "per_expert") when the fused op takes each expert's weights as
+# separate arrays (`PerExpert`); the selection rows of kernels that read one stacked array decline it.
+EXPERT_WEIGHTS_PARAM = "expert_weights"
+STACKED_ONLY = "expert weights are E separate arrays; this kernel reads one stacked array"
 
 @dataclasses.dataclass(frozen=True)
 class KernelOptions:
@@ -68,9 +81,10 @@ class Impl:
 
     forward: Callable
     backward: Callable
+    per_expert: bool = False  # reads expert weights given as `PerExpert` arrays (else: stacked ones only)
 
 
-def _autodiff(ffn: Callable) -> Impl:
+def _autodiff(ffn: Callable, per_expert: bool = False) -> Impl:
     """An implementation whose backward is the VJP of its forward, ffn(x, weights, ids, ew, params)."""
 
     def forward(x, weights, ids, ew, params, options):
@@ -81,7 +95,7 @@ def _autodiff(ffn: Callable) -> Impl:
         _, pullback = jax.vjp(lambda x_, w_, ew_: ffn(x_, w_, ids, ew_, params), x, weights, ew)
         return pullback(g)
 
-    return Impl(forward, backward)
+    return Impl(forward, backward, per_expert)
 
 
 def _pallas(backend: grouped.Backend) -> Impl:
@@ -93,9 +107,9 @@ def _pallas(backend: grouped.Backend) -> Impl:
 
 
 IMPLS: dict[str, Impl] = {
-    "reference": _autodiff(routed_ffn_reference),
+    "reference": _autodiff(routed_ffn_reference, per_expert=True),
     "xla": Impl(lambda x, weights, ids, ew, params, o: xla.forward(x, weights, ids, ew, params),
-                lambda res, g, params, o: xla.backward(res, g, params)),
+                lambda res, g, params, o: xla.backward(res, g, params), per_expert=True),
     "dense": _autodiff(dense.dense_ffn),
     "slots": _autodiff(slots.slots_ffn),
     "pallas_tpu": _pallas(pallas_tpu.BACKEND),
@@ -199,6 +213,16 @@ def _one_rounding(req: select.Request, target: select.Target) -> str | None:
     return None if pdt is None else f"rounds each FFN once, not each projection to projection_dtype={pdt}"
 
 
+def _stacked_only(req: select.Request, target: select.Target) -> str | None:
+    """Kernels that read one stacked array per expert matrix cannot take per-expert arrays (stacking
+    them would copy every expert's weights on every call)."""
+    return STACKED_ONLY if req.params.get(EXPERT_WEIGHTS_PARAM) == "per_expert" else None
+
+
+def _stacked_one_rounding(req: select.Request, target: select.Target) -> str | None:
+    return _stacked_only(req, target) or _one_rounding(req, target)
+
+
 def _example(p: MoeParams, kernel: select.Kernel, t: int, d: int, f: int, dtype) -> tuple[Callable, tuple]:
     """fn(x, weights, ids, *expert weights and biases) -> ((sum of the output, output), its gradients
     with respect to every input but ids), and fn's arguments as ShapeDtypeStructs."""
@@ -255,23 +279,24 @@ def _examples(impl: str, backend: grouped.Backend) -> Callable:
 select.register_impls("moe", tuple(IMPLS))
 select.register(
     select.KernelRow("moe", "tpu", "pallas_tpu", dtypes=("float32", "bfloat16"),
-                     tiles=_tiles(pallas_tpu.BACKEND), fits=_one_rounding,
+                     tiles=_tiles(pallas_tpu.BACKEND), fits=_stacked_one_rounding,
                      note="Pallas TPU (Mosaic): one fused expert-FFN kernel over expert-sorted row tiles; "
                           "backward gmm / tgmm kernels",
                      examples=_examples("pallas_tpu", pallas_tpu.BACKEND)),
     select.KernelRow("moe", "tpu", "xla", note="sorted block schedule (XLA)"),
     select.KernelRow("moe", "gpu", "pallas_gpu", dtypes=("float32", "bfloat16"),
-                     tiles=_tiles(pallas_gpu.BACKEND), fits=_one_rounding,
+                     tiles=_tiles(pallas_gpu.BACKEND), fits=_stacked_one_rounding,
                      note="Pallas GPU (Triton): grouped matmuls over expert-sorted row tiles, activation "
                           "fused; XLA combine",
                      examples=_examples("pallas_gpu", pallas_gpu.BACKEND)),
     select.KernelRow("moe", "gpu", "xla", note="sorted block schedule (XLA)"),
     select.KernelRow("moe", "cpu", "dense", shape=f"dispatch dense, T*E*D*F < {DENSE_WORK:,}",
-                     when=_small_dense, fits=_one_rounding,
+                     when=_small_dense, fits=_stacked_one_rounding,
                      note="every expert on every token (XLA), as the original computes it: at this size "
                           "a few large dots beat sorting"),
     select.KernelRow("moe", "cpu", "slots",
                      shape=f"capacity, E*G*C <= T*k or E*G*C*D*F < {SLOTS_WORK:,}", when=_slots_pay,
+                     fits=_stacked_only,
                      note="each expert on its capacity slots of every token group (XLA), as capacity "
                           "originals compute: at this size that beats sorting"),
     select.KernelRow("moe", "cpu", "xla", note="sorted block schedule (XLA)"),
@@ -282,12 +307,12 @@ def moe_ffn(
     x: jax.Array,
     weights: jax.Array,
     ids: jax.Array,
-    w_in: jax.Array | tuple[jax.Array, jax.Array],
-    w_down: jax.Array,
+    w_in: ExpertArray | tuple[ExpertArray, ExpertArray],
+    w_down: ExpertArray,
     params: MoeParams,
     *,
-    b_in: jax.Array | tuple[jax.Array, jax.Array] | None = None,
-    b_down: jax.Array | None = None,
+    b_in: ExpertArray | tuple[ExpertArray, ExpertArray] | None = None,
+    b_down: ExpertArray | None = None,
     impl: str | select.Kernel = "xla",
     interpret: bool = False,
     tiles: Tiles | None = None,
@@ -298,8 +323,12 @@ def moe_ffn(
     (gelu/relu/silu); for GLU activations the pair (w_gate, w_up) of [E, D, F], or one [E, D, 2F]
     array when params.fused_gate_up (layout params.gate_up_layout). w_down is [E, F, D].
     b_in ([E, F], a pair, or [E, 2F], following w_in) and b_down [E, D] are required iff
-    params.has_expert_bias. `impl` is one of IMPLS ("reference", "xla", "dense", "slots", "pallas_tpu",
-    "pallas_gpu"),
+    params.has_expert_bias. Any of these arrays may be a `PerExpert` instead: the E arrays of a model
+    that keeps each expert as its own module, each without the expert axis (w_down as E arrays [F, D],
+    a GLU pair as two PerExperts of [D, F] ...), taken as they are, never stacked by impl="xla" (which
+    then skips its capacity pass) and stacked by "reference"; "dense" and the Pallas kernels read one
+    stacked array and raise a ValueError for them.
+    `impl` is one of IMPLS ("reference", "xla", "dense", "slots", "pallas_tpu", "pallas_gpu"),
     or the `select.Kernel` chosen (its interpret flag and tiles are used). For the Pallas ones
     `interpret=True` runs the kernels in interpret mode (any platform) and `tiles` overrides the
     backend's `default_tiles`.
@@ -314,14 +343,21 @@ def moe_ffn(
     if not isinstance(params, MoeParams):
         raise TypeError(f"moe_ffn: params must be a MoeParams, got {type(params).__name__}")
 
+    def one(a: Any) -> Any:
+        if not isinstance(a, PerExpert):
+            return jnp.asarray(a)
+        return PerExpert(tuple(map(jnp.asarray, a.arrays))) if isinstance(a.arrays, tuple | list) else a
+
     def arr(a: Any) -> Any:
         if a is None:
             return None
-        return tuple(jnp.asarray(v) for v in a) if isinstance(a, tuple | list) else jnp.asarray(a)
+        return tuple(one(v) for v in a) if isinstance(a, tuple | list) else one(a)
 
     if hasattr(ids, "dtype") and jnp.dtype(ids.dtype) != jnp.int32:  # before asarray can narrow int64
         raise TypeError(f"moe_ffn: ids must be int32, got {ids.dtype}")
     x, weights, ids, w_down, b_down = (arr(a) for a in (x, weights, ids, w_down, b_down))
     ew = expert_weights(arr(w_in), w_down, arr(b_in), b_down, params)
     validate_inputs(x, weights, ids, ew, params)
+    if has_per_expert(ew) and not IMPLS[impl].per_expert:
+        raise ValueError(f"moe_ffn impl={impl!r}: {STACKED_ONLY}; use impl='xla' (or stack them)")
     return _moe(params, impl, KernelOptions(interpret, tiles), x, weights, ids, ew)

@@ -20,6 +20,8 @@ Example (Mixtral-style SwiGLU experts, top-2 of 8)::
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -28,7 +30,45 @@ from jax import lax
 
 from .params import MoeParams
 
-ExpertWeights = dict[str, jax.Array]  # keys: w_in, w_up (unfused GLU only), w_down, b_in, b_up, b_down
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["arrays"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class PerExpert:
+    """One expert matrix or bias kept as E separate arrays, expert e's in `arrays[e]`, each shaped like
+    one expert's slice of the stacked array it stands for (no expert axis): `PerExpert((w_0, ..., w_7))`
+    with every w_e [D, F] reads as a stacked [8, D, F]. `moe_ffn` accepts one wherever it takes a stacked
+    expert array (all arrays of one PerExpert must agree in shape and dtype; `expert_weights` checks).
+
+    Models that keep each expert as its own module (Grok-1, PhiMoE ports) hold their weights this way.
+    The XLA schedule reads expert e's array where it needs it and never stacks them (stacking would copy
+    every expert's weights on every call); the reference stacks them, as it defines meaning, not speed.
+    Its gradient is a PerExpert too, one array per expert.
+    """
+
+    arrays: tuple[jax.Array, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the stacked array it stands for: (E, *one expert's shape)."""
+        return (len(self.arrays), *jnp.shape(self.arrays[0]))
+
+    @property
+    def dtype(self) -> Any:
+        return jnp.result_type(self.arrays[0])
+
+
+ExpertArray = jax.Array | PerExpert  # an expert matrix or bias: stacked on an expert axis, or per expert
+ExpertWeights = dict[str, ExpertArray]  # keys: w_in, w_up (unfused GLU only), w_down, b_in, b_up, b_down
+
+
+def has_per_expert(ew: ExpertWeights) -> bool:
+    """Whether any expert matrix or bias is given as E separate arrays (`PerExpert`)."""
+    return any(isinstance(a, PerExpert) for a in ew.values())
+
+
+def stacked(a: ExpertArray) -> jax.Array:
+    """The stacked [E, ...] array: `a` itself, or a PerExpert's arrays stacked (a copy: reference only)."""
+    return jnp.stack(a.arrays) if isinstance(a, PerExpert) else a
 
 
 def _err(msg: str) -> str:
@@ -36,12 +76,26 @@ def _err(msg: str) -> str:
 
 
 def _shape(a: Any) -> tuple[int, ...]:
-    return tuple(jnp.shape(a))
+    return a.shape if isinstance(a, PerExpert) else tuple(jnp.shape(a))
 
 
 def _check_float(name: str, a: Any) -> None:
-    if not jnp.issubdtype(jnp.result_type(a), jnp.floating):
-        raise TypeError(_err(f"{name} must be floating point, got {jnp.result_type(a)}"))
+    dtype = a.dtype if isinstance(a, PerExpert) else jnp.result_type(a)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(_err(f"{name} must be floating point, got {dtype}"))
+
+
+def _check_per_expert(name: str, a: Any, num_experts: int) -> None:
+    """A PerExpert `a` must hold num_experts arrays of one shape and dtype."""
+    if not isinstance(a, PerExpert):
+        return
+    if not isinstance(a.arrays, tuple) or len(a.arrays) != num_experts:
+        got = len(a.arrays) if isinstance(a.arrays, tuple | list) else type(a.arrays).__name__
+        raise ValueError(_err(f"{name} as PerExpert must hold a tuple of E={num_experts} arrays, got {got}"))
+    kinds = {(tuple(jnp.shape(v)), jnp.result_type(v)) for v in a.arrays}
+    if len(kinds) != 1:
+        found = ", ".join(f"{s} {d}" for s, d in sorted(kinds, key=str))
+        raise ValueError(_err(f"{name}: the per-expert arrays differ in shape or dtype ({found})"))
 
 
 def expert_weights(
@@ -51,7 +105,9 @@ def expert_weights(
 
     w_in: [E, D, F] for plain MLPs; for GLU activations a pair (w_gate, w_up) of [E, D, F], or one
     [E, D, 2F] array when params.fused_gate_up. b_in follows w_in ([E, F], pair, or [E, 2F]); b_down
-    is [E, D]. Biases are required iff params.has_expert_bias.
+    is [E, D]. Biases are required iff params.has_expert_bias. Each of these arrays may instead be a
+    `PerExpert` of E arrays without the expert axis (w_gate as E arrays [D, F], b_down as E arrays
+    [D], ...), independently of the others.
     """
     e = params.num_experts
     unfused_glu = params.is_glu and not params.fused_gate_up
@@ -67,6 +123,7 @@ def expert_weights(
         w = {"w_in": w_in}
     w["w_down"] = w_down
     for name, a in w.items():
+        _check_per_expert(name, a, e)
         _check_float(name, a)
     s_in, s_down = _shape(w["w_in"]), _shape(w_down)
     if len(s_in) != 3 or s_in[0] != e:
@@ -96,6 +153,7 @@ def expert_weights(
         b = {"b_in": b_in}
     b["b_down"] = b_down
     for name, a in b.items():
+        _check_per_expert(name, a, e)
         _check_float(name, a)
         want = (e, d) if name == "b_down" else (e, want_in[2])
         if _shape(a) != want:
@@ -134,7 +192,7 @@ def cast_expert_weights(ew: ExpertWeights, params: MoeParams, cdt: jnp.dtype) ->
     hdt = params.hidden_dtype or params.activation_dtype or params.projection_dtype or cdt
     dtypes = {"w_down": jnp.result_type(hdt, cdt), "b_in": params.activation_dtype or cdt}
     dtypes["b_up"] = dtypes["b_down"] = dtypes["b_in"]
-    return {name: a.astype(dtypes.get(name, cdt)) for name, a in ew.items()}
+    return {name: jax.tree.map(lambda v, n=name: v.astype(dtypes.get(n, cdt)), a) for name, a in ew.items()}
 
 
 def result_dtype(params: MoeParams, x: jax.Array) -> jnp.dtype:
@@ -249,10 +307,10 @@ def moe_ffn_reference(
     weights: jax.Array,
     ids: jax.Array,
     w_in: Any,
-    w_down: jax.Array,
+    w_down: ExpertArray,
     params: MoeParams,
     b_in: Any = None,
-    b_down: jax.Array | None = None,
+    b_down: ExpertArray | None = None,
 ) -> jax.Array:
     """out [T, D] in params.out_dtype or x's dtype; semantics: see `MoeParams`. Argument layouts: see
     `expert_weights`."""
@@ -264,10 +322,11 @@ def moe_ffn_reference(
 def routed_ffn_reference(
     x: jax.Array, weights: jax.Array, ids: jax.Array, ew: ExpertWeights, params: MoeParams
 ) -> jax.Array:
-    """`moe_ffn_reference` on validated inputs, with the expert weights as `expert_weights` returns."""
+    """`moe_ffn_reference` on validated inputs, with the expert weights as `expert_weights` returns
+    (per-expert arrays are stacked first)."""
     cdt = compute_dtype(params, x)
     wdt = combine_dtype(params, cdt, weights)
-    ew = cast_expert_weights(ew, params, cdt)
+    ew = cast_expert_weights({name: stacked(a) for name, a in ew.items()}, params, cdt)
     # every expert on every token: y_all[e, t] = FFN_e(x[t])
     y_all = jax.vmap(lambda w: expert_ffn(x.astype(cdt), w, params))(ew)  # [E, T, D]
     live = live_mask_reference(ids, params)

@@ -11,6 +11,10 @@ rows are contiguous, and then run in two parts:
    (largest first, a block partly padding when that saves a block: `block_counts`). Every dot packs
    its weights again, so few big blocks beat many small ones.
 
+Expert weights given as E separate arrays (`reference.PerExpert`) are read where they are: the loop
+picks expert e's arrays with a `lax.switch` on e, and the capacity pass never runs for them (C0 = 0;
+its batched matmul would need them stacked, a copy of every expert's weights on every call).
+
 Whether the capacity pass runs is decided at run time from the expert loads (`use_capacity_pass`, a
 cost model in units of one row's FFN): it reads every expert's weights, which pays when most experts
 have rows (balanced routing) and is wasted when a few hot experts hold most rows (skewed routing),
@@ -45,7 +49,8 @@ noise at E=32. These were measured on a shared machine (load from other jobs): d
 
 The backward (`backward`) is routed too and follows the same schedule: per block the VJP of the
 block FFN, weight gradients accumulated per expert. It equals the VJP of the reference except that
-a NaN/inf in an expert a token was not routed to cannot reach the gradients.
+a NaN/inf in an expert a token was not routed to cannot reach the gradients. Per-expert arrays get
+one gradient array each (accumulated in a stacked buffer, split at the end).
 
 Example::
 
@@ -71,10 +76,12 @@ from jax import lax
 from .params import MoeParams
 from .reference import (
     ExpertWeights,
+    PerExpert,
     activation,
     cast_expert_weights,
     combine_dtype,
     compute_dtype,
+    has_per_expert,
     hidden_rows,
     output_dtype,
     project,
@@ -127,6 +134,13 @@ def schedule(t: int, k: int, num_experts: int, capacity: int | None = None) -> S
     if capacity is not None:  # no expert has more than `capacity` live rows
         c0 = min(c0, _round_up(capacity, 8))
     return Schedule(c0, blocks)
+
+
+def expert_schedule(t: int, params: MoeParams, ew: ExpertWeights) -> Schedule:
+    """`schedule` for these expert weights: no capacity pass (C0 = 0) when any is given per expert, since
+    its batched matmul reads one stacked array and would have to stack the per-expert ones on every call."""
+    sched = schedule(t, params.k, params.num_experts, params.capacity)
+    return sched._replace(c0=0) if has_per_expert(ew) else sched
 
 
 def block_counts(rows: jax.Array, blocks: tuple[int, ...]) -> list[jax.Array]:
@@ -242,8 +256,25 @@ def _loop_experts(lay: Layout) -> tuple[jax.Array, jax.Array, jax.Array]:
     return eorder, jnp.sum(over > 0).astype(jnp.int32), over
 
 
-def _slice_expert(ew: ExpertWeights, e: jax.Array) -> ExpertWeights:
-    return {name: lax.dynamic_slice_in_dim(a, e, 1, axis=0) for name, a in ew.items()}
+def _slice_expert(ew: ExpertWeights, e: jax.Array) -> dict[str, jax.Array]:
+    """Expert e's weights, each [1, ...]: a dynamic slice of a stacked array; for per-expert arrays
+    (`PerExpert`) one `lax.switch` on e over the experts picks each name's e-th array."""
+    out = {name: lax.dynamic_slice_in_dim(a, e, 1, axis=0) for name, a in ew.items()
+           if not isinstance(a, PerExpert)}
+    separate = {name: a.arrays for name, a in ew.items() if isinstance(a, PerExpert)}
+    if separate:
+        count = len(next(iter(separate.values())))
+        branches = [lambda i=i: {name: arrays[i][None] for name, arrays in separate.items()}
+                    for i in range(count)]
+        out |= lax.switch(e, branches)
+    return out
+
+
+def _as_given(grad: jax.Array, a: Any) -> Any:
+    """A stacked gradient [E, ...] in the form and dtype of the expert array `a` it is for."""
+    if isinstance(a, PerExpert):
+        return PerExpert(tuple(grad[i].astype(v.dtype) for i, v in enumerate(a.arrays)))
+    return grad.astype(a.dtype)
 
 
 def _add_at_expert(a: jax.Array, e: jax.Array, v: jax.Array) -> jax.Array:
@@ -323,7 +354,7 @@ def forward(
     t, d = x.shape
     e, k = params.num_experts, params.k
     n = t * k
-    sched = schedule(t, k, e, params.capacity)
+    sched = expert_schedule(t, params, ew)
     c0 = sched.c0
     cdt = compute_dtype(params, x)
     wdt = combine_dtype(params, cdt, weights)
@@ -378,7 +409,7 @@ def backward(
     t, d = x.shape
     e, k = params.num_experts, params.k
     n = t * k
-    sched = schedule(t, k, e, params.capacity)
+    sched = expert_schedule(t, params, ew)
     c0 = sched.c0
     cdt = compute_dtype(params, x)
     wdt = combine_dtype(params, cdt, weights)
@@ -403,8 +434,8 @@ def backward(
             return _zeros((e, c0, d), cdt, refs), jax.tree.map(lambda a: _zeros(a.shape, a.dtype, refs), ewc)
 
         dx1, dw = lax.cond(lay.c0 > 0, capacity_pass, skipped)
-    else:
-        dw = jax.tree.map(lambda a: _zeros(a.shape, a.dtype, (x0, dy0, ewc)), ewc)
+    else:  # per-expert arrays accumulate into stacked buffers too: `_as_given` splits them at the end
+        dw = {name: _zeros(a.shape, a.dtype, (x0, dy0, ewc)) for name, a in ewc.items()}
     dx2, dw = _loop_backward(x0[tok], dy0[row], ewc, dw, lay, params, sched.blocks)
     dx = jnp.sum(_unsort(dx1, dx2, lay), axis=1).astype(x.dtype)
-    return dx, dweights, {name: dw[name].astype(a.dtype) for name, a in ew.items()}
+    return dx, dweights, {name: _as_given(dw[name], a) for name, a in ew.items()}

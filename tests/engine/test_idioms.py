@@ -262,3 +262,85 @@ def test_inverse_permutation_by_argsort_or_by_scatter_of_positions():
         assert view.is_nonneg_index(inv)  # so `sorted_rows[inv]` needs no wrap-around of negative indices
     assert idioms.inverse_permutation(view, not_positions) is None
     assert idioms.inverse_permutation(view, not_a_permutation) is None
+
+
+IDS3 = jnp.array([[0, 2, 1], [3, 1, 0], [2, 2, 3], [1, 0, 2]], jnp.int32)
+W3 = jnp.arange(12, dtype=jnp.float32).reshape(4, 3) / 12
+
+
+def _unrolled(term, k=3, order=None):
+    """fn(ids, w) = sum over j (in `order`) of term(ids, w, j), written out as the program adds it."""
+
+    def fn(ids, w):
+        acc = jnp.zeros((ids.shape[0],), w.dtype)
+        for j in order or range(k):
+            acc = acc + term(ids, w, j)
+        return acc
+
+    return fn
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        _unrolled(lambda ids, w, j: jnp.where(ids[:, j] == 2, w[:, j], 0.0)),
+        _unrolled(lambda ids, w, j: w[:, j] * (ids[:, j] == 2).astype(w.dtype), order=(2, 0, 1)),
+        _unrolled(lambda ids, w, j: jnp.where(2 == ids[:, j], w[:, j], 0.0)),  # commuted eq
+    ],
+    ids=["where", "mul_any_order", "commuted"],
+)
+def test_column_sum_reads_the_sum_written_out_over_the_k_columns(fn):
+    view, (out,) = view_of(fn, IDS3, W3)
+    got = idioms.column_sum(view, out)
+    assert got is not None and got.k == 3
+    assert set(got.arrays.values()) == set(view.jaxpr.invars)  # the columns of ids and of w
+    # the term of column 0, and each of its column reads -> the array it reads column 0 of
+    assert {idioms.column(view, r) for r in got.arrays} == {(a, 0) for a in view.jaxpr.invars}
+
+
+def test_column_sum_keeps_values_shared_by_every_term():
+    c = jnp.ones((4,), jnp.float32)
+    fn = lambda ids, w, c: sum(jnp.where(ids[:, j] == 1, w[:, j] * c, 0.0) for j in range(3))  # noqa: E731
+    view, (out,) = view_of(fn, IDS3, W3, c)
+    got = idioms.column_sum(view, out)
+    assert got is not None and got.k == 3 and len(got.arrays) == 2
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        _unrolled(lambda ids, w, j: jnp.where(ids[:, j] == 2, w[:, j], 0.0), k=2),  # a column missing
+        _unrolled(lambda ids, w, j: jnp.where(ids[:, j] == 2, w[:, j], 0.0), order=(0, 1, 1)),  # twice
+        _unrolled(lambda ids, w, j: jnp.where(ids[:, 0] == 2, w[:, j], 0.0)),  # ids column 0 in every term
+        _unrolled(lambda ids, w, j: jnp.where(ids[:, j] == 2, w[:, (j + 1) % 3], 0.0)),  # w shifted
+        _unrolled(lambda ids, w, j: jnp.where(ids[:, j] == j, w[:, j], 0.0)),  # another f per term
+        _unrolled(lambda ids, w, j: jnp.where(ids[:, j] == 2, w[:, j], 0.0) if j else w[:, 0]),
+    ],
+    ids=["missing", "repeated", "fixed_ids_column", "shifted_w", "other_fn", "other_term"],
+)
+def test_column_sum_near_misses(fn):
+    view, (out,) = view_of(fn, IDS3, W3)
+    assert idioms.column_sum(view, out) is None
+
+
+def test_column_reads_a_column_along_the_last_axis_only():
+    view, outs = view_of(lambda a: (a[:, 1], a[1, :], a[:, 0:2][:, 1], a[:, 1:2]), W3)
+    assert idioms.column(view, outs[0]) == (view.jaxpr.invars[0], 1)
+    assert idioms.column(view, outs[1]) is None  # a row
+    sliced, j = idioms.column(view, outs[2])  # column 1 of the [4, 2] slice, not of the input
+    assert j == 1 and view.op(sliced) == "slice"
+    assert idioms.column(view, outs[3]) is None  # not squeezed
+
+
+def test_column_sum_of_deeply_shared_terms_is_read_in_linear_time():
+    """Each term reuses its values (h = h * h - h, 60 times: 2**60 paths): read without walking paths."""
+
+    def term(ids, w, j):
+        h = w[:, j]
+        for _ in range(60):
+            h = h * h - h
+        return h
+
+    view, (out,) = view_of(_unrolled(term), IDS3, W3)
+    got = idioms.column_sum(view, out)
+    assert got is not None and got.k == 3

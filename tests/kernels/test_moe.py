@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 from jax.scipy.special import erf
 
-from moefuse.kernels.moe import MoeParams, moe_ffn, schedule, xla
+from moefuse import _compat as C
+from moefuse.kernels.moe import MoeParams, PerExpert, moe_ffn, schedule, xla
 
 # impl or impl/branch: the XLA implementation with its run-time choice of the capacity pass forced
 VARIANTS = ("reference", "xla/capacity-pass", "xla/loop-only", "dense", "slots")
@@ -507,6 +508,133 @@ def test_capacity_pass_decision():
     assert [int(c) for c in xla.block_counts(jnp.array(100), blocks)] == [0, 2, 0, 0]
     assert [int(c) for c in xla.block_counts(jnp.array(8), blocks)] == [0, 0, 0, 1]
     assert [int(c) for c in xla.block_counts(jnp.array(0), blocks)] == [0, 0, 0, 0]
+
+
+# ---- expert weights as E separate arrays (PerExpert) ---------------------------------------------
+
+
+def per_expert(ew, names=None):
+    """ew with the arrays `names` (default: all) given as E separate arrays, expert e's the slice a[e]."""
+    return {n: PerExpert(tuple(a[i] for i in range(a.shape[0]))) if names is None or n in names else a
+            for n, a in ew.items()}
+
+
+def _stacked_grads(tree):
+    """A gradient pytree with every PerExpert's arrays stacked back on an expert axis (for comparison)."""
+    return jax.tree.map(lambda g: jnp.stack(g.arrays) if isinstance(g, PerExpert) else g, tree,
+                        is_leaf=lambda g: isinstance(g, PerExpert))
+
+
+PER_EXPERT_IMPLS = ("reference", "xla")
+
+
+@pytest.mark.parametrize("act, fused, layout, bias, approx", ACTIVATION_CASES)
+def test_per_expert_arrays_give_the_stacked_result(act, fused, layout, bias, approx):
+    """Per-expert arrays against the independent loop over the stacked ones, and against the same impl
+    on the stacked arrays (the XLA schedule then has no capacity pass: C0 = 0)."""
+    p = MoeParams(num_experts=4, k=2, activation=act, fused_gate_up=fused, gate_up_layout=layout,
+                  has_expert_bias=bias, gelu_approximate=approx)
+    x, weights, ids, ew = make_inputs(p, t=32, scale=4.0)
+    want, _ = check(p, x, weights, ids, ew)
+    for impl in PER_EXPERT_IMPLS:
+        got = run(p, impl, x, weights, ids, per_expert(ew))
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), **F32, err_msg=impl)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(run(p, impl, x, weights, ids, ew)), **F32)
+
+
+@pytest.mark.parametrize(
+    "t, k, e, ids, names",
+    [
+        (1, 2, 8, [[5, 2]], None),  # T=1 (decode)
+        (8, 4, 4, [[0, 1, 2, 3]] * 8, None),  # k=E
+        (32, 2, 16, None, None),  # experts with no tokens
+        (600, 1, 2, [[0]] * 600, None),  # one expert, loop blocks of 256, 256, 64, 16, 8
+        (12, 2, 4, [[-1, 0], [4, 1], [2, 9], [3, -5]] * 3, None),  # out-of-range ids
+        (32, 2, 4, None, ("w_down",)),  # only W_down per expert, W_gate / W_up stacked
+    ],
+)
+def test_per_expert_routing_edge_cases(t, k, e, ids, names):
+    p = MoeParams(num_experts=e, k=k, activation="swiglu")
+    x, weights, ids, ew = make_inputs(p, t=t, ids=ids, seed=t)
+    live = independent_live(ids, p)
+    want = jax.jit(lambda x, w, i, ew: independent_moe(p, x, w, i, ew, live))(x, weights, ids, ew)
+    for impl in PER_EXPERT_IMPLS:
+        got = run(p, impl, x, weights, ids, per_expert(ew, names))
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), **F32, err_msg=impl)
+
+
+@pytest.mark.parametrize("kw, t", GRAD_CASES)
+def test_per_expert_grads_match_independent(kw, t):
+    """Each per-expert array gets its own gradient: expert e's the e-th slice of the stacked one."""
+    p = MoeParams(**kw)
+    x, weights, ids, ew = make_inputs(p, t=t, seed=3, ids=[[1]] * t if p.k == 1 else None)
+    live = independent_live(ids, p)
+    cot = jnp.asarray(np.random.default_rng(9).standard_normal(x.shape), jnp.float32)
+
+    def loss_independent(x, w, ew):
+        return jnp.sum(independent_moe(p, x, w, ids, ew, live) * cot)
+
+    want = jax.jit(jax.grad(loss_independent, argnums=(0, 1, 2)))(x, weights, ew)
+    for impl in PER_EXPERT_IMPLS:
+
+        def loss(x, w, ew, impl=impl):
+            w_in, w_down, b_in, b_down = op_args(ew)
+            return jnp.sum(moe_ffn(x, w, ids, w_in, w_down, p, b_in=b_in, b_down=b_down, impl=impl) * cot)
+
+        got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, weights, per_expert(ew))
+        assert all(isinstance(got[2][n], PerExpert) and len(got[2][n].arrays) == p.num_experts for n in ew)
+        got = _stacked_grads(got)
+        for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+            assert g.dtype == w.dtype and g.shape == w.shape
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4,
+                                       err_msg=f"{impl} {jax.tree_util.keystr(path)}")
+
+
+def test_per_expert_arrays_are_never_stacked_by_the_xla_schedule():
+    """The XLA forward reads each expert's arrays where they are: no value in its program has the
+    stacked [E, D, F] / [E, F, D] shape (the backward's gradient buffers are stacked, then split)."""
+    p = MoeParams(num_experts=4, k=2, activation="swiglu")
+    x, weights, ids, ew = make_inputs(p, t=32, d=8, f=16)
+    w_in, w_down, _, _ = op_args(per_expert(ew))
+    closed = jax.make_jaxpr(lambda *a: moe_ffn(*a, p, impl="xla"))(x, weights, ids, w_in, w_down)
+    stacked = {(4, 8, 16), (4, 16, 8)}
+
+    def shapes(jaxpr):
+        for eqn in jaxpr.eqns:
+            yield from (tuple(v.aval.shape) for v in eqn.outvars)
+            for _, _, body in C.sub_jaxprs(eqn):
+                yield from shapes(C.as_closed(body).jaxpr)
+
+    assert not stacked & set(shapes(closed.jaxpr))
+
+
+def test_per_expert_arrays_are_validated():
+    p = MoeParams(num_experts=4, k=2)
+    x, weights, ids, ew = make_inputs(p, t=4)
+    pe = per_expert(ew)
+    w_in = (pe["w_in"], pe["w_up"])
+    with pytest.raises(ValueError, match=r"w_down as PerExpert must hold a tuple of E=4 arrays, got 3"):
+        moe_ffn(x, weights, ids, w_in, PerExpert(pe["w_down"].arrays[:3]), p)
+    uneven = PerExpert((*pe["w_down"].arrays[:3], jnp.zeros((16, 9), jnp.float32)))
+    with pytest.raises(ValueError, match="w_down: the per-expert arrays differ in shape or dtype"):
+        moe_ffn(x, weights, ids, w_in, uneven, p)
+    mixed = PerExpert((*pe["w_down"].arrays[:3], pe["w_down"].arrays[3].astype(jnp.bfloat16)))
+    with pytest.raises(ValueError, match="differ in shape or dtype"):
+        moe_ffn(x, weights, ids, w_in, mixed, p)
+    with pytest.raises(ValueError, match=r"w_in must have shape \(4, 8, 16\)"):
+        moe_ffn(x, weights, ids, (PerExpert(tuple(a[:, :8] for a in pe["w_in"].arrays)), pe["w_up"]),
+                pe["w_down"], p)
+
+
+@pytest.mark.parametrize("impl", ["dense", "pallas_tpu", "pallas_gpu"])
+def test_stacked_only_kernels_refuse_per_expert_arrays(impl):
+    """They read one stacked array: they raise rather than stack the arrays on every call."""
+    p = MoeParams(num_experts=4, k=2)
+    x, weights, ids, ew = make_inputs(p, t=4)
+    w_in, w_down, _, _ = op_args(per_expert(ew))
+    with pytest.raises(ValueError, match="expert weights are E separate arrays; this kernel reads one "
+                                         "stacked array"):
+        moe_ffn(x, weights, ids, w_in, w_down, p, impl=impl, interpret=True)
 
 
 # ---- lowering, structure, validation ---------------------------------------------------------------

@@ -888,6 +888,128 @@ def make_loop_qwen2_moe_shared_gate() -> MoECase:
     )
 
 
+class _TorchLinearExpert:
+    """One expert as its own module: torch-layout [out, in] Linear weights of its own (not stacked)."""
+
+    def __init__(self, w):
+        self.w = w  # {"linear": [F, D], "linear_v": [F, D], "linear_1": [D, F]}
+
+    def __call__(self, x):  # x [B, S, D], multiplied as it is
+        g = x @ self.w["linear"].T
+        gelu = g * (0.5 * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (g + 0.044715 * g**3))))
+        return (gelu * (x @ self.w["linear_v"].T)) @ self.w["linear_1"].T
+
+
+def make_loop_per_expert_modules_torch() -> MoECase:
+    """Grok-1 style: each expert a module with weights of its own (a list of dicts, torch [out, in] layout
+    applied with `.T`), tokens [B, S, D], top-2 of the logits then softmax, hand-written tanh GeGLU."""
+    batch, seq, d_model, d_ff, num_experts, top_k = 2, 8, 32, 48, 6, 2
+    x = normal(1140, (batch, seq, d_model))
+    router_w = _w(1141, (d_model, num_experts), d_model)
+    experts = [
+        {
+            "linear": _w(1142 + 3 * e, (d_ff, d_model), d_model),
+            "linear_v": _w(1143 + 3 * e, (d_ff, d_model), d_model),
+            "linear_1": _w(1144 + 3 * e, (d_model, d_ff), d_ff),
+        }
+        for e in range(num_experts)
+    ]
+
+    def block(x, router_w, experts):
+        router_logits = x @ router_w  # [B, S, E]
+        routing_weights, selected_experts = jax.lax.top_k(router_logits, top_k)
+        routing_weights = jax.nn.softmax(routing_weights, axis=-1)
+        out = jnp.zeros_like(x)
+        for e, expert in enumerate(experts):
+            weight = jnp.sum((selected_experts == e).astype(x.dtype) * routing_weights, axis=-1)  # [B, S]
+            out = out + weight[..., None] * _TorchLinearExpert(expert)(x)
+        return out, router_logits
+
+    def stack(name):
+        return jnp.stack([jnp.asarray(ex[name]).T for ex in experts])
+
+    router = _router_ref(router_w, top_k, order="topk_then_score")
+    ffn = _ffn_ref("geglu", stack("linear_v"), stack("linear_1"), stack("linear"))
+    return MoECase(
+        "loop_per_expert_modules_torch",
+        block,
+        (x, router_w, experts),
+        MOE,
+        moe_expect(top_k, num_experts, "geglu", "loop"),
+        note="6 expert modules, each with its own [F, D] / [D, F] arrays (x @ W.T), never stacked; "
+        "[B, S, D] tokens; weight_e = sum(float(ids == e) * w, -1); returns (out, router_logits)",
+        ref=_ref(x, [_block_ref(router, ffn)]),
+    )
+
+
+def make_loop_per_expert_unrolled_slots() -> MoECase:
+    """PhiMoE style: experts with [in, out] arrays of their own, top-3 of 8, and each expert's weight
+    written out as the sum over the k slots of where(ids[:, j] == e, w[:, j], 0)."""
+    num_tokens, d_model, d_ff, num_experts, top_k = 24, 32, 40, 8, 3
+    x = normal(1150, (num_tokens, d_model))
+    router_w = _w(1151, (d_model, num_experts), d_model)
+    experts = [
+        (_w(1152 + 3 * e, (d_model, d_ff), d_model), _w(1153 + 3 * e, (d_model, d_ff), d_model),
+         _w(1154 + 3 * e, (d_ff, d_model), d_ff))
+        for e in range(num_experts)
+    ]
+
+    def block(x, router_w, experts):
+        probs = jax.nn.softmax(x @ router_w, axis=-1)
+        w, ids = jax.lax.top_k(probs, top_k)
+        w = w / w.sum(-1, keepdims=True)
+        out = jnp.zeros_like(x)
+        for e, (w_gate, w_up, w_down) in enumerate(experts):
+            weight = jnp.zeros((x.shape[0],), x.dtype)
+            for j in range(top_k):
+                weight = weight + jnp.where(ids[:, j] == e, w[:, j], 0.0)
+            y = (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
+            out = out + y * weight[:, None]
+        return out
+
+    gate, up, down = (jnp.stack([ex[i] for ex in experts]) for i in range(3))
+    router = _router_ref(router_w, top_k, renorm=True)
+    return MoECase(
+        "loop_per_expert_unrolled_slots",
+        block,
+        (x, router_w, experts),
+        MOE,
+        moe_expect(top_k, num_experts, "swiglu", "loop"),
+        note="8 experts as tuples of their own arrays; weight_e = 0 + where(ids[:, 0] == e, w[:, 0], 0) + "
+        "... over the 3 slots",
+        ref=_ref(x, [_block_ref(router, _ffn_ref("swiglu", up, down, gate))]),
+    )
+
+
+def make_loop_stacked_unrolled_slots_mul() -> MoECase:
+    """Stacked [E, D, F] weights sliced per expert, each expert's weight the slot sum written out as
+    w[:, j] * (ids[:, j] == e), GELU experts (erf), top-2 of 4."""
+    num_tokens, d_model, d_ff, num_experts, top_k = 16, 32, 64, 4, 2
+    x = normal(1160, (num_tokens, d_model))
+    router_w = _w(1161, (d_model, num_experts), d_model)
+    w_in = _w(1162, (num_experts, d_model, d_ff), d_model)
+    w_out = _w(1163, (num_experts, d_ff, d_model), d_ff)
+
+    def block(x, router_w, w_in, w_out):
+        w, ids = jax.lax.top_k(jax.nn.softmax(x @ router_w, axis=-1), top_k)
+        out = jnp.zeros_like(x)
+        for e in range(num_experts):
+            weight = w[:, 0] * (ids[:, 0] == e) + w[:, 1] * (ids[:, 1] == e)
+            out = out + weight[:, None] * (jax.nn.gelu(x @ w_in[e], approximate=False) @ w_out[e])
+        return out
+
+    router = _router_ref(router_w, top_k)
+    return MoECase(
+        "loop_stacked_unrolled_slots_mul",
+        block,
+        (x, router_w, w_in, w_out),
+        MOE,
+        moe_expect(top_k, num_experts, "gelu", "loop"),
+        note="weight_e = w[:, 0] * (ids[:, 0] == e) + w[:, 1] * (ids[:, 1] == e); exact GELU; no renorm",
+        ref=_ref(x, [_block_ref(router, _ffn_ref("gelu", w_in, w_out, gelu_approximate=False))]),
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. jax.vmap over experts
 # ---------------------------------------------------------------------------------------------
@@ -1353,6 +1475,9 @@ ALL_MOE_BLOCKS = [
     # loop
     make_loop_masks_mixtral,
     make_loop_qwen2_moe_shared_gate,
+    make_loop_per_expert_modules_torch,
+    make_loop_per_expert_unrolled_slots,
+    make_loop_stacked_unrolled_slots_mul,
     # vmap
     make_vmap_experts_swiglu,
     make_vmap_experts_dict_gelu_bias,

@@ -6,8 +6,8 @@ it is not a (fusable) MoE block.
 
 One entry is special: ``nm_moe_unstacked_expert_list`` *is* semantically a MoE block, but its
 expert weights are separate arrays (a python list), not stacked on an expert axis.  A fuser may
-decline it (the safe answer) or stack the weights itself; either way the program's output must
-not change.  Its name is listed in ``MAY_FUSE``.
+decline it (the safe answer) or take the per-expert arrays as they are; either way the program's
+output must not change.  Its name is listed in ``MAY_FUSE``.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def make_nm_moe_unstacked_expert_list() -> ZooCase:
         fn,
         (x, wr, experts),
         "SEMANTICALLY A MoE (top-2 of 4, SwiGLU, loop over experts) but the expert weights are 4 separate "
-        "arrays each, not stacked [E,D,F]; a fuser must stack them or decline (see MAY_FUSE)",
+        "arrays each, not stacked [E,D,F]; a fuser must take them as they are or decline (see MAY_FUSE)",
     )
 
 
@@ -375,6 +375,69 @@ def make_nm_moe_repeated_along_features() -> ZooCase:
     )
 
 
+def _per_expert_loop(seed, variant):
+    """A loop over 4 experts with arrays of their own (top-2 of 4, SwiGLU), each expert's weight the sum
+    over the two slots written out, with one deliberate deviation."""
+    num_tokens, d_model, d_ff, num_experts = 16, 32, 64, 4
+    x = normal(seed, (num_tokens, d_model))
+    wr = _w(seed + 1, (d_model, num_experts), d_model)
+    experts = [
+        (_w(seed + 2 + 3 * e, (d_model, d_ff), d_model), _w(seed + 3 + 3 * e, (d_model, d_ff), d_model),
+         _w(seed + 4 + 3 * e, (d_ff, d_model), d_ff))
+        for e in range(num_experts)
+    ]
+    if variant == "shapes_differ":  # expert 2 is narrower: F = 48
+        experts[2] = tuple(a[:, :48] if i < 2 else a[:48] for i, a in enumerate(experts[2]))
+
+    def fn(x, wr, experts):
+        w, ids = lax.top_k(jax.nn.softmax(x @ wr, axis=-1), 2)
+        out = jnp.zeros_like(x)
+        for e, (w_gate, w_up, w_down) in enumerate(experts):
+            if variant == "columns_crossed":  # slot j's id with the other slot's weight
+                we = jnp.where(ids[:, 0] == e, w[:, 1], 0.0) + jnp.where(ids[:, 1] == e, w[:, 0], 0.0)
+            elif variant == "slot_missing":  # the second slot is never counted
+                we = jnp.zeros((x.shape[0],)) + jnp.where(ids[:, 0] == e, w[:, 0], 0.0)
+            else:
+                we = jnp.where(ids[:, 0] == e, w[:, 0], 0.0) + jnp.where(ids[:, 1] == e, w[:, 1], 0.0)
+            out = out + we[:, None] * ((jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down)
+        return out
+
+    return fn, (x, wr, experts)
+
+
+def make_nm_moe_loop_weight_columns_crossed() -> ZooCase:
+    fn, args = _per_expert_loop(2100, "columns_crossed")
+    return _case(
+        "nm_moe_loop_weight_columns_crossed",
+        fn,
+        args,
+        "expert e's weight is where(ids[:, 0] == e, w[:, 1], 0) + where(ids[:, 1] == e, w[:, 0], 0): each "
+        "slot's expert gets the other slot's weight",
+    )
+
+
+def make_nm_moe_loop_slot_missing() -> ZooCase:
+    fn, args = _per_expert_loop(2120, "slot_missing")
+    return _case(
+        "nm_moe_loop_slot_missing",
+        fn,
+        args,
+        "top-2 routing, but expert e's weight counts only the first slot (0 + where(ids[:, 0] == e, "
+        "w[:, 0], 0)): the second choice never contributes",
+    )
+
+
+def make_nm_moe_loop_expert_shapes_differ() -> ZooCase:
+    fn, args = _per_expert_loop(2140, "shapes_differ")
+    return _case(
+        "nm_moe_loop_expert_shapes_differ",
+        fn,
+        args,
+        "experts with arrays of their own, but expert 2's hidden size is 48 where the others' is 64: no "
+        "one FFN shape for all experts",
+    )
+
+
 NEAR_MOE_MISSES = [
     make_nm_moe_combine_first_weight_only,
     make_nm_moe_uniform_combine,
@@ -389,6 +452,9 @@ NEAR_MOE_MISSES = [
     make_nm_moe_expert_choice,
     make_nm_moe_tiled_rows,
     make_nm_moe_repeated_along_features,
+    make_nm_moe_loop_weight_columns_crossed,
+    make_nm_moe_loop_slot_missing,
+    make_nm_moe_loop_expert_shapes_differ,
 ]
 
 
