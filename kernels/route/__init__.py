@@ -33,25 +33,20 @@ from .xla import route_xla
 
 __all__ = ["IMPLS", "RouteParams", "route", "route_reference", "route_xla"]
 
+
+def _pallas(kernel_fn):
+    """An IMPLS entry running a Pallas kernel with the selection's block_tokens and interpret flag."""
+    return lambda logits, params, bias, scale, kernel: kernel_fn(
+        logits, params, bias, scale, block_tokens=kernel.tile("block_tokens", 0) or None,
+        interpret=kernel.interpret,
+    )
+
+
 IMPLS = {
     "reference": lambda logits, params, bias, scale, kernel: route_reference(logits, params, bias, scale),
     "xla": lambda logits, params, bias, scale, kernel: route_xla(logits, params, bias, scale),
-    "pallas_tpu": lambda logits, params, bias, scale, kernel: pallas_tpu.route_pallas_tpu(
-        logits,
-        params,
-        bias,
-        scale,
-        block_tokens=kernel.tile("block_tokens", 0) or None,
-        interpret=kernel.interpret,
-    ),
-    "pallas_gpu": lambda logits, params, bias, scale, kernel: pallas_gpu.route_pallas_gpu(
-        logits,
-        params,
-        bias,
-        scale,
-        block_tokens=kernel.tile("block_tokens", 0) or None,
-        interpret=kernel.interpret,
-    ),
+    "pallas_tpu": _pallas(pallas_tpu.route_pallas_tpu),
+    "pallas_gpu": _pallas(pallas_gpu.route_pallas_gpu),
 }
 
 
@@ -61,7 +56,7 @@ def _declines(module):
     def fits(req: select.Request, target: select.Target) -> str | None:
         if not req.inputs or req.inputs[0].shape[:-1] == () or 0 in req.inputs[0].shape:
             return "no tokens to route"
-        return module.unsupported(RouteParams.from_plan(req.params), req.dtype)
+        return module.unsupported(RouteParams.from_plan(req.params))  # the row checks the dtype
 
     return fits
 

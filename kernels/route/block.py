@@ -44,8 +44,11 @@ def _top(key: jax.Array, avail: jax.Array, lane: jax.Array, n: int) -> jax.Array
 
 
 def _at(x: jax.Array, hit: jax.Array) -> jax.Array:
-    """[bt, 1] the value of x [bt | 1, E] at the one lane where hit [bt, E] is true."""
-    return jnp.max(jnp.where(hit, x, jnp.asarray(-jnp.inf, x.dtype)), axis=-1, keepdims=True)
+    """[bt, 1] the value of x [bt | 1, E] at the one lane where hit [bt, E] is true. Taken as the max
+    of its bits, not of its value: Triton's float max drops NaN (max(-inf, NaN) = -inf)."""
+    bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+    one = jnp.max(jnp.where(hit, bits, INT_MIN), axis=-1, keepdims=True)  # INT_MIN: no int32 is less
+    return lax.bitcast_convert_type(one, jnp.float32).astype(x.dtype)
 
 
 def _sum2(a: jax.Array, b: jax.Array) -> jax.Array:

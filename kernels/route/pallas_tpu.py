@@ -20,11 +20,9 @@ import jax
 from jax import lax
 from jax.experimental.pallas import tpu as pltpu
 
-from .pallas_common import route_pallas
+from . import pallas_common
 from .params import RouteParams
 
-MAX_K = 32  # the kernel unrolls one pass over the experts per chosen expert
-MAX_GROUPS = 64  # ... and per group for group-limited selection
 BLOCK_ELEMENTS = 1 << 17  # block_tokens * E per step: [bt, E] f32 temporaries stay well inside VMEM
 
 
@@ -33,21 +31,14 @@ def _lanes(shape: tuple[int, int]) -> jax.Array:
 
 
 def default_block_tokens(num_experts: int) -> int:
-    """Tokens per grid step: a power of two (>= 16, a bf16 sublane tile) with bt * E <= 2^17."""
-    bt = 512
-    while bt > 16 and bt * num_experts > BLOCK_ELEMENTS:
-        bt //= 2
-    return bt
+    """Tokens per grid step: a power of two (16 ... 512; 16 is a bf16 sublane tile) with bt * E <= 2^17."""
+    return pallas_common.block_tokens(num_experts, 512, 16, BLOCK_ELEMENTS)
 
 
-def unsupported(params: RouteParams, dtype: str) -> str | None:
+def unsupported(params: RouteParams) -> str | None:
     """Why this kernel does not take these params (the reason shown in the Plan), or None."""
-    if dtype not in ("float32", "bfloat16"):
-        return f"dtype {dtype}: the kernel is built for float32 and bfloat16"
-    if params.k > MAX_K:
-        return f"k={params.k} > {MAX_K}: the kernel unrolls one pass per chosen expert"
-    if params.n_group > MAX_GROUPS:
-        return f"n_group={params.n_group} > {MAX_GROUPS}"
+    if reason := pallas_common.unsupported(params):
+        return reason
     if params.num_experts * 16 > BLOCK_ELEMENTS * 4:
         return f"num_experts={params.num_experts}: a block of 16 tokens would not fit VMEM comfortably"
     return None
@@ -64,7 +55,7 @@ def route_pallas_tpu(
 ) -> tuple[jax.Array, ...]:
     """Same contract as `route_reference`; block_tokens defaults to `default_block_tokens(E)`."""
     bt = block_tokens or default_block_tokens(params.num_experts)
-    return route_pallas(
+    return pallas_common.route_pallas(
         logits,
         params,
         bias,
@@ -72,5 +63,6 @@ def route_pallas_tpu(
         lanes=_lanes,
         token_block=lambda t: t if t <= bt else bt,  # a block is a multiple of 16 rows or all of them
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+        compute_in_f32=False,  # Mosaic lowers bf16 arithmetic
         interpret=interpret,
     )

@@ -23,12 +23,7 @@ from tests import checkout  # noqa: E402  (the import hook the real-model tier u
 # is removed with the fix.
 KNOWN_FAILURES: dict[str, dict[tuple[str, str], tuple[str, str]]] = {
     "tpu": {},
-    "gpu": {
-        ("route/pallas_gpu", "ling_bf16_T4096"): (
-            "unsupported types: tensor<32x256xbf16>",
-            "jax 0.10.2's Triton lowering has no bf16 division; the bf16 sigmoid of the scores needs one",
-        ),
-    },
+    "gpu": {},
 }
 
 

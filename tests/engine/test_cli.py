@@ -50,6 +50,14 @@ ROUTER_SRC = textwrap.dedent(
     def target_kwargs():
         x = jax.ShapeDtypeStruct((16, 32), jnp.float32)
         return router, (x,), {"w": jax.ShapeDtypeStruct((32, 8), jnp.float32)}
+
+
+    def target_top3():
+        def top3(x, w):
+            return jax.lax.top_k(jax.nn.softmax(x @ w, -1), 3)
+
+        return top3, [jax.ShapeDtypeStruct((16, 32), jnp.float32),
+                      jax.ShapeDtypeStruct((32, 8), jnp.float32)]
     """
 )
 # Lines of `router` in ROUTER_SRC (1-based): the fused site must point into it.
@@ -310,6 +318,25 @@ def test_explain_module_target(
     site = json.loads(out)["fused"][0]
     assert site["op"] == "route"
     assert _router_lines(site["location"], Path("models.py"))
+
+
+def test_explain_platform_shows_each_kernel_and_every_fallback(
+    router_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = _run(["explain", "--platform", "tpu", f"{router_file}:target"], capsys)
+    assert code == 0, err
+    assert out.startswith("moefuse plan (platform tpu): 1 fused")
+    assert re.search(r"FUSED +route .* kernel=pallas_tpu block_tokens=\d+\n", out), out
+    # top-3 of 8 on GPU: the Triton kernel wants powers of two, so XLA, with the reason
+    code, out, err = _run(["explain", "--platform", "gpu", f"{router_file}:target_top3"], capsys)
+    assert code == 0, err
+    assert re.search(r"FUSED +route .* kernel=xla\n", out), out
+    assert "fallback: pallas_gpu: k=3 is not a power of two (Triton block shapes)" in out
+    code, out, err = _run(["explain", "--json", "--platform", "gpu", f"{router_file}:target_top3"], capsys)
+    (site,) = json.loads(out)["fused"]
+    assert site["kernel"] == "xla" and site["fallbacks"] == [
+        "pallas_gpu: k=3 is not a power of two (Triton block shapes)"
+    ]
 
 
 def test_patterns_table(capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,7 +7,10 @@ that leave experts empty, send everything to one expert, drop by capacity or car
 and shapes that do not divide the tiles. The kernels alone (`gmm`, `tgmm`) are checked against
 einsums over the tile layout, and the layout against its invariants (hypothesis). Lowering: the
 kernels' custom calls in `jax.export` modules for TPU (abstract v5e / v6e / v7x) and CUDA (abstract
-H100). Interpret mode costs seconds per compiled configuration: routings that share a shape share one
+H100), of the op and of a whole zoo block through `moefuse.jit(..., platform=...)`. End to end: the
+MoE block zoo through `moefuse.jit(..., platform=..., interpret=True, verify=True)` equals jax.jit of
+the original (the Ling-2.6 block in the default run, every fused block in the slow tier).
+Interpret mode costs seconds per compiled configuration: routings that share a shape share one
 compilation; the default run keeps one forward per backend, the rest is marked slow.
 """
 
@@ -24,6 +27,7 @@ from hypothesis import strategies as st
 from jax import export
 from jax.sharding import AbstractDevice, AbstractMesh
 
+import moefuse
 from moefuse.kernels.moe import MoeParams, Tiles, grouped, moe_ffn, pallas_gpu, pallas_tpu
 from tests.kernels.test_moe import (
     ACTIVATION_CASES,
@@ -34,6 +38,8 @@ from tests.kernels.test_moe import (
     make_inputs,
     op_args,
 )
+from tests.patterns.test_moe_zoo import FUSED as MOE_ZOO_FUSED
+from tests.zoo import moe_blocks
 
 IMPLS = ("pallas_tpu", "pallas_gpu")
 BACKENDS = {"pallas_tpu": pallas_tpu.BACKEND, "pallas_gpu": pallas_gpu.BACKEND}
@@ -357,3 +363,57 @@ def test_cuda_lowering(dtype):
     checks = [export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
     # forward: gate/up + activation, down; gradient: those again plus 5 gmm and 3 tgmm
     assert _export_counts("pallas_gpu", "cuda", H100, dtype, disabled_checks=checks) == (2, 10)
+
+
+# ---- whole programs through moefuse.jit(..., platform=...): the MoE block zoo ----------------------
+
+PLATFORM_CALLS = {"tpu": "tpu_custom_call", "gpu": TRITON_CALL}
+
+
+def _zoo_block_exports(platform: str, device: AbstractDevice, export_platform: str, **kw):
+    """(the Plan's kernels, the kernel custom calls in the module) of the Ling-2.6 zoo block exported
+    through moefuse.jit(..., platform=platform) under an abstract `device` mesh."""
+    case = moe_blocks.make_shared_ling26_block()  # group-limited sigmoid router, bf16 experts, shared expert
+    with jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=device)):
+        f = moefuse.jit(case.fn, platform=platform)
+        plan = f.plan(*case.args)
+        module = export.export(f, platforms=(export_platform,), **kw)(*case.args).mlir_module()
+    return plan, module.count(PLATFORM_CALLS[platform])
+
+
+@pytest.mark.parametrize("chip", TPU_KINDS)
+def test_zoo_block_exports_for_tpu_with_both_kernels(chip):
+    device = AbstractDevice(device_kind=TPU_KINDS[chip], num_cores=1, platform="tpu")
+    plan, calls = _zoo_block_exports("tpu", device, "tpu")
+    assert plan.chip == chip and [(s.op, s.kernel) for s in plan.fused] == [("route", "pallas_tpu"),
+                                                                           ("moe", "pallas_tpu")]
+    assert calls == 2  # the router kernel, the fused expert-FFN kernel
+
+
+def test_zoo_block_exports_for_cuda_with_both_kernels():
+    checks = [export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
+    plan, calls = _zoo_block_exports("gpu", H100, "cuda", disabled_checks=checks)
+    assert plan.chip == "sm90" and [(s.op, s.kernel) for s in plan.fused] == [("route", "pallas_gpu"),
+                                                                             ("moe", "pallas_gpu")]
+    assert calls == 3  # the router kernel, gate/up + activation, down
+
+
+def _through_the_kernels_equals_the_original(make, platform: str) -> None:
+    case = make()
+    fused = moefuse.jit(case.fn, platform=platform, interpret=True, verify=True)
+    for site in fused.plan(*case.args).fused:  # the platform's kernel, or the reason it does not fit
+        assert site.kernel == f"pallas_{platform}" or site.fallbacks[0].startswith(f"pallas_{platform}: ")
+    fused(*case.args)  # verify=True: ids equal, outputs within the dtype's tolerance of jax.jit(original)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_ling_block_through_the_kernels_equals_the_original(platform):
+    _through_the_kernels_equals_the_original(moe_blocks.make_shared_ling26_block, platform)
+
+
+@pytest.mark.slow  # reason: 22 blocks x 2 platforms, 3-15 s each in interpret mode
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+@pytest.mark.parametrize("make", [m for m in moe_blocks.ALL_MOE_BLOCKS if m.__name__[5:] in MOE_ZOO_FUSED],
+                         ids=lambda m: m.__name__[5:])
+def test_moe_zoo_through_the_kernels_equals_the_original(platform, make):
+    _through_the_kernels_equals_the_original(make, platform)

@@ -1,10 +1,13 @@
 """The Pallas route kernels (TPU and GPU) on a CPU host: interpret-mode numerics, lowering, end to end.
 
-Numerics: interpret mode against `route_reference`, bitwise (the kernels compute the reference's
-formulas; selection must give the exact ids, ties and NaN order of `lax.top_k`). Lowering:
+Numerics: interpret mode against `route_reference`, bitwise with each op rounded to its dtype (the
+kernels compute the reference's formulas; selection must give the exact ids, ties and NaN order of
+`lax.top_k`); the GPU kernel's bf16 arithmetic in float32 (`f32_ops`) against XLA's. Lowering:
 `jax.export` for TPU under abstract v5e/v6e/v7x devices and for CUDA under an abstract H100,
-through `moefuse.jit(..., platform=...)`. Interpret mode costs a few seconds per configuration,
-so the fast tier is a few telling cases; the hypothesis sweep is marked slow.
+through `moefuse.jit(..., platform=...)`, and the bf16 GPU kernel alone. End to end: zoo routers
+through `moefuse.jit(..., platform=..., interpret=True)` equal the original. Interpret mode costs a
+few seconds per configuration, so the fast tier is a few telling cases; the hypothesis sweep and
+the whole router zoo are marked slow.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from jax import export
 from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
 import moefuse
-from moefuse.kernels.route import RouteParams, route_reference
+from moefuse.kernels.route import RouteParams, route, route_reference
+from moefuse.kernels.route.f32_ops import float32_ops
 from moefuse.kernels.route.pallas_gpu import route_pallas_gpu
 from moefuse.kernels.route.pallas_tpu import route_pallas_tpu
 from tests.zoo import routers
@@ -40,12 +44,22 @@ def _inputs(seed, t, p: RouteParams, dtype, ties=False):
     return jnp.asarray(x, dtype), bias, scale
 
 
+# Every op's value in its own dtype: by default XLA:CPU keeps some bf16 intermediates in float32
+# where it fuses ops (a bf16 softmax's exp), so its values then depend on the program around them.
+# The kernels compute each op in its dtype, as XLA:GPU does for a bf16 softmax.
+ROUNDING_PER_OP = {"xla_allow_excess_precision": False}
+
+
+def _run(f, *args):
+    """jax.jit(f)(*args), each op rounded to its dtype."""
+    return jax.jit(f).lower(*args).compile(ROUNDING_PER_OP)(*args)
+
+
 def _check(backend, p, logits, bias, scale, block_tokens=16):
-    want = jax.jit(lambda x, b, s: route_reference(x, p, b, s))(logits, bias, scale)
+    want = _run(lambda x, b, s: route_reference(x, p, b, s), logits, bias, scale)
     kernel = KERNELS[backend]
-    got = jax.jit(lambda x, b, s: kernel(x, p, b, s, block_tokens=block_tokens, interpret=True))(
-        logits, bias, scale
-    )
+    run_kernel = lambda x, b, s: kernel(x, p, b, s, block_tokens=block_tokens, interpret=True)
+    got = _run(run_kernel, logits, bias, scale)
     assert [g.dtype for g in got] == [w.dtype for w in want]
     for g, w in zip(got, want, strict=True):  # bitwise, NaN == NaN
         np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
@@ -120,6 +134,24 @@ def test_kernel_equals_reference_sweep(backend, t, e_log2, k_log2, groups, score
     _check(backend, p, *_inputs(seed, t, p, dtype, ties), block_tokens=8 if backend == "gpu" else 16)
 
 
+# ---- float32_ops: how the GPU kernel does 16-bit float arithmetic (Triton has no bf16 division) --
+
+ALL_BF16 = jnp.asarray(np.arange(1 << 16, dtype=np.uint16).view(jnp.bfloat16))  # NaN, inf, subnormals
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [jax.nn.sigmoid, lambda x: jax.nn.softmax(x.reshape(256, 256), axis=-1), lambda x: x[::-1] / (x + 1)],
+    ids=["sigmoid", "softmax", "div"],
+)
+def test_float32_ops_rounds_as_xla_does_in_bf16(fn):
+    got, want = _run(float32_ops(fn), ALL_BF16), _run(fn, ALL_BF16)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    eqns = jax.make_jaxpr(float32_ops(fn))(ALL_BF16).jaxpr.eqns
+    reads_bf16 = {e.primitive.name for e in eqns if any(v.aval.dtype == jnp.bfloat16 for v in e.invars)}
+    assert reads_bf16 == {"convert_element_type"}  # all arithmetic in float32
+
+
 # ---- lowering for the chips, through moefuse.jit(..., platform=...) -----------------------------
 
 TPU_KINDS = {"v5e": "TPU v5 lite", "v6e": "TPU v6 lite", "v7x": "TPU7x"}
@@ -156,6 +188,24 @@ def test_exports_for_cuda_with_the_triton_kernel(make):
     assert "__gpu$xla.gpu.triton" in module
 
 
+@pytest.mark.parametrize(  # Ling's bf16 sigmoid: tests/compile/test_examples.py
+    "params",
+    [
+        dict(num_experts=32, k=4, post=(("renorm", 0.0),), expose_scores=True),
+        dict(num_experts=32, k=4, order="topk_then_score"),
+    ],
+    ids=["softmax_renorm", "topk_then_softmax"],
+)
+def test_bf16_exports_for_cuda(params):  # softmax and renorm divide, and Triton has no bf16 division
+    p = RouteParams(**params)
+    x, bias, _ = _inputs(0, 64, p, jnp.bfloat16)
+    triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    f = jax.jit(lambda x, b: route(x, p, bias=b, impl="pallas_gpu"))
+    with use_abstract_mesh(_abstract("NVIDIA H100 80GB HBM3", "gpu", 132)):
+        module = export.export(f, platforms=("cuda",), disabled_checks=[triton])(x, bias).mlir_module()
+    assert "__gpu$xla.gpu.triton" in module
+
+
 def test_gpu_declines_what_triton_blocks_cannot_hold():
     case = routers.make_f1_deepseek_v2_greedy()  # top-6 of 64: k is not a power of two
     (site,) = moefuse.jit(case.fn, platform="gpu").plan(*case.args).fused
@@ -164,6 +214,17 @@ def test_gpu_declines_what_triton_blocks_cannot_hold():
 
 
 # ---- end to end: zoo routers through the kernels in interpret mode equal the original ----------
+
+
+@pytest.mark.slow  # reason: 47 routers x 2 platforms, 1-4 s each in interpret mode
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+@pytest.mark.parametrize("make", routers.ALL_ROUTERS, ids=lambda m: m.__name__[5:])
+def test_router_zoo_through_the_kernels_equals_the_original(platform, make):
+    case = make()
+    fused = moefuse.jit(case.fn, platform=platform, interpret=True, verify=True)  # ids equal, weights close
+    for site in fused.plan(*case.args).fused:  # the platform's kernel, or the reason it does not fit
+        assert site.kernel == f"pallas_{platform}" or site.fallbacks[0].startswith(f"pallas_{platform}: ")
+    fused(*case.args)
 
 
 @pytest.mark.parametrize("platform", ["tpu", "gpu"])
