@@ -169,6 +169,15 @@ def _one_rounding(req: select.Request, target: select.Target) -> str | None:
     return None if pdt is None else f"rounds each FFN once, not each projection to projection_dtype={pdt}"
 
 
+def _dense_fits(req: select.Request, target: select.Target) -> str | None:
+    """The dense schedule runs every expert on the tokens as they are and weights the outputs."""
+    if req.params.get("weights_on_input"):
+        return ("runs every expert on the tokens as they are; weights_on_input scales each routed row "
+                "first (a dense run of the scaled rows would also need FFN_e(0) = 0 for the experts "
+                "not chosen)")
+    return _one_rounding(req, target)
+
+
 def _example(p: MoeParams, kernel: select.Kernel, t: int, d: int, f: int, dtype) -> tuple[Callable, tuple]:
     """fn(x, weights, ids, *expert weights and biases) -> ((sum of the output, output), its gradients
     with respect to every input but ids), and fn's arguments as ShapeDtypeStructs."""
@@ -237,7 +246,7 @@ select.register(
                      examples=_examples("pallas_gpu", pallas_gpu.BACKEND)),
     select.KernelRow("moe", "gpu", "xla", note="sorted block schedule (XLA)"),
     select.KernelRow("moe", "cpu", "dense", shape=f"dispatch dense, T*E*D*F < {DENSE_WORK:,}",
-                     when=_small_dense, fits=_one_rounding,
+                     when=_small_dense, fits=_dense_fits,
                      note="every expert on every token (XLA), as the original computes it: at this size "
                           "a few large dots beat sorting"),
     select.KernelRow("moe", "cpu", "xla", note="sorted block schedule (XLA)"),
