@@ -158,11 +158,11 @@ def _with_zero_row(v: jax.Array) -> jax.Array:
     return jnp.concatenate([v, jnp.zeros((1, v.shape[1]), v.dtype)])
 
 
-def _sorted_rows(x, weights, lay: TileLayout, params: MoeParams, cdt, wdt) -> jax.Array:
+def _sorted_rows(x, weights, lay: TileLayout, params: MoeParams, cdt) -> jax.Array:
     """The rows [R, D] the kernels run on, in cdt: each padded row's token (zero for padding), or with
     params.weights_on_input its assignment's scaled row (`scaled_tokens`)."""
     if params.weights_on_input:
-        return _with_zero_row(scaled_tokens(x, weights, cdt, wdt).reshape(-1, x.shape[1]))[lay.row_assign]
+        return _with_zero_row(scaled_tokens(x, weights, cdt).reshape(-1, x.shape[1]))[lay.row_assign]
     return _with_zero_row(x.astype(cdt))[lay.row_assign // params.k]
 
 
@@ -191,7 +191,7 @@ def forward(x, weights, ids, ew: ExpertWeights, params: MoeParams, kernels: Back
     cdt = compute_dtype(params, x)
     wdt = combine_dtype(params, cdt, weights)
     lay = tile_layout(ids, params, tiles.block_rows)
-    xs = _sorted_rows(x, weights, lay, params, cdt, wdt)
+    xs = _sorted_rows(x, weights, lay, params, cdt)
     y_rows = kernels.ffn(xs, expert_matrices(ew, params, cdt), lay, params, tiles, interpret)
     y = y_rows[lay.row_of].astype(wdt)
     y = y if params.weights_on_input else weights.astype(wdt)[..., None] * y
@@ -229,7 +229,7 @@ def backward(res: Residuals, g: jax.Array, params: MoeParams, kernels: Backend, 
         dweights = jnp.sum(jnp.where(live, gw * y, zero), axis=-1).astype(weights.dtype)
         dy = jnp.where(live, weights.astype(wdt)[..., None] * gw, zero)
     dys = _with_zero_row(dy.astype(cdt).reshape(n, d))[lay.row_assign]  # [R, D]
-    xs = _sorted_rows(x, weights, lay, params, cdt, wdt)
+    xs = _sorted_rows(x, weights, lay, params, cdt)
     w = expert_matrices(ew, params, cdt)
 
     def project(name):  # the pre-activation again (f32), rather than keeping [R, F] from the forward
@@ -253,7 +253,7 @@ def backward(res: Residuals, g: jax.Array, params: MoeParams, kernels: Backend, 
         for name, da in dpre.items():
             grads["b_" + name] = _bias_grad(da.astype(cdt), lay, n, e, tiles.block_rows)
     if params.weights_on_input:
-        dx, dweights = scaled_tokens_vjp(x, weights, _per_assignment(dxs, lay), wdt)
+        dx, dweights = scaled_tokens_vjp(x, weights, _per_assignment(dxs, lay))
     else:
         dx = jnp.sum(_per_assignment(dxs, lay), axis=1).astype(x.dtype)
     if params.is_glu and params.fused_gate_up:

@@ -269,7 +269,7 @@ def routed_ffn_reference(
     tokens = lax.broadcasted_iota(jnp.int32, ids.shape, 0)
     if params.weights_on_input:
         # every expert on every scaled row: y_all[e, t, j] = FFN_e(v[t, j])
-        y_all = jax.vmap(lambda w: expert_ffn(scaled_tokens(x, weights, cdt, wdt), w, params))(ew)
+        y_all = jax.vmap(lambda w: expert_ffn(scaled_tokens(x, weights, cdt), w, params))(ew)
         y = y_all[safe_ids, tokens, lax.broadcasted_iota(jnp.int32, ids.shape, 1)]  # [T, k, D]
         contrib = y.astype(wdt)
     else:
@@ -281,18 +281,24 @@ def routed_ffn_reference(
     return jnp.sum(contrib, axis=1).astype(result_dtype(params, x))
 
 
-def scaled_tokens(x: jax.Array, weights: jax.Array, cdt: jnp.dtype, wdt: jnp.dtype) -> jax.Array:
+def scaled_tokens(x: jax.Array, weights: jax.Array, cdt: jnp.dtype) -> jax.Array:
     """The rows [T, k, D] the experts run on with params.weights_on_input: each token times each of its
-    weights, in wdt, then cast to cdt (see `MoeParams`)."""
-    return (x.astype(wdt)[:, None, :] * weights.astype(wdt)[..., None]).astype(cdt)
+    weights, in result_type(x, weights) as jnp multiplies them, then cast to cdt (see `MoeParams`)."""
+    sdt = jnp.result_type(x, weights)
+    v = x.astype(sdt)[:, None, :] * weights.astype(sdt)[..., None]
+    if sdt != cdt and jnp.promote_types(sdt, cdt) == cdt:
+        # the product rounded to sdt is kept when cast up: XLA may drop a cast down and back up (it
+        # allows excess precision), but not an explicit reduce_precision
+        info = jnp.finfo(sdt)
+        return lax.reduce_precision(v.astype(cdt), exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    return v.astype(cdt)
 
 
-def scaled_tokens_vjp(
-    x: jax.Array, weights: jax.Array, drows: jax.Array, wdt: jnp.dtype
-) -> tuple[jax.Array, jax.Array]:
+def scaled_tokens_vjp(x: jax.Array, weights: jax.Array, drows: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(dx [T, D], dweights [T, k]) for the cotangent drows [T, k, D] of `scaled_tokens`: the product's
-    gradients in wdt, summed over the k slots for x, over D for the weights."""
-    drows = drows.astype(wdt)
-    dx = jnp.sum(drows * weights.astype(wdt)[..., None], axis=1).astype(x.dtype)
-    dweights = jnp.sum(drows * x.astype(wdt)[:, None, :], axis=-1).astype(weights.dtype)
+    gradients in its dtype, summed over the k slots for x, over D for the weights."""
+    sdt = jnp.result_type(x, weights)
+    drows = drows.astype(sdt)
+    dx = jnp.sum(drows * weights.astype(sdt)[..., None], axis=1).astype(x.dtype)
+    dweights = jnp.sum(drows * x.astype(sdt)[:, None, :], axis=-1).astype(weights.dtype)
     return dx, dweights

@@ -304,14 +304,14 @@ def _padded_index(index: jax.Array, pad: int, fill: int) -> jax.Array:
 
 
 def _routed_rows(
-    x: jax.Array, weights: jax.Array, order: jax.Array, params: MoeParams, cdt: Any, wdt: Any, pad: int
+    x: jax.Array, weights: jax.Array, order: jax.Array, params: MoeParams, cdt: Any, pad: int
 ) -> tuple[jax.Array, jax.Array]:
     """(source rows with a zero row last, the source row of each sorted row and then `pad` more that
     read the zero row): the tokens at order // k, or with params.weights_on_input each assignment's
     scaled row (`scaled_tokens`) at order."""
     t, d = x.shape
     if params.weights_on_input:
-        v = scaled_tokens(x, weights, cdt, wdt).reshape(-1, d)
+        v = scaled_tokens(x, weights, cdt).reshape(-1, d)
         return _with_zero_row(v), _padded_index(order, pad, v.shape[0])
     return _with_zero_row(x.astype(cdt)), _padded_index(order // params.k, pad, t)
 
@@ -345,7 +345,7 @@ def forward(
     wdt = combine_dtype(params, cdt, weights)
     lay = layout(ids, params, sched)
     ewc = cast_expert_weights(ew, params, cdt)
-    src, idx = _routed_rows(x, weights, lay.order, params, cdt, wdt, max(sched.blocks))
+    src, idx = _routed_rows(x, weights, lay.order, params, cdt, max(sched.blocks))
     y1 = None
     if c0:
         y1 = lax.cond(lay.c0 > 0,
@@ -407,7 +407,7 @@ def backward(
         dy = jnp.where(live, weights.astype(wdt)[..., None] * gw, zero)
     dy = dy.astype(output_dtype(params, cdt))
     ewc = cast_expert_weights(ew, params, cdt)
-    src, idx = _routed_rows(x, weights, lay.order, params, cdt, wdt, max(sched.blocks))
+    src, idx = _routed_rows(x, weights, lay.order, params, cdt, max(sched.blocks))
     dy0 = _with_zero_row(dy.reshape(n, d))
     row = _padded_index(lay.order, max(sched.blocks), n)  # assignment of each sorted row, then row N
     dx1 = None
@@ -427,7 +427,7 @@ def backward(
     dx2, dw = _loop_backward(src[idx], dy0[row], ewc, dw, lay, params, sched.blocks)
     drows = _unsort(dx1, dx2, lay)  # [T, k, D]: each assignment's row gradient (0 where not live)
     if params.weights_on_input:
-        dx, dweights = scaled_tokens_vjp(x, weights, drows, wdt)
+        dx, dweights = scaled_tokens_vjp(x, weights, drows)
     else:
         dx = jnp.sum(drows, axis=1).astype(x.dtype)
     return dx, dweights, {name: dw[name].astype(a.dtype) for name, a in ew.items()}

@@ -125,7 +125,8 @@ def independent_moe(p: MoeParams, x, weights, ids, ew, live, round_to=None):
     if p.weights_on_input:  # Llama4: each token scaled by its weight, the experts' outputs summed
         for e in range(p.num_experts):
             for j in range(p.k):
-                v = (x.astype(wdt) * weights[:, j, None].astype(wdt)).astype(cdt)
+                sdt = jnp.result_type(x.dtype, weights.dtype)  # x * w as jnp multiplies them
+                v = (x.astype(sdt) * weights[:, j, None].astype(sdt)).astype(cdt)
                 y = _expert_mlp(p, v, {n: a[e].astype(cdt) for n, a in ew.items()}).astype(wdt)
                 out = out + jnp.where(((ids[:, j] == e) & live[:, j])[:, None], y, 0)
         return out.astype(x.dtype)
@@ -427,6 +428,30 @@ def test_weights_on_input_bf16(x_dtype, w_dtype):
     p = MoeParams(num_experts=4, k=2, activation="swiglu", has_expert_bias=True, weights_on_input=True)
     x, weights, ids, ew = make_inputs(p, t=32, dtype=jnp.bfloat16)
     check(p, x.astype(x_dtype), weights.astype(w_dtype), ids, ew, tol=BF16)
+
+
+def test_weights_on_input_rounds_the_product_to_its_dtype():
+    """bf16 tokens times bf16 weights into f32 experts: each row is the bf16 product (as the program's
+    `x * w` rounds it) cast up, also where XLA would skip a cast down and back up (excess precision).
+    Expected: the rows rounded by numpy, each slot run through the independent loop with weight 1."""
+    p = MoeParams(num_experts=4, k=2, compute_dtype="float32", out_dtype="float32", weights_on_input=True)
+    x, weights, ids, ew = make_inputs(p, t=32, dtype=jnp.bfloat16, seed=11)
+    ew = {n: a.astype(jnp.float32) for n, a in ew.items()}
+    exact = np.asarray(x, np.float32)[:, None, :] * np.asarray(weights, np.float32)[..., None]
+    rows = exact.astype(jnp.bfloat16).astype(np.float32)
+    assert (rows != exact).any()
+    one = MoeParams(num_experts=4, k=1)
+
+    def per_slot(v):
+        return sum(independent_moe(one, jnp.asarray(v[:, j]), jnp.ones((32, 1)), ids[:, j:j + 1], ew,
+                                   independent_live(ids[:, j:j + 1], one)) for j in range(2))
+
+    want, unrounded = per_slot(rows), per_slot(exact)
+    assert np.abs(np.asarray(want - unrounded)).max() > 1e-3  # the rounding is visible at this tolerance
+    for variant in variants(p):
+        got = run(p, variant, x, weights, ids, ew)
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), **F32, err_msg=variant)
 
 
 @pytest.mark.parametrize("kw, t, ids", WEIGHTS_ON_INPUT_CASES[:5])
