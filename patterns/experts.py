@@ -545,7 +545,7 @@ def _row_source(view: View, rows: Any, scaled: bool = True) -> _Rows | None:
     prod = view.uncast(src)
     if scaled and view.op(prod) == "mul":
         for r, s in itertools.permutations(view.args(prod)):
-            repeated = idioms.repeated_rows(view, r)
+            repeated = idioms.repeated_rows(view, view.uncast(r))  # tokens repeated, then promoted
             x, k = repeated if repeated is not None else (r, 1)
             c = _row_factor(view, s, _shape(prod)[0])
             if c is not None and len(_shape(x)) == 2:

@@ -192,6 +192,26 @@ def test_rows_scaled_in_bf16_then_projected_in_f32():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
+def test_bf16_tokens_scaled_by_f32_weights_then_cast_down_for_bf16_experts():
+    """jnp promotes bf16 tokens to f32 to multiply them by f32 weights; the f32 rows are cast down to
+    the experts' bf16: the op's own rounding of the rows (x * w in their promoted dtype, then cdt)."""
+    x, p = _x(dtype=jnp.bfloat16), _params(dtype=jnp.bfloat16)
+
+    def block(x, p):
+        w, ids = _route_sigmoid(x, p, 2)  # f32 weights
+        order = jnp.argsort(ids.reshape(-1))
+        rows = (jnp.repeat(x, 2, axis=0) * w.reshape(-1)[:, None])[order].astype(jnp.bfloat16)
+        y = _sorted_ffn(rows, p, jnp.bincount(ids.reshape(-1), length=E))[jnp.argsort(order)]
+        return y.reshape(T, 2, D).sum(axis=1), ids
+
+    site = _moe_site(moefuse.plan(block, x, p))
+    assert site.params["weights_on_input"] and site.params["compute_dtype"] is None
+    got, want = moefuse.jit(block)(x, p)[0], jax.jit(block)(x, p)[0]
+    assert got.dtype == want.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-2,
+                               atol=2e-2)
+
+
 # ---- the router ------------------------------------------------------------------------------------
 
 
