@@ -12,6 +12,11 @@ the routed work::
     out = jnp.einsum("tef,efd->ted", jax.nn.silu(gate) * up, w_down)
     combine = jnp.sum(jax.nn.one_hot(ids, E) * weights[..., None], axis=1)
     y = jnp.einsum("ted,te->td", out, combine)          # -> moe(x, weights, ids, w_gate, w_up, w_down)
+
+Llama4 scales the tokens by the router weights before the experts and sums their outputs with
+weight 1 (a plain `sum`, a contraction with ones, or no sum for a sorted top-1: `moe` with
+weights_on_input); the recognisers report such rows as `ExpertFfn.row_scale`, and a block that
+also weights the outputs is declined.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Given tokens x [T, D] and the router's outputs (weights [T, k], expert ids int32 [T, k]),
 `out[t] = sum_j weights[t, j] * FFN_{ids[t, j]}(x[t])`, with GShard/Switch token dropping when
-params.capacity is set (see `MoeParams` for the exact semantics). The shared expert is not part of
+params.capacity is set, or Llama4's `out[t] = sum_j FFN_{ids[t, j]}(weights[t, j] * x[t])` when
+params.weights_on_input (see `MoeParams` for the exact semantics). The shared expert is not part of
 the op. `moe_ffn` is a `jax.custom_vjp`: the forward runs the chosen implementation; the backward
 is the routed backward of `xla.backward` for impl="xla", the kernels' routed backward of
 `grouped.backward` for impl="pallas_tpu" / "pallas_gpu" (grouped matmuls `gmm` for dx, transposed

@@ -15,7 +15,9 @@ crosses an expert boundary and experts without rows get no tile. `tile_expert[i]
 tile i; tiles past `num_active` (the static grid covers the most tiles any routing can need) are
 skipped by the kernels, and read and write one extra *dummy* tile at the end of the row buffers.
 The gather of token rows into that order and the weighted combine back to token order (a gather of
-each assignment's row and a sum over k, in f32) are XLA ops around the kernels.
+each assignment's row and a sum over k, in f32) are XLA ops around the kernels; with
+params.weights_on_input the gathered rows are each assignment's token times its weight, the combine
+an unweighted sum, and the backward reads d(weights) and dx from the rows' gradient.
 
 Fused gate/up weights ([E, D, 2F], "concat" or "interleaved") are split into gate and up arrays
 before the kernels: a copy of w_in on every call (pre-split weights avoid it).

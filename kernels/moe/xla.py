@@ -15,7 +15,8 @@ Whether the capacity pass runs is decided at run time from the expert loads (`us
 cost model in units of one row's FFN): it reads every expert's weights, which pays when most experts
 have rows (balanced routing) and is wasted when a few hot experts hold most rows (skewed routing),
 where the loop alone visits only the experts that have rows. Results are un-permuted with one gather
-(no scatter) and combined over k. When tokens are few (T*k < 2E, e.g. decode) there is no capacity
+(no scatter) and combined over k. With params.weights_on_input the sorted rows are each assignment's
+token times its weight (`reference.scaled_tokens`) and the combine is an unweighted sum. When tokens are few (T*k < 2E, e.g. decode) there is no capacity
 pass (C0 = 0). C0 and the blocks come from `schedule`. Everything is static-shaped; no array
 constants are captured.
 
