@@ -151,10 +151,10 @@ class MoePattern:
         if eqn.primitive.name in ("gather", "scatter"):
             return self._match_top1_unsummed(view, anchor)
         ws = _weighted_sum(view, eqn)
-        if ws is None or view.scalar(ws[1]) == 1.0:
-            sm = _plain_sum(view, eqn) if ws is None else _Sum(ws[0], ws[2], ws[3], eqn.outvars[0].aval.dtype)
-            if sm is None:
-                return NoMatch(anchor, "not a weighted sum of expert outputs", OP)
+        sm = _plain_sum(view, eqn) if ws is None else _Sum(ws[0], ws[2], ws[3], eqn.outvars[0].aval.dtype)
+        if ws is None and sm is None:
+            return NoMatch(anchor, "not a weighted sum of expert outputs", OP)
+        if ws is None or (view.scalar(ws[1]) == 1.0 and _scaled_experts(view, sm) is not None):
             return self._match_unweighted(view, anchor, sm)
         o_atom, w_atom, o_sum, o_tok = ws
         comb = combine_matrix(view, w_atom)
@@ -276,11 +276,35 @@ def _scaled_experts(view: View, sm: _Sum) -> tuple | str | None:
 
 def _top1_unsummed(view: View, eqn: Any) -> tuple | None:
     """(ffn, ids) if eqn puts the outputs of a top-1 sorted block of scaled rows back in token order
-    (one slot: nothing to sum)."""
+    (one slot: nothing to sum), and the program does not weight them again (the combine's anchor
+    declines that block)."""
     if len(eqn.outvars) != 1 or len(_shape(eqn.outvars[0])) != 2:
         return None
     got = sorted_token_outputs(view, eqn.outvars[0])
-    return got if got is not None and got[0].row_scale is not None else None
+    if got is None or got[0].row_scale is None or _weighted_after(view, eqn.outvars[0], got[1]):
+        return None
+    return got
+
+
+_LAYOUT_OPS = frozenset({"reshape", "broadcast_in_dim", "squeeze", "expand_dims", "convert_element_type"})
+
+
+def _weighted_after(view: View, out: Any, ids: Any) -> bool:
+    """Whether `out` (through layout ops) is multiplied by weights of the router's choice of ids, or
+    combined by a weighted sum with weights other than 1."""
+    frontier = [out]
+    for _ in range(4):
+        users = [u for v in frontier for u in view.users(v)]
+        for u in users:
+            if u.primitive.name == "mul" and any(
+                idioms.from_choice(view, view.uncast(idioms.unexpand(view, a)[0]), ids) for a in u.invars
+            ):
+                return True
+            ws = _weighted_sum(view, u)
+            if ws is not None and view.scalar(ws[1]) != 1.0:
+                return True
+        frontier = [u.outvars[0] for u in users if u.primitive.name in _LAYOUT_OPS]
+    return False
 
 
 def _is_loop_sum_root(view: View, eqn: Any) -> bool:

@@ -16,9 +16,9 @@ cost model in units of one row's FFN): it reads every expert's weights, which pa
 have rows (balanced routing) and is wasted when a few hot experts hold most rows (skewed routing),
 where the loop alone visits only the experts that have rows. Results are un-permuted with one gather
 (no scatter) and combined over k. With params.weights_on_input the sorted rows are each assignment's
-token times its weight (`reference.scaled_tokens`) and the combine is an unweighted sum. When tokens are few (T*k < 2E, e.g. decode) there is no capacity
-pass (C0 = 0). C0 and the blocks come from `schedule`. Everything is static-shaped; no array
-constants are captured.
+token times its weight (`reference.scaled_tokens`) and the combine is an unweighted sum. When tokens
+are few (T*k < 2E, e.g. decode) there is no capacity pass (C0 = 0). C0 and the blocks come from
+`schedule`. Everything is static-shaped; no array constants are captured.
 
 Why not a plain block loop: on XLA:CPU every `dynamic_slice` of an expert's weights inside a loop
 is a copy (1.5 MB per expert at D=256, F=512), small dots pack their weights on every call, and

@@ -137,6 +137,21 @@ def test_gradients_through_the_scaled_rows(name):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("again", ["mul", "einsum"])
+def test_a_top1_block_weighting_its_scaled_rows_again_is_not_fused(again):
+    """Scaled rows whose top-1 outputs are weighted by the router again: neither form, not even the
+    unsorted rows alone as a block of their own."""
+
+    def block(x, p):
+        w, ids = _route_sigmoid(x, p, 1)
+        order = jnp.argsort(ids.reshape(-1))
+        y = _sorted_ffn((x * w)[order], p, jnp.bincount(ids.reshape(-1), length=E))[jnp.argsort(order)]
+        return (y * w if again == "mul" else jnp.einsum("tkd,tk->td", y.reshape(T, 1, D), w)), ids
+
+    plan = moefuse.plan(block, _x(), _params())
+    assert [s.op for s in plan.fused] == ["route"], str(plan)
+
+
 def test_a_norm_factor_on_the_tokens_is_not_a_routing_weight():
     """k = 1 with x[order] and tokens scaled by an RMSNorm factor, outputs weighted by the router:
     the usual form with the normed tokens as x (the factor is not the router's weight)."""
