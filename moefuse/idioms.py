@@ -14,6 +14,7 @@ Each recogniser takes a view and an atom and returns what the idiom binds, or No
     distinct_along_last(view, ids)   # -> whether ids never repeat along the last axis (top_k's)
     argsort(view, order)             # -> (keys, axis)
     inverse_permutation(view, inv)   # -> perm, for argsort(perm) or zeros.at[perm].set(arange)
+    from_choice(view, w, ids)        # -> whether w is computed from the top-k that made ids
     reduction(view, r, "sum")        # -> (operand, axes), keepdims spellings included
     product(view, p)                 # -> Product(coef, factors): nested muls, neg, / const flattened
     column(view, c)                  # -> (a, j) for a[..., j]
@@ -854,3 +855,21 @@ def _same_node_but_column(view: View, first: Any, other: Any, j: int, cone: set[
     if all(_same_but_column(view, x, y, j, cone, memo) for x, y in zip(a, b)):
         return True
     return name in _SYMMETRIC and all(_same_but_column(view, x, y, j, cone, memo) for x, y in zip(a, b[::-1]))
+
+
+def from_choice(view: View, w: Any, ids: Any, depth: int = 6) -> bool:
+    """Whether w [..., k] is computed, elementwise in the layout of ids [..., k], from the choice that
+    made ids: the values of the `top_k` whose indices are ids, or an array gathered at ids along its
+    last axis (`take_along_axis(scores, ids)`), through ops that keep that shape (a sigmoid of the
+    values, a renormalisation, a cast)."""
+    w, ids = view.canon(w), view.canon(ids)
+    eqn = view.producer(w)
+    if eqn is None or _shape(w) != _shape(ids):
+        return False
+    if eqn.primitive.name in ("top_k", "approx_top_k") and view.out_index(w) == 0:
+        return view.canon(eqn.outvars[1]) is ids
+    if eqn.primitive.name == "gather":
+        got = take_along_axis(view, w)
+        return got is not None and view.same(got[1], ids)
+    same_layout = [a for a in view.args(w) if _shape(a) == _shape(w)]
+    return depth > 0 and any(from_choice(view, a, ids, depth - 1) for a in same_layout)

@@ -12,6 +12,7 @@ expert into ragged groups (`sorted_expert_outputs`, `sorted_scatter_combine`); P
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Any, NamedTuple
 
@@ -35,6 +36,15 @@ from moefuse.view import View
 
 def _shape(a: Any) -> tuple[int, ...]:
     return tuple(a.aval.shape)
+
+
+class RowScale(NamedTuple):
+    """Router weights that scale each routed row before the first projection (Llama4), taken in `dtype`:
+    weights [..T, k] (sorted or gathered rows; any array of T * k entries in row-major (t, j) order), or
+    the [..T, E] matrix of each token's weight per expert (dense: every expert on every scaled token)."""
+
+    weights: Any
+    dtype: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +72,7 @@ class ExpertFfn:
     biases: tuple[Bias | None, ...] = (None, None, None)
     """Biases added after the gate, up and down projections, or None each."""
     act_params: tuple[tuple[str, float], ...] = ()  # e.g. (("swiglu_alpha", 1.702), ("swiglu_limit", 7.0))
+    row_scale: RowScale | None = None  # the tokens are scaled by router weights before the experts
 
 
 def dense_expert_outputs(view: View, out: Any, num_experts: int) -> ExpertFfn | None:
@@ -89,13 +100,17 @@ def dense_expert_outputs(view: View, out: Any, num_experts: int) -> ExpertFfn | 
         g = _up_projection(view, gate, num_experts)
         if g is None:
             continue
-        x, w_gate, g_labels, wg_dims, g_cols, g_bias = g
+        g_labels = g.labels
         u = None if up is None else _up_projection(view, up, num_experts)
-        if up is not None and (u is None or u[0] is not x or u[2] != g_labels):
+        if up is not None and (u is None or u.x is not g.x or u.labels != g_labels):
             continue
-        if g_bias is False or (u is not None and u[5] is False):
+        if up is not None and (g.scale is None) != (u.scale is None):
             continue
-        if (g_cols is None) != (u is None or u[4] is None):
+        if u is not None and g.scale is not None and not view.same(u.scale.weights, g.scale.weights):
+            continue  # gate and up read the same scaled tokens
+        if g.bias is False or (u is not None and u.bias is False):
+            continue
+        if (g.cols is None) != (u is None or u.cols is None):
             continue  # both halves of one fused weight, or two separate weights
         # the activation's E and F dims must be the ones the down projection batches / contracts
         if len(ab) != 1 or len(ac) != 1 or g_labels[ab[0]] != "E" or g_labels[ac[0]] != "F":
@@ -112,48 +127,61 @@ def dense_expert_outputs(view: View, out: Any, num_experts: int) -> ExpertFfn | 
             continue
         labels = tuple(labels[p] for p in perm)
         return ExpertFfn(
-            x=x,
-            w_gate=w_gate,
-            w_up=None if u is None else u[1],
+            x=g.x,
+            w_gate=g.w,
+            w_up=None if u is None else u.w,
             w_down=w_side,
             activation=act,
             labels=labels,
-            w_gate_dims=wg_dims,
-            w_up_dims=None if u is None else u[3],
+            w_gate_dims=g.w_dims,
+            w_up_dims=None if u is None else u.w_dims,
             w_down_dims=tuple(wd_dims),
-            gate_cols=g_cols,
-            up_cols=None if u is None else u[4],
-            biases=(g_bias, None if u is None else u[5], down_bias),
+            gate_cols=g.cols,
+            up_cols=None if u is None else u.cols,
+            biases=(g.bias, None if u is None else u.bias, down_bias),
             act_params=act_params,
+            row_scale=g.scale,
         )
     return None
 
 
-def _up_projection(view: View, atom: Any, num_experts: int) -> tuple | None:
-    """(x, W, labels of atom, labels of W, F column range or None, bias) for atom = x . W[E, D, F].
+class _Up(NamedTuple):
+    x: Any  # the tokens [..T, D]
+    w: Any
+    labels: tuple[str, ...]  # of the projection's value
+    w_dims: tuple[str, ...]
+    cols: Cols | None  # the F columns it keeps (a half of a fused gate/up weight), or None
+    bias: Bias | None | bool  # False: an addend that is not a per-expert bias
+    scale: RowScale | None  # the tokens scaled per expert before the projection ([..T, E] weights)
+
+
+def _up_projection(view: View, atom: Any, num_experts: int) -> _Up | None:
+    """atom = x . W[E, D, F] (every expert on every token), or (x * S[..T, E]) . W batched over the
+    experts: each expert on the tokens scaled by its column of S.
 
     A slice along F of such a product (gate and up halves of a fused [E, D, 2F] weight) is
-    returned with the column range it keeps. bias is None, (bias, its labels) for `+ b[E, F]`,
-    or False for an addend that is not a per-expert bias.
+    returned with the column range it keeps; a per-expert bias `+ b[E, F]` with its labels.
     """
     inner, bias, bias_map = strip_bias(view, atom)
     if bias is not None:
         got = _up_projection(view, inner, num_experts)
-        if got is None or got[5] is not None:
+        if got is None or got.bias is not None:
             return None
-        return (*got[:5], bias_labels(bias, bias_map, got[2], {"E", "F"}))
+        return got._replace(bias=bias_labels(bias, bias_map, got.labels, {"E", "F"}))
     cut = column_slice(view, atom)
     if cut is not None:
         inner_atom, axis, cols = cut
         inner = _up_projection(view, inner_atom, num_experts)
-        if inner is None or inner[4] is not None or inner[2][axis] != "F":
+        if inner is None or inner.cols is not None or inner.labels[axis] != "F":
             return None
-        return (*inner[:4], cols, cut_bias(inner[5], cols))
+        return inner._replace(cols=cols, bias=cut_bias(inner.bias, cols))
     base, perm = through_transpose(view, atom)
     got = dot(view, base)
     if got is None:
         return None
     lhs, rhs, lc, rc, lb, rb = got
+    if len(lb) == 1 and len(rb) == 1 and len(lc) == 1:
+        return _scaled_projection(view, got, perm, num_experts)
     if lb or rb or len(lc) != 1:
         return None
     for x_side, w_side, xc, wc in ((lhs, rhs, lc, rc), (rhs, lhs, rc, lc)):
@@ -175,12 +203,61 @@ def _up_projection(view: View, atom: Any, num_experts: int) -> tuple | None:
         else:
             labels = dot_labels(tuple(w_labels), tuple(x_labels), wc, xc, (), ())
         labels = tuple(labels[p] for p in perm)
-        return x_side, w_side, labels, tuple(w_labels), None, None
+        return _Up(x_side, w_side, labels, tuple(w_labels), None, None, None)
+    return None
+
+
+def _scaled_projection(view: View, got: tuple, perm: tuple[int, ...], num_experts: int) -> _Up | None:
+    """The dot `got` batched over the experts as (x * S[..T, E]) . W[E, D, F] (see `_up_projection`)."""
+    lhs, rhs, lc, rc, lb, rb = got
+    for x_side, w_side, xc, wc, xb, wb in ((lhs, rhs, lc, rc, lb, rb), (rhs, lhs, rc, lc, rb, lb)):
+        if len(_shape(w_side)) != 3 or _shape(w_side)[wb[0]] != num_experts or wc[0] == wb[0]:
+            continue
+        toks = [d for d in range(len(_shape(x_side))) if d not in (xb[0], xc[0])]
+        scaled = _scaled_tokens(view, x_side, toks, xc[0], xb[0])
+        if scaled is None:
+            continue
+        x, s = scaled
+        w_labels = ["F"] * 3
+        w_labels[wb[0]], w_labels[wc[0]] = "E", "D"
+        x_labels = ["E"] * len(_shape(x_side))
+        x_labels[xc[0]] = "D"
+        for i, d in enumerate(toks):
+            x_labels[d] = f"T{i}"
+        if x_side is lhs:
+            labels = dot_labels(tuple(x_labels), tuple(w_labels), xc, wc, xb, wb)
+        else:
+            labels = dot_labels(tuple(w_labels), tuple(x_labels), wc, xc, wb, xb)
+        labels = tuple(labels[p] for p in perm)
+        return _Up(x, w_side, labels, tuple(w_labels), None, None, RowScale(s, x_side.aval.dtype))
+    return None
+
+
+def _scaled_tokens(view: View, atom: Any, toks: list[int], d_dim: int, w_dim: int) -> tuple[Any, Any] | None:
+    """(x, w) if atom = x * w with x [..T, D] and w [..T, n] broadcast into atom's dims: x's token dims
+    at `toks` (in order) and its D at d_dim, w's token dims at `toks` and its last dim at w_dim (w maybe
+    transposed first, as `S.T[:, :, None]`). Each token's row times its weight for each of n slots or
+    experts."""
+    if view.op(atom) != "mul":
+        return None
+    nt = len(toks)
+    for a, b in itertools.permutations(view.args(atom)):
+        x, x_dims = idioms.unexpand(view, a)
+        if len(_shape(x)) != nt + 1 or [x_dims.get(i) for i in range(nt + 1)] != [*toks, d_dim]:
+            continue
+        base, w_dims = idioms.unexpand(view, b)
+        w, perm = through_transpose(view, base)  # base dim i is w's dim perm[i]
+        if len(_shape(w)) != nt + 1:
+            continue
+        if [w_dims.get(perm.index(j)) for j in range(nt + 1)] == [*toks, w_dim]:
+            return x, w
     return None
 
 
 def gathered_expert_outputs(view: View, out: Any) -> tuple[ExpertFfn, Any] | None:
-    """(ffn, ids) if out[..t, j] = FFN_{ids[..t, j]}(x[..t]) with weights gathered by ids (`w[ids]`).
+    """(ffn, ids) if out[..t, j] = FFN_{ids[..t, j]}(x[..t]) with weights gathered by ids (`w[ids]`),
+    or FFN_{ids[..t, j]}(x[..t] * w[..t, j]) on the tokens scaled by the router weights of the same
+    choice (`ffn.row_scale`: `einsum('tkd,tkdf->tkf', x[:, None] * w[..., None], W[ids])`).
 
     Token dims may be several ([B, S, D] tokens with [B, S, K] ids): labelled "T0", "T1", ...
     Biases gathered the same way (`b[ids]`) and gate/up halves of one fused weight are understood.
@@ -203,13 +280,20 @@ def gathered_expert_outputs(view: View, out: Any) -> tuple[ExpertFfn, Any] | Non
             return None
     if u is not None and (g.cols is None) != (u.cols is None):
         return None
+    if u is not None and (g.scale is None) != (u.scale is None):
+        return None
+    if g.scale is not None and (
+        (u is not None and not view.same(u.scale.weights, g.scale.weights))
+        or not idioms.from_choice(view, g.scale.weights, down.ids)
+    ):
+        return None  # gate and up read the same rows, scaled by the weights of the router's choice
     o_labels = (*token_labels(len(_shape(down.ids)) - 1), "K", "D")
     labels = tuple(o_labels[p] for p in perm)
-    return _ffn_of_parts(g.act, g, u, down, act, act_params, labels), down.ids
+    return _ffn_of_parts(g.act, g, u, down, act, act_params, labels, g.scale), down.ids
 
 
 def _ffn_of_parts(
-    x: Any, g: Any, u: Any, down: Any, act: str, act_params: tuple, labels: tuple
+    x: Any, g: Any, u: Any, down: Any, act: str, act_params: tuple, labels: tuple, scale: RowScale | None
 ) -> ExpertFfn:
     """The ExpertFfn of recognised gate / up (or None) / down projections (`_Gathered` or `_Ragged`:
     each with w, dims, cols and bias, labelled as an up projection)."""
@@ -228,6 +312,7 @@ def _ffn_of_parts(
         up_cols=None if u is None else u.cols,
         biases=(g.bias, None if u is None else u.bias, d_bias),
         act_params=act_params,
+        row_scale=scale,
     )
 
 
@@ -239,13 +324,15 @@ class _Gathered(NamedTuple):
     cols: Cols | None
     bias: Bias | None
     bias_rows: Any  # the ids the bias was gathered with, or None
+    scale: RowScale | None = None  # up projections of the tokens scaled per slot: x is then unscaled
 
 
 def _gathered(view: View, atom: Any, up: bool) -> _Gathered | None:
     """atom = act . W[ids] per token and slot, maybe cut to some columns, maybe + b[ids].
 
-    `einsum('td,tkdf->tkf')` for up projections, `einsum('tkf,tkfd->tkd')` for the down projection,
-    either operand order: both give [..T, K, out] (batch dims first, then the one free dim).
+    `einsum('td,tkdf->tkf')` for up projections (or `einsum('tkd,tkdf->tkf')` of the tokens scaled
+    per slot, `x[:, None] * w[..., None]`), `einsum('tkf,tkfd->tkd')` for the down projection, either
+    operand order: all give [..T, K, out] (batch dims first, then the one free dim).
     """
     atom = view.canon(atom)
     if view.op(atom) == "add":
@@ -275,12 +362,19 @@ def _gathered(view: View, atom: Any, up: bool) -> _Gathered | None:
             continue
         w, ids = taken
         nt = len(_shape(ids)) - 1  # token dims; then the k dim
-        batch = tuple(range(nt if up else nt + 1))
+        per_slot = not up or len(gb) == nt + 1  # the tokens scaled per slot: [..T, K, D]
+        batch = tuple(range(nt + 1 if per_slot else nt))
         if nt < 1 or tuple(gb) != batch or tuple(ab) != batch or len(gc) != 1 or gc[0] - nt not in (1, 2):
             continue
         if len(_shape(a_side)) != len(batch) + 1 or tuple(ac) != (len(batch),):
             continue
         dims = ("E", "D", "F") if gc[0] - nt == 1 else ("E", "F", "D")
+        if up and per_slot:
+            scaled = _scaled_tokens(view, a_side, list(range(nt)), nt + 1, nt)
+            if scaled is None or _shape(scaled[1]) != _shape(ids):
+                continue
+            scale = RowScale(scaled[1], a_side.aval.dtype)
+            return _Gathered(scaled[0], w, ids, dims, None, None, None, scale)
         return _Gathered(a_side, w, ids, dims, None, None, None)
     return None
 
@@ -303,6 +397,19 @@ def sorted_expert_outputs(view: View, out: Any) -> tuple[ExpertFfn, Any] | None:
     if (_tokens_of(_shape(got[1])), _shape(got[1])[-1]) != _shape(out)[:2]:
         return None
     return got[0], got[1]
+
+
+def sorted_token_outputs(view: View, out: Any) -> tuple[ExpertFfn, Any] | None:
+    """(ffn, ids) for out [T, D] = the sorted rows' outputs put back in token order with k = 1: a top-1
+    block whose one slot is never summed (labels ("T0", "D"))."""
+    o_sorted, perm = _unpermuted(view, view.canon(out))
+    got = None if o_sorted is None else sorted_rows_ffn(view, o_sorted)
+    if got is None or not view.same(got[2], perm) or len(_shape(out)) != 2:
+        return None
+    ffn, ids, _ = got
+    if _shape(ids)[-1] != 1 or _shape(out)[0] != _tokens_of(_shape(ids)):
+        return None
+    return dataclasses.replace(ffn, labels=("T0", "D")), ids
 
 
 def sorted_scatter_combine(view: View, y: Any) -> tuple[ExpertFfn, Any, Any] | None:
@@ -345,7 +452,8 @@ def sorted_scatter_combine(view: View, y: Any) -> tuple[ExpertFfn, Any, Any] | N
 
 
 def sorted_rows_ffn(view: View, o_sorted: Any) -> tuple[ExpertFfn, Any, Any] | None:
-    """(ffn, ids, perm) if o_sorted[i] = FFN_{flat[perm[i]]}(x[perm[i] // K]).
+    """(ffn, ids, perm) if o_sorted[i] = FFN_{flat[perm[i]]}(x[perm[i] // K]), or of those rows scaled
+    by the router weights of the same choice (`ffn.row_scale`, see `_row_source`).
 
     Expert biases may be added per row, gathered with the row's expert `b[flat[perm]]`.
     """
@@ -370,7 +478,7 @@ def sorted_rows_ffn(view: View, o_sorted: Any) -> tuple[ExpertFfn, Any, Any] | N
     source = _row_source(view, g.rows)
     if source is None:
         return None
-    x, perm, k_rows = source
+    x, perm, k_rows, scale = source
     order = idioms.argsort(view, perm)
     counts = idioms.bincount(view, down.sizes)
     if order is None or counts is None or order[1] != 0 or not view.same(order[0], counts[0]):
@@ -383,10 +491,16 @@ def sorted_rows_ffn(view: View, o_sorted: Any) -> tuple[ExpertFfn, Any, Any] | N
     if fe is None or fe.primitive.name != "reshape" or len(_shape(fe.invars[0])) < 2:
         return None
     ids = view.canon(fe.invars[0])  # [..T, k]: several token dims ([B, S, k] ids) flatten in order
+    if scale is not None and not idioms.from_choice(view, scale.weights, ids):
+        # a factor that is not the router's weight (a norm's) is part of the tokens
+        plain = _row_source(view, g.rows, scaled=False)
+        if plain is None or not view.same(plain.perm, perm):
+            return None
+        x, _, k_rows, scale = plain
     k = _shape(ids)[-1]
     if k_rows != k or _shape(x)[0] != _tokens_of(_shape(ids)) or counts[1] != _shape(down.w)[0]:
         return None
-    return _ffn_of_parts(x, g, u, down, act, act_params, ("T0", "K", "D")), ids, perm
+    return _ffn_of_parts(x, g, u, down, act, act_params, ("T0", "K", "D"), scale), ids, perm
 
 
 def _row_experts(view: View, rows: Any, flat: Any, perm: Any, sizes: Any) -> bool:
@@ -401,19 +515,70 @@ def _row_experts(view: View, rows: Any, flat: Any, perm: Any, sizes: Any) -> boo
     return segments is not None and view.same(segments, sizes)
 
 
-def _row_source(view: View, rows: Any) -> tuple[Any, Any, float | None] | None:
-    """(x, perm, k) if rows [T * k, D] == x[perm // k]: spelled so, or `jnp.repeat(x, k)[perm]`."""
+class _Rows(NamedTuple):
+    x: Any  # the tokens [T, D]
+    perm: Any  # sorted row i is the flat assignment perm[i]
+    k: float | None
+    scale: RowScale | None  # each row times its assignment's weight, or None
+
+
+def _row_source(view: View, rows: Any, scaled: bool = True) -> _Rows | None:
+    """rows [T * k, D] == x[perm // k] (spelled so, `jnp.repeat(x, k)[perm]`, or `x[perm]` with k = 1).
+
+    With `scaled`, also those rows each times its assignment's weight, w.reshape(-1)[perm], before the
+    sort (`(jnp.repeat(x, k) * w.reshape(-1)[:, None])[perm]`) or after it (`x[perm // k] *
+    w.reshape(-1)[perm][:, None]`); the caller checks that w is the router's (`idioms.from_choice`).
+    """
+    rows = view.uncast(rows)  # rows cast to the projections' dtype
+    prod = rows
+    if scaled and view.op(prod) == "mul":
+        for r, s in itertools.permutations(view.args(prod)):
+            got = _row_source(view, r, scaled=False)
+            c = _row_factor(view, s, _shape(prod)[0])
+            taken = None if got is None or c is None else idioms.take(view, c)
+            if taken is not None and view.same(taken[1], got.perm):
+                return got._replace(scale=RowScale(_unflattened(view, taken[0]), prod.aval.dtype))
+        return None
     taken = idioms.take(view, rows)
     if taken is None:
         return None
     src, idx = taken
     repeated = idioms.repeated_rows(view, src)
     if repeated is not None:
-        return repeated[0], idx, repeated[1]
-    if len(_shape(src)) != 2 or view.op(idx) != "div":
+        return _Rows(repeated[0], idx, repeated[1], None)
+    if len(_shape(src)) != 2:
         return None
-    perm, k = view.args(idx)
-    return src, perm, view.scalar(k)
+    if view.op(idx) == "div":
+        perm, k = view.args(idx)
+        return _Rows(src, perm, view.scalar(k), None)
+    prod = view.uncast(src)
+    if scaled and view.op(prod) == "mul":
+        for r, s in itertools.permutations(view.args(prod)):
+            repeated = idioms.repeated_rows(view, view.uncast(r))  # tokens repeated, then promoted
+            x, k = repeated if repeated is not None else (r, 1)
+            c = _row_factor(view, s, _shape(prod)[0])
+            if c is not None and len(_shape(x)) == 2:
+                return _Rows(x, idx, k, RowScale(_unflattened(view, c), prod.aval.dtype))
+    return _Rows(src, idx, 1, None)  # x[perm] is x[perm // 1]
+
+
+def _row_factor(view: View, atom: Any, n: int) -> Any | None:
+    """c if atom [n, ...] is c (n entries, maybe with unit dims) broadcast along all but its first dim:
+    one factor per row."""
+    base, dims = idioms.unexpand(view, atom)
+    if not _shape(atom) or _shape(atom)[0] != n or math.prod(_shape(base)) != n:
+        return None
+    if any(dims.get(b) != 0 for b, size in enumerate(_shape(base)) if size != 1):
+        return None
+    return base
+
+
+def _unflattened(view: View, c: Any) -> Any:
+    """The array whose row-major flattening c is (the operand of `w.reshape(-1)`), else c."""
+    eqn = view.producer(c)
+    if eqn is not None and eqn.primitive.name == "reshape" and eqn.params.get("dimensions") is None:
+        return view.canon(eqn.invars[0])
+    return view.canon(c)
 
 
 def _tokens_of(shape: tuple[int, ...]) -> int:

@@ -12,12 +12,17 @@ the routed work::
     out = jnp.einsum("tef,efd->ted", jax.nn.silu(gate) * up, w_down)
     combine = jnp.sum(jax.nn.one_hot(ids, E) * weights[..., None], axis=1)
     y = jnp.einsum("ted,te->td", out, combine)          # -> moe(x, weights, ids, w_gate, w_up, w_down)
+
+Llama4 scales the tokens by the router weights before the experts and sums their outputs with
+weight 1 (a plain `sum`, a contraction with ones, or no sum for a sorted top-1: `moe` with
+weights_on_input); the recognisers report such rows as `ExpertFfn.row_scale`, and a block that
+also weights the outputs is declined.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 from jax import lax
@@ -40,6 +45,7 @@ from moefuse.patterns.experts import (
     is_ragged_dot,
     sorted_expert_outputs,
     sorted_scatter_combine,
+    sorted_token_outputs,
 )
 from moefuse.patterns.precision import FfnValues, ffn_precision
 from moefuse.patterns.shared import with_shared_expert
@@ -83,6 +89,16 @@ SUPPORTED = (
         "k slots of `matmul(w1[ids[:, j]], x[..., None])`",
         "num_experts, k, activation",
     ),
+    (
+        OP,
+        "weights on the input (Llama4)",
+        "each token scaled by its router weight before the experts: sorted rows "
+        "`(repeat(x, k) * w.reshape(-1)[:, None])[perm]` or `x[perm // k] * w.reshape(-1)[perm][:, None]` "
+        "(`x[perm]` for k = 1), gathered `einsum('tkd,tkdf->tkf', x[:, None] * w[..., None], W[ids])`, dense "
+        "`x[None] * S.T[..., None]` batched over experts (S the `[T, E]` combine matrix; no expert biases); "
+        "the outputs summed with weight 1 (`sum`, a contraction with ones, or none for a sorted top-1)",
+        "weights_on_input",
+    ),
 )
 
 
@@ -105,6 +121,10 @@ class MoePattern:
             elif e.primitive.name == "add" and _is_loop_sum_root(view, e):
                 out.append(i)
             elif _weighted_sum(view, e) is not None:
+                out.append(i)
+            elif (sm := _plain_sum(view, e)) is not None and _scaled_experts(view, sm) is not None:
+                out.append(i)
+            elif e.primitive.name in ("gather", "scatter") and _top1_unsummed(view, e) is not None:
                 out.append(i)
         return out
 
@@ -130,9 +150,14 @@ class MoePattern:
                 )
             ffn, weights, ids = got
             return _proposal(view, anchor, ffn, weights, ids, _num_experts(ffn), "loop", weights.aval.dtype)
+        if eqn.primitive.name in ("gather", "scatter"):
+            return self._match_top1_unsummed(view, anchor)
         ws = _weighted_sum(view, eqn)
-        if ws is None:
+        sm = _plain_sum(view, eqn) if ws is None else _Sum(ws[0], ws[2], ws[3], eqn.outvars[0].aval.dtype)
+        if ws is None and sm is None:
             return NoMatch(anchor, "not a weighted sum of expert outputs", OP)
+        if ws is None or (view.scalar(ws[1]) == 1.0 and _scaled_experts(view, sm) is not None):
+            return self._match_unweighted(view, anchor, sm)
         o_atom, w_atom, o_sum, o_tok = ws
         comb = combine_matrix(view, w_atom)
         if comb is not None:
@@ -147,10 +172,14 @@ class MoePattern:
                 )
             if ffn.labels[o_sum] != "E" or tuple(ffn.labels[d] for d in o_tok) != token_labels(len(o_tok)):
                 return NoMatch(anchor, "the combine does not sum expert outputs over experts per token", OP)
+            if ffn.row_scale is not None:
+                return NoMatch(anchor, _BOTH, OP)
             return _proposal(view, anchor, ffn, weights, ids, num_e, "dense", w_atom.aval.dtype)
         picked = _picked_dense_outputs(view, o_atom, o_sum, o_tok)
         if picked is not None:
             ffn, ids, num_e = picked
+            if ffn.row_scale is not None:
+                return NoMatch(anchor, _BOTH, OP)
             return _proposal(view, anchor, ffn, view.uncast(w_atom), ids, num_e, "dense", w_atom.aval.dtype)
         o_rows = view.uncast(o_atom)  # expert outputs upcast for the combine (ffn_precision checks it)
         dispatch, got = "gather", gathered_expert_outputs(view, o_rows)
@@ -161,6 +190,8 @@ class MoePattern:
         ffn, ids = got
         if ffn.labels[o_sum] != "K" or tuple(ffn.labels[d] for d in o_tok) != token_labels(len(o_tok)):
             return NoMatch(anchor, "the combine does not sum the k expert outputs per token", OP)
+        if ffn.row_scale is not None:
+            return NoMatch(anchor, _BOTH, OP)
         weights = view.uncast(w_atom)
         combine_dtype = eqn.outvars[0].aval.dtype if eqn.primitive.name == "reduce_sum" else w_atom.aval.dtype
         return _proposal(view, anchor, ffn, weights, ids, _shape(ffn.w_down)[0], dispatch, combine_dtype)
@@ -170,8 +201,118 @@ class MoePattern:
         if got is None:
             return NoMatch(anchor, "scatter-add of expert rows not recognised as a weighted MoE combine", OP)
         ffn, ids, weights = got
+        if ffn.row_scale is not None:
+            return NoMatch(anchor, _BOTH, OP)
         combine_dtype = view.jaxpr.eqns[anchor].outvars[0].aval.dtype
         return _proposal(view, anchor, ffn, weights, ids, _shape(ffn.w_down)[0], "sorted", combine_dtype)
+
+    def _match_unweighted(self, view: View, anchor: int, sm: _Sum) -> Proposal | NoMatch:
+        """The expert outputs summed with weight 1: experts run on rows the router weights scaled."""
+        got = _scaled_experts(view, sm)
+        if got is None:
+            return NoMatch(anchor, "the expert outputs are summed with weight 1 and no router weight scales "
+                           "the tokens before the experts: no routing weights", OP)
+        if isinstance(got, str):
+            return NoMatch(anchor, got, OP)
+        ffn, weights, ids, num_e, dispatch = got
+        return _proposal(view, anchor, ffn, weights, ids, num_e, dispatch, sm.dtype, on_input=True)
+
+    def _match_top1_unsummed(self, view: View, anchor: int) -> Proposal | NoMatch:
+        got = _top1_unsummed(view, view.jaxpr.eqns[anchor])
+        if got is None:
+            return NoMatch(anchor, "not the expert outputs of a top-1 block put back in token order", OP)
+        ffn, ids = got
+        y_dtype = view.jaxpr.eqns[anchor].outvars[0].aval.dtype  # (one output per token: its "sum")
+        return _proposal(view, anchor, ffn, ffn.row_scale.weights, ids, _shape(ffn.w_down)[0], "sorted",
+                         y_dtype, on_input=True)
+
+
+_BOTH = ("the router weights scale the tokens before the experts, and the experts' outputs are weighted "
+         "too: neither form of the fused op (weights on the output, or on the input with the outputs summed "
+         "with weight 1)")
+
+
+class _Sum(NamedTuple):
+    """y[..t, d] = sum_s o[..t, s, d] with weight 1 (a plain sum, or a contraction with ones)."""
+
+    o: Any
+    axis: int  # the summed dim of o
+    toks: tuple[int, ...]  # o's token dims
+    dtype: Any  # the dtype the sum runs in
+
+
+def _plain_sum(view: View, eqn: Any) -> _Sum | None:
+    """The sum over one dim of o [..T, s, D] (not its last), of values that are not a product."""
+    if eqn.primitive.name != "reduce_sum" or len(eqn.params["axes"]) != 1:
+        return None
+    o = view.canon(eqn.invars[0])
+    (axis,) = eqn.params["axes"]
+    rank = len(_shape(o))
+    if rank < 3 or axis == rank - 1 or view.op(view.uncast(o)) == "mul":
+        return None
+    return _Sum(o, axis, tuple(d for d in range(rank - 1) if d != axis), eqn.outvars[0].aval.dtype)
+
+
+def _scaled_experts(view: View, sm: _Sum) -> tuple | str | None:
+    """(ffn, weights, ids, E, dispatch) if sm sums expert outputs of rows scaled by router weights, a
+    reason when those are recognised but do not fit the fused op, None when they are not found."""
+    ffn, dispatch = dense_expert_outputs(view, sm.o, _shape(sm.o)[sm.axis]), "dense"
+    if ffn is None or ffn.row_scale is None:
+        o_rows = view.uncast(sm.o)
+        got = gathered_expert_outputs(view, o_rows)
+        dispatch = "gather" if got is not None else "sorted"
+        got = got or sorted_expert_outputs(view, o_rows)
+        if got is None or got[0].row_scale is None:
+            return None
+        (ffn, ids), num_e, weights = got, _shape(got[0].w_down)[0], got[0].row_scale.weights
+        summed = "K"
+    else:
+        comb = combine_matrix(view, ffn.row_scale.weights)
+        if comb is None:
+            return ("every expert runs on the tokens scaled by a [T, E] matrix that is not the router's "
+                    "weights at its chosen experts (sum_j w_j one_hot(ids_j)): not a routed block")
+        if any(b is not None for b in ffn.biases):
+            return ("every expert runs on the scaled tokens, the experts not chosen on zero rows: with "
+                    "expert biases their FFN_e(0) != 0 is part of the sum, and the fused op runs only the "
+                    "chosen experts")
+        weights, ids, num_e = comb
+        summed = "E"
+    if ffn.labels[sm.axis] != summed or tuple(ffn.labels[d] for d in sm.toks) != token_labels(len(sm.toks)):
+        return "the sum does not run over each token's expert outputs"
+    return ffn, weights, ids, num_e, dispatch
+
+
+def _top1_unsummed(view: View, eqn: Any) -> tuple | None:
+    """(ffn, ids) if eqn puts the outputs of a top-1 sorted block of scaled rows back in token order
+    (one slot: nothing to sum), and the program does not weight them again (the combine's anchor
+    declines that block)."""
+    if len(eqn.outvars) != 1 or len(_shape(eqn.outvars[0])) != 2:
+        return None
+    got = sorted_token_outputs(view, eqn.outvars[0])
+    if got is None or got[0].row_scale is None or _weighted_after(view, eqn.outvars[0], got[1]):
+        return None
+    return got
+
+
+_LAYOUT_OPS = frozenset({"reshape", "broadcast_in_dim", "squeeze", "expand_dims", "convert_element_type"})
+
+
+def _weighted_after(view: View, out: Any, ids: Any) -> bool:
+    """Whether `out` (through layout ops) is multiplied by weights of the router's choice of ids, or
+    combined by a weighted sum with weights other than 1."""
+    frontier = [out]
+    for _ in range(4):
+        users = [u for v in frontier for u in view.users(v)]
+        for u in users:
+            if u.primitive.name == "mul" and any(
+                idioms.from_choice(view, view.uncast(idioms.unexpand(view, a)[0]), ids) for a in u.invars
+            ):
+                return True
+            ws = _weighted_sum(view, u)
+            if ws is not None and view.scalar(ws[1]) != 1.0:
+                return True
+        frontier = [u.outvars[0] for u in users if u.primitive.name in _LAYOUT_OPS]
+    return False
 
 
 def _picked_dense_outputs(
@@ -319,9 +460,11 @@ def _proposal(
     num_e: int,
     dispatch: str,
     combine_dtype: Any,
+    on_input: bool = False,
 ) -> Proposal | NoMatch:
     """The fused op for a recognised block; it rounds where the program does (`ffn_precision`), and
-    the combine runs in the dtype the program used for it."""
+    the combine runs in the dtype the program used for it (with `on_input`, the router weights scale
+    the rows before the experts and the outputs are summed in it: weights_on_input)."""
     from moefuse.kernels.moe import EXPERT_WEIGHTS_PARAM, MoeParams, moe_ffn
 
     y = view.jaxpr.eqns[anchor].outvars[0]
@@ -331,7 +474,15 @@ def _proposal(
     expert_weights = [ffn.w_gate] + ([ffn.w_up] if gated else []) + [ffn.w_down]
     arrays = [_arrays(w) for w in expert_weights]  # a matrix kept per expert is E inputs of the op
     inputs = [ffn.x, weights, ids, *(a for group in arrays for a in group), *(b.array for b in biases)]
-    block = FfnValues(ffn.x, arrays, inputs, [weights], y, combine_dtype, bool(biases))
+    scale_dtype = None
+    if on_input:  # the op multiplies x * w as jnp does, in their promoted dtype
+        scale_dtype = jnp.dtype(ffn.row_scale.dtype)
+        if scale_dtype != jnp.result_type(ffn.x.aval.dtype, weights.aval.dtype):
+            return NoMatch(anchor, f"the tokens are scaled in {scale_dtype.name}, not in the dtype of "
+                           "tokens times weights", OP)
+    # the scaled rows carry the router weights into the experts: that is the op's own rounding there
+    block = FfnValues(ffn.x, arrays, inputs, [] if on_input else [weights], y, combine_dtype,
+                      bool(biases), scale_dtype)
     prec = ffn_precision(view, block)
     if isinstance(prec, str):
         return NoMatch(anchor, prec, OP)
@@ -348,6 +499,7 @@ def _proposal(
         activation_dtype=prec.activation_dtype,
         out_dtype=prec.out_dtype,
         hidden_dtype=prec.hidden_dtype,
+        weights_on_input=on_input,
         **dict(ffn.act_params),
     )
     n_w = len(inputs) - len(biases)
@@ -360,7 +512,9 @@ def _proposal(
         w_in, wd, b_in, b_down = _kernel_weights(ffn, layout, ws, bs, x.dtype)
         # several token dims ([B, S, D]) run as [B * S, D]; the recognisers proved that x, w, ids and
         # y list the tokens in the same row-major order (y may also hold unit dims that x lacks)
-        x, w, i = x.reshape(-1, x.shape[-1]), w.reshape(-1, w.shape[-1]), i.reshape(-1, i.shape[-1])
+        # (the weights as their T * k entries in row-major (t, j) order, whatever their own shape)
+        x, i = x.reshape(-1, x.shape[-1]), i.reshape(-1, i.shape[-1])
+        w = w.reshape(i.shape)
         out = moe_ffn(x, w, i, w_in, wd, params, b_in=b_in, b_down=b_down, impl=kernel)
         return [out.reshape(y.aval.shape).astype(y.aval.dtype)]
 

@@ -53,6 +53,7 @@ class FfnValues:
     y: Any  # the block's output
     combine_dtype: Any  # the dtype the combine runs in (MoeParams.weights_dtype)
     has_bias: bool = False
+    scale_dtype: Any = None  # the dtype router weights scale the tokens in before the experts, or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,6 +239,8 @@ def _pre_projection(view, vals: FfnValues, region, flow: _Flow, cdt, ddt) -> str
             if v in flow.after_proj:
                 continue
             allowed = {x_dtype, cdt} if v in flow.from_x else set()
+            if v in flow.from_x and vals.scale_dtype is not None:  # the op scales the rows in that dtype
+                allowed.add(jnp.dtype(vals.scale_dtype))
             for j in flow.from_w.get(v, ()):  # the op casts W_down to ddt, the others to cdt
                 allowed |= {w_dtypes[j], ddt if j == down_w else cdt}
             if v in flow.from_x or v in flow.from_w:

@@ -8,6 +8,8 @@ Anchors on `top_k` over the last axis (or a stable `argsort(-p)[..., :k]`) and r
   3. sigmoid (+ selection-only bias) -> top-k -> gather scores -> renorm -> x scale   DeepSeek-V3
   4. 3 with group-limited selection (top-2-sum or max group score)   DeepSeek-V3, Ling-2.6
   5. x per-expert scale gathered by id (Gemma4); router bias on the logits
+  6. top-k on logits -> sigmoid of the chosen logits, laid out as a dense [.., E] matrix by a mask
+     of the ids (`where(mask, sigmoid(logits), 0)`)                                 Llama4
 
 The logits come from anywhere (a gate matmul, a `shard_map` input, a temperature division, a cast);
 only a product of two activations of the same tokens (attention, token similarity) is not a router.
@@ -30,6 +32,8 @@ import math
 import os
 from collections.abc import Iterable
 from typing import Any
+
+import jax.numpy as jnp
 
 from moefuse import _compat as C
 from moefuse import idioms
@@ -62,6 +66,13 @@ SUPPORTED = (
         "n_group, topk_group, group_score, group_fill",
     ),
     (OP, "× per-expert scale by id", "`scale[ids]` / `jnp.take`", "expert_scale"),
+    (
+        OP,
+        "top-k → sigmoid, laid out densely",
+        "`_, ids = lax.top_k(logits)`; `where(mask, sigmoid(logits), 0)` with the mask true exactly at the "
+        "ids (a scatter of True, a one-hot sum); a top-k of such a masked matrix taken as given in a body",
+        "k, num_experts",
+    ),
 )
 
 
@@ -87,6 +98,7 @@ class _Found:
     out_weights: Any = None
     selection: _Selection | None = None
     notes: tuple[str, ...] = ()
+    dense_out: Any = None  # the [.., E] matrix the weights are laid out into (0 off the ids), or None
 
 
 class RouterPattern:
@@ -216,7 +228,8 @@ def _read_router(view: View, anchor: int) -> _Found:
         )
     _check_logits(view, found.logits)
     _read_weights(view, found, vals, ids)
-    _read_post(view, found, ids, num_e)
+    if found.dense_out is None:  # (a dense layout is all there is: no [.., k] weights to post-process)
+        _read_post(view, found, ids, num_e)
     _check_scored(view, found)
     return found
 
@@ -399,6 +412,11 @@ def _read_weights(view: View, f: _Found, vals: Any, ids: Any) -> None:
                     raise _Reject("softmax over the top-k values is not over the k axis")
                 f.order, f.score, f.weights = "topk_then_score", "softmax", view.canon(u.outvars[0])
                 return
+            if u.primitive.name in ("logistic", "div") and len(u.outvars) == 1:
+                x = idioms.sigmoid(view, u.outvars[0])
+                if x is not None and view.canon(x) is view.canon(vals):  # Llama4: sigmoid of the top logits
+                    f.order, f.score, f.weights = "topk_then_score", "sigmoid", view.canon(u.outvars[0])
+                    return
     if not view.is_output(ids):
         for u in near_ids:
             ta = idioms.take_along_axis(view, u.outvars[0]) if u.primitive.name == "gather" else None
@@ -423,6 +441,12 @@ def _read_weights(view: View, f: _Found, vals: Any, ids: Any) -> None:
         f.weights, f.weights_from = view.canon(vals), "selection"
     elif gathered:
         f.weights, f.weights_from = view.canon(gathered[0]), "scores"
+    elif f.score == "none" and f.bias is None and f.group is None and (
+        dense := _dense_sigmoid_at(view, ids, f.logits)
+    ) is not None:
+        f.order, f.score, f.dense_out = "topk_then_score", "sigmoid", dense
+        f.notes += ("the weights are laid out as a dense [.., E] matrix, 0 off the chosen experts "
+                    "(where(mask of the ids, sigmoid(logits), 0)), as the program does",)
     elif _one_hot_gather(view, ids, f.scores):
         raise _Reject(
             "the scores are gathered by a one-hot contraction (sum(one_hot(ids) * s)); "
@@ -459,7 +483,9 @@ def _check_scored(view: View, f: _Found) -> None:
 
 def _scored_outside(view: View, atom: Any) -> str | None:
     """ "softmax" / "sigmoid" (with the caller's location) if the body input `atom` is bound, through
-    any number of enclosing bodies run once (a shard_map, a jit), to such scores over its last axis."""
+    any number of enclosing bodies run once (a shard_map, a jit), to such scores over its last axis,
+    or to sigmoid scores kept only at the top-k of their logits (`where(mask, sigmoid(logits), 0)`,
+    Llama4: a top-k of that matrix is the routing decision, taken on it as the program does)."""
     got = view.outside(atom)
     while got is not None and got[0].op(got[1]) == "input":
         got = got[0].outside(got[1])
@@ -467,14 +493,61 @@ def _scored_outside(view: View, atom: Any) -> str | None:
         return None
     outer, value = got
     sm = idioms.softmax(outer, value)
+    masked = _masked_at_choice(outer, value)
     if sm is not None and sm.axis == len(_shape(value)) - 1:
         kind = "softmax"
     elif idioms.sigmoid(outer, value) is not None:
         kind = "sigmoid"
+    elif masked is not None and _sigmoid_of_topk_operand(outer, *masked):
+        kind = f"sigmoid masked to the top-{_shape(masked[1])[-1]} of its logits"
     else:
         return None
     file, line, _ = C.eqn_location(outer.producer(value))
     return f"{kind} ({C.relpath(file)}:{line})" if line else kind
+
+
+def _masked_at_choice(view: View, atom: Any) -> tuple[Any, Any] | None:
+    """(s, ids) if atom = where(mask, s, 0) (the fill +0.0) with the mask true exactly at the distinct
+    ids along the last axis (a scatter of True at them, or their one-hot summed)."""
+    if view.op(atom) != "select_n" or len(view.args(atom)) != 3:
+        return None
+    pred, on_false, on_true = view.args(atom)
+    member = _membership(view, pred)
+    if member is None or _shape(member[0]) != _shape(atom):
+        return None
+    ids = _chosen_groups(view, member[0], _shape(atom)[-1])
+    s, fill = (on_true, on_false) if member[1] else (on_false, on_true)
+    zero = view.scalar(fill)
+    if ids is None or zero != 0 or math.copysign(1.0, zero) < 0 or not idioms.distinct_along_last(view, ids):
+        return None
+    return s, ids
+
+
+def _sigmoid_of_topk_operand(view: View, s: Any, ids: Any) -> bool:
+    """Whether s is the sigmoid of the values whose top-k made ids."""
+    x = idioms.sigmoid(view, s)
+    top = view.producer(ids)
+    return x is not None and top is not None and view.same(top.invars[0], x)
+
+
+# Ops between a router's ids and a mask of them (`.at[rows, ids].set(True)`, `one_hot(ids).sum(-2) > 0`)
+_MASK_OPS = _INDEX_LAYOUT_OPS | {"scatter", "eq", "reduce_or", "reduce_max", "reduce_sum", "gt", "ne", "not",
+                                 "min", "max"}
+
+
+def _dense_sigmoid_at(view: View, ids: Any, logits: Any) -> Any | None:
+    """M if M = where(mask, sigmoid(logits), 0) with the mask true exactly at ids (the top-k of logits):
+    the chosen experts' sigmoid scores laid out densely (Llama4)."""
+    for u in _near_users(view, ids, _MASK_OPS, depth=8):
+        if u.primitive.name != "select_n" or len(u.outvars) != 1:
+            continue
+        masked = _masked_at_choice(view, u.outvars[0])
+        if masked is None or view.canon(masked[1]) is not view.canon(ids):
+            continue
+        x = idioms.sigmoid(view, masked[0])
+        if x is not None and view.same(x, logits):
+            return view.canon(u.outvars[0])
+    return None
 
 
 def _one_hot_gather(view: View, ids: Any, scores: Any) -> bool:
@@ -876,17 +949,22 @@ def _proposal(view: View, anchor: int, f: _Found, expose: bool) -> Proposal:
         + ([f.bias] if f.bias is not None else [])
         + ([f.expert_scale] if f.expert_scale is not None else [])
     )
-    outputs = [f.out_weights, ids] + ([f.scores] if expose else [])
+    dense = f.dense_out is not None
+    outputs = [f.dense_out if dense else f.out_weights, ids] + ([f.scores] if expose else [])
     has_bias, has_scale = f.bias is not None, f.expert_scale is not None
 
     def emit(kernel: str, logits: Any, *rest: Any) -> list[Any]:
         rest_l = list(rest)
         bias = rest_l.pop(0) if has_bias else None
         scale = rest_l.pop(0) if has_scale else None
-        return list(route(logits, params, bias=bias, expert_scale=scale, impl=kernel))
+        out = list(route(logits, params, bias=bias, expert_scale=scale, impl=kernel))
+        if dense:  # each weight at its expert, +0.0 elsewhere, as where(mask, scores, 0) has them
+            out[0] = jnp.put_along_axis(jnp.zeros(logits.shape, out[0].dtype), out[1], out[0], axis=-1,
+                                        inplace=False)
+        return out
 
     def widen(leaks: list[Any]) -> Proposal | None:
-        if expose or f.score == "none" or any(v is not f.scores for v in leaks):
+        if expose or dense or f.score == "none" or any(v is not f.scores for v in leaks):
             return None
         return _proposal(view, anchor, f, expose=True)
 

@@ -2,7 +2,8 @@
 
 Given tokens x [T, D] and the router's outputs (weights [T, k], expert ids int32 [T, k]),
 `out[t] = sum_j weights[t, j] * FFN_{ids[t, j]}(x[t])`, with GShard/Switch token dropping when
-params.capacity is set (see `MoeParams` for the exact semantics). The shared expert is not part of
+params.capacity is set, or Llama4's `out[t] = sum_j FFN_{ids[t, j]}(weights[t, j] * x[t])` when
+params.weights_on_input (see `MoeParams` for the exact semantics). The shared expert is not part of
 the op. `moe_ffn` is a `jax.custom_vjp`: the forward runs the chosen implementation; the backward
 is the routed backward of `xla.backward` for impl="xla", the kernels' routed backward of
 `grouped.backward` for impl="pallas_tpu" / "pallas_gpu" (grouped matmuls `gmm` for dx, transposed
@@ -223,6 +224,15 @@ def _stacked_one_rounding(req: select.Request, target: select.Target) -> str | N
     return _stacked_only(req, target) or _one_rounding(req, target)
 
 
+def _dense_fits(req: select.Request, target: select.Target) -> str | None:
+    """The dense schedule runs every expert on the tokens as they are and weights the outputs."""
+    if req.params.get("weights_on_input"):
+        return ("runs every expert on the tokens as they are; weights_on_input scales each routed row "
+                "first (a dense run of the scaled rows would also need FFN_e(0) = 0 for the experts "
+                "not chosen)")
+    return _stacked_one_rounding(req, target)
+
+
 def _example(p: MoeParams, kernel: select.Kernel, t: int, d: int, f: int, dtype) -> tuple[Callable, tuple]:
     """fn(x, weights, ids, *expert weights and biases) -> ((sum of the output, output), its gradients
     with respect to every input but ids), and fn's arguments as ShapeDtypeStructs."""
@@ -291,7 +301,7 @@ select.register(
                      examples=_examples("pallas_gpu", pallas_gpu.BACKEND)),
     select.KernelRow("moe", "gpu", "xla", note="sorted block schedule (XLA)"),
     select.KernelRow("moe", "cpu", "dense", shape=f"dispatch dense, T*E*D*F < {DENSE_WORK:,}",
-                     when=_small_dense, fits=_stacked_one_rounding,
+                     when=_small_dense, fits=_dense_fits,
                      note="every expert on every token (XLA), as the original computes it: at this size "
                           "a few large dots beat sorting"),
     select.KernelRow("moe", "cpu", "slots",

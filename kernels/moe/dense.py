@@ -6,7 +6,7 @@ one contraction `tef,efd,te->td`, which XLA:CPU compiles as it compiles the orig
 which is the only place selection uses it (the `moe` CPU row `dispatch == "dense"`): the fused op
 then does what the original did, down to an unselected expert's non-finite output reaching the
 result through its zero combine weight (0 * inf = nan), which the op's reference leaves out.
-Capacity dispatch is not supported (selection never chooses it there).
+Capacity dispatch and weights_on_input are not supported (selection never chooses it there).
 
 Example::
 
@@ -38,6 +38,9 @@ def dense_ffn(
     over the live assignments."""
     if params.capacity is not None:
         raise ValueError("moe_ffn impl='dense' does not drop tokens: use impl='xla' with a capacity")
+    if params.weights_on_input:
+        raise ValueError("moe_ffn impl='dense' runs every expert on the tokens as they are, not on rows "
+                         "scaled by their weights (weights_on_input): use impl='xla'")
     if params.projection_dtype is not None:
         raise ValueError("moe_ffn impl='dense' folds the combine into the down projection, so it "
                          f"cannot round that projection to projection_dtype={params.projection_dtype}: "

@@ -15,7 +15,9 @@ crosses an expert boundary and experts without rows get no tile. `tile_expert[i]
 tile i; tiles past `num_active` (the static grid covers the most tiles any routing can need) are
 skipped by the kernels, and read and write one extra *dummy* tile at the end of the row buffers.
 The gather of token rows into that order and the weighted combine back to token order (a gather of
-each assignment's row and a sum over k, in f32) are XLA ops around the kernels.
+each assignment's row and a sum over k, in f32) are XLA ops around the kernels; with
+params.weights_on_input the gathered rows are each assignment's token times its weight, the combine
+an unweighted sum, and the backward reads d(weights) and dx from the rows' gradient.
 
 Fused gate/up weights ([E, D, 2F], "concat" or "interleaved") are split into gate and up arrays
 before the kernels: a copy of w_in on every call (pre-split weights avoid it).
@@ -45,6 +47,8 @@ from .reference import (
     combine_dtype,
     compute_dtype,
     result_dtype,
+    scaled_tokens,
+    scaled_tokens_vjp,
     split_gate_up,
 )
 from .xla import live_mask
@@ -156,6 +160,14 @@ def _with_zero_row(v: jax.Array) -> jax.Array:
     return jnp.concatenate([v, jnp.zeros((1, v.shape[1]), v.dtype)])
 
 
+def _sorted_rows(x, weights, lay: TileLayout, params: MoeParams, cdt) -> jax.Array:
+    """The rows [R, D] the kernels run on, in cdt: each padded row's token (zero for padding), or with
+    params.weights_on_input its assignment's scaled row (`scaled_tokens`)."""
+    if params.weights_on_input:
+        return _with_zero_row(scaled_tokens(x, weights, cdt).reshape(-1, x.shape[1]))[lay.row_assign]
+    return _with_zero_row(x.astype(cdt))[lay.row_assign // params.k]
+
+
 def _per_assignment(rows: jax.Array, lay: TileLayout) -> jax.Array:
     """rows [R, D] -> [T, k, D] in f32: each assignment's row, 0 where not live."""
     v = rows[lay.row_of].astype(jnp.float32)
@@ -167,7 +179,7 @@ class Residuals(NamedTuple):
     weights: jax.Array
     ew: ExpertWeights
     lay: TileLayout
-    y_rows: jax.Array  # [R, D] expert outputs per padded row, compute dtype
+    y_rows: jax.Array | None  # [R, D] expert outputs per padded row, compute dtype (None: weights_on_input)
 
 
 def forward(x, weights, ids, ew: ExpertWeights, params: MoeParams, kernels: Backend, tiles: Tiles | None,
@@ -178,16 +190,16 @@ def forward(x, weights, ids, ew: ExpertWeights, params: MoeParams, kernels: Back
         raise ValueError(f"moe_ffn: the Pallas kernels round only the FFN output, not each projection to "
                          f"projection_dtype={params.projection_dtype}: use impl='xla'")
     tiles = kernels.tiles_for(x, ew, params, tiles)
-    k = params.k
     cdt = compute_dtype(params, x)
     wdt = combine_dtype(params, cdt, weights)
     lay = tile_layout(ids, params, tiles.block_rows)
-    xs = _with_zero_row(x.astype(cdt))[lay.row_assign // k]
+    xs = _sorted_rows(x, weights, lay, params, cdt)
     y_rows = kernels.ffn(xs, expert_matrices(ew, params, cdt), lay, params, tiles, interpret)
     y = y_rows[lay.row_of].astype(wdt)
-    contrib = jnp.where(lay.live[..., None], weights.astype(wdt)[..., None] * y, jnp.zeros((), wdt))
+    y = y if params.weights_on_input else weights.astype(wdt)[..., None] * y
+    contrib = jnp.where(lay.live[..., None], y, jnp.zeros((), wdt))
     out = jnp.sum(contrib.astype(jnp.float32), axis=1).astype(result_dtype(params, x))
-    return out, Residuals(x, weights, ew, lay, y_rows)
+    return out, Residuals(x, weights, ew, lay, None if params.weights_on_input else y_rows)
 
 
 def _bias_grad(rows: jax.Array, lay: TileLayout, n: int, num_experts: int, block_rows: int) -> jax.Array:
@@ -212,11 +224,14 @@ def backward(res: Residuals, g: jax.Array, params: MoeParams, kernels: Backend, 
     live = lay.live[..., None]
     gw = g.astype(wdt)[:, None, :]
     zero = jnp.zeros((), wdt)
-    y = y_rows[lay.row_of].astype(wdt)
-    dweights = jnp.sum(jnp.where(live, gw * y, zero), axis=-1).astype(weights.dtype)
-    dy = jnp.where(live, weights.astype(wdt)[..., None] * gw, zero).astype(cdt).reshape(n, d)
-    dys = _with_zero_row(dy)[lay.row_assign]  # [R, D]
-    xs = _with_zero_row(x.astype(cdt))[lay.row_assign // k]
+    if params.weights_on_input:
+        dy = jnp.where(live, gw, zero)
+    else:
+        y = y_rows[lay.row_of].astype(wdt)
+        dweights = jnp.sum(jnp.where(live, gw * y, zero), axis=-1).astype(weights.dtype)
+        dy = jnp.where(live, weights.astype(wdt)[..., None] * gw, zero)
+    dys = _with_zero_row(dy.astype(cdt).reshape(n, d))[lay.row_assign]  # [R, D]
+    xs = _sorted_rows(x, weights, lay, params, cdt)
     w = expert_matrices(ew, params, cdt)
 
     def project(name):  # the pre-activation again (f32), rather than keeping [R, F] from the forward
@@ -239,7 +254,10 @@ def backward(res: Residuals, g: jax.Array, params: MoeParams, kernels: Backend, 
         grads["b_down"] = _bias_grad(dys, lay, n, e, tiles.block_rows)
         for name, da in dpre.items():
             grads["b_" + name] = _bias_grad(da.astype(cdt), lay, n, e, tiles.block_rows)
-    dx = jnp.sum(_per_assignment(dxs, lay), axis=1).astype(x.dtype)
+    if params.weights_on_input:
+        dx, dweights = scaled_tokens_vjp(x, weights, _per_assignment(dxs, lay))
+    else:
+        dx = jnp.sum(_per_assignment(dxs, lay), axis=1).astype(x.dtype)
     if params.is_glu and params.fused_gate_up:
         dew = {"w_in": _join_gate_up(grads["gate"], grads["up"], params), "w_down": grads["down"]}
         if params.has_expert_bias:

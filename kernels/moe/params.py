@@ -66,6 +66,13 @@ class MoeParams:
       out[t] = sum_j where(live[t, j], weights[t, j] * FFN_{ids[t, j]}(x[t]), 0)  in wdt, then cast
         to out_dtype (default x.dtype). A dropped or out-of-range assignment contributes exactly 0,
         whatever its weight.
+      weights_on_input (Llama4): the weight scales the token before the expert FFN, and the k outputs
+        are summed unweighted:
+          v[t, j] = x[t] * weights[t, j]  in sdt = result_type(x.dtype, weights.dtype) (as jnp's
+            `x * w` computes it), then cast to cdt
+          out[t] = sum_j where(live[t, j], FFN_{ids[t, j]}(v[t, j]).astype(wdt), 0)  in wdt, then cast
+            to out_dtype
+        For a nonlinear FFN this is not the form above: FFN(w x) != w FFN(x).
     """
 
     num_experts: int
@@ -86,6 +93,7 @@ class MoeParams:
     out_dtype: str | None = None
     hidden_dtype: str | None = None
     weights_dtype: str | None = None
+    weights_on_input: bool = False
 
     def __post_init__(self) -> None:
         if self.num_experts < 1:

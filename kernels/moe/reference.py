@@ -327,12 +327,41 @@ def routed_ffn_reference(
     cdt = compute_dtype(params, x)
     wdt = combine_dtype(params, cdt, weights)
     ew = cast_expert_weights({name: stacked(a) for name, a in ew.items()}, params, cdt)
-    # every expert on every token: y_all[e, t] = FFN_e(x[t])
-    y_all = jax.vmap(lambda w: expert_ffn(x.astype(cdt), w, params))(ew)  # [E, T, D]
     live = live_mask_reference(ids, params)
     safe_ids = jnp.where(live, ids, 0)
     tokens = lax.broadcasted_iota(jnp.int32, ids.shape, 0)
-    y = y_all[safe_ids, tokens]  # [T, k, D]: each assignment's expert output
-    contrib = weights.astype(wdt)[..., None] * y.astype(wdt)
+    if params.weights_on_input:
+        # every expert on every scaled row: y_all[e, t, j] = FFN_e(v[t, j])
+        y_all = jax.vmap(lambda w: expert_ffn(scaled_tokens(x, weights, cdt), w, params))(ew)
+        y = y_all[safe_ids, tokens, lax.broadcasted_iota(jnp.int32, ids.shape, 1)]  # [T, k, D]
+        contrib = y.astype(wdt)
+    else:
+        # every expert on every token: y_all[e, t] = FFN_e(x[t])
+        y_all = jax.vmap(lambda w: expert_ffn(x.astype(cdt), w, params))(ew)  # [E, T, D]
+        y = y_all[safe_ids, tokens]  # [T, k, D]: each assignment's expert output
+        contrib = weights.astype(wdt)[..., None] * y.astype(wdt)
     contrib = jnp.where(live[..., None], contrib, jnp.zeros((), wdt))
     return jnp.sum(contrib, axis=1).astype(result_dtype(params, x))
+
+
+def scaled_tokens(x: jax.Array, weights: jax.Array, cdt: jnp.dtype) -> jax.Array:
+    """The rows [T, k, D] the experts run on with params.weights_on_input: each token times each of its
+    weights, in result_type(x, weights) as jnp multiplies them, then cast to cdt (see `MoeParams`)."""
+    sdt = jnp.result_type(x, weights)
+    v = x.astype(sdt)[:, None, :] * weights.astype(sdt)[..., None]
+    if sdt != cdt and jnp.promote_types(sdt, cdt) == cdt:
+        # the product rounded to sdt is kept when cast up: XLA may drop a cast down and back up (it
+        # allows excess precision), but not an explicit reduce_precision
+        info = jnp.finfo(sdt)
+        return lax.reduce_precision(v.astype(cdt), exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    return v.astype(cdt)
+
+
+def scaled_tokens_vjp(x: jax.Array, weights: jax.Array, drows: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(dx [T, D], dweights [T, k]) for the cotangent drows [T, k, D] of `scaled_tokens`: the product's
+    gradients in its dtype, summed over the k slots for x, over D for the weights."""
+    sdt = jnp.result_type(x, weights)
+    drows = drows.astype(sdt)
+    dx = jnp.sum(drows * weights.astype(sdt)[..., None], axis=1).astype(x.dtype)
+    dweights = jnp.sum(drows * x.astype(sdt)[:, None, :], axis=-1).astype(weights.dtype)
+    return dx, dweights

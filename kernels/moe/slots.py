@@ -30,6 +30,7 @@ from .reference import (
     combine_dtype,
     compute_dtype,
     result_dtype,
+    scaled_tokens,
 )
 from .xla import block_ffn
 
@@ -37,7 +38,8 @@ from .xla import block_ffn
 def slots_ffn(
     x: jax.Array, weights: jax.Array, ids: jax.Array, ew: ExpertWeights, params: MoeParams
 ) -> jax.Array:
-    """out[t] = sum_j weights[t, j] * FFN_{ids[t, j]}(x[t]) over the assignments that get a slot."""
+    """out[t] = sum_j weights[t, j] * FFN_{ids[t, j]}(x[t]) over the assignments that get a slot (with
+    params.weights_on_input: sum_j FFN_{ids[t, j]}(weights[t, j] * x[t]))."""
     if params.capacity is None:
         raise ValueError("moe_ffn impl='slots' runs capacity slots: it needs params.capacity "
                          "(use impl='xla' for a dropless site)")
@@ -51,9 +53,13 @@ def slots_ffn(
     group = lax.broadcasted_iota(jnp.int32, (t, k), 0) // (t // g)
     dump = e * g * c  # the row every dropped assignment writes to and reads from (never used)
     slot = jnp.where(live, (ids * g + group) * c + pos, dump).reshape(-1)
-    rows = jnp.broadcast_to(x.astype(cdt)[:, None, :], (t, k, d)).reshape(t * k, d)
+    if params.weights_on_input:  # each routed row is the token times its weight; outputs summed
+        rows = scaled_tokens(x, weights, cdt).reshape(t * k, d)
+    else:
+        rows = jnp.broadcast_to(x.astype(cdt)[:, None, :], (t, k, d)).reshape(t * k, d)
     buffer = jnp.zeros((dump + 1, d), cdt).at[slot].add(rows)  # live slots are distinct
     y = block_ffn(buffer[:dump].reshape(e, g * c, d), cast_expert_weights(ew, params, cdt), params)
     y = jnp.concatenate([y.reshape(dump, d), jnp.zeros((1, d), y.dtype)])[slot].reshape(t, k, d)
-    contrib = jnp.where(live[..., None], weights.astype(wdt)[..., None] * y.astype(wdt), jnp.zeros((), wdt))
+    weighted = y.astype(wdt) if params.weights_on_input else weights.astype(wdt)[..., None] * y.astype(wdt)
+    contrib = jnp.where(live[..., None], weighted, jnp.zeros((), wdt))
     return jnp.sum(contrib, axis=1).astype(result_dtype(params, x))

@@ -19,9 +19,10 @@ Whether the capacity pass runs is decided at run time from the expert loads (`us
 cost model in units of one row's FFN): it reads every expert's weights, which pays when most experts
 have rows (balanced routing) and is wasted when a few hot experts hold most rows (skewed routing),
 where the loop alone visits only the experts that have rows. Results are un-permuted with one gather
-(no scatter) and combined over k. When tokens are few (T*k < 2E, e.g. decode) there is no capacity
-pass (C0 = 0). C0 and the blocks come from `schedule`. Everything is static-shaped; no array
-constants are captured.
+(no scatter) and combined over k. With params.weights_on_input the sorted rows are each assignment's
+token times its weight (`reference.scaled_tokens`) and the combine is an unweighted sum. When tokens
+are few (T*k < 2E, e.g. decode) there is no capacity pass (C0 = 0). C0 and the blocks come from
+`schedule`. Everything is static-shaped; no array constants are captured.
 
 Why not a plain block loop: on XLA:CPU every `dynamic_slice` of an expert's weights inside a loop
 is a copy (1.5 MB per expert at D=256, F=512), small dots pack their weights on every call, and
@@ -86,6 +87,8 @@ from .reference import (
     output_dtype,
     project,
     result_dtype,
+    scaled_tokens,
+    scaled_tokens_vjp,
     split_gate_up,
 )
 
@@ -332,6 +335,19 @@ def _padded_index(index: jax.Array, pad: int, fill: int) -> jax.Array:
     return jnp.concatenate([index, jnp.full((pad,), fill, index.dtype)])
 
 
+def _routed_rows(
+    x: jax.Array, weights: jax.Array, order: jax.Array, params: MoeParams, cdt: Any, pad: int
+) -> tuple[jax.Array, jax.Array]:
+    """(source rows with a zero row last, the source row of each sorted row and then `pad` more that
+    read the zero row): the tokens at order // k, or with params.weights_on_input each assignment's
+    scaled row (`scaled_tokens`) at order."""
+    t, d = x.shape
+    if params.weights_on_input:
+        v = scaled_tokens(x, weights, cdt).reshape(-1, d)
+        return _with_zero_row(v), _padded_index(order, pad, v.shape[0])
+    return _with_zero_row(x.astype(cdt)), _padded_index(order // params.k, pad, t)
+
+
 def _unsort(table_l1: jax.Array | None, table_over: jax.Array, lay: Layout) -> jax.Array:
     """Per-assignment rows [T, k, D] from the capacity-pass table and the loop table; 0 if not live."""
     parts = [table_over] if table_l1 is None else [table_l1.reshape(-1, table_l1.shape[-1]), table_over]
@@ -344,7 +360,8 @@ class Residuals(NamedTuple):
     weights: jax.Array
     ew: ExpertWeights
     lay: Layout
-    y: jax.Array  # [T, k, D] per-assignment expert outputs (0 where not live), in output_dtype
+    y: jax.Array | None  # [T, k, D] per-assignment expert outputs (0 where not live), in output_dtype;
+    # None with weights_on_input (the weights' gradient is read from the rows' then)
 
 
 def forward(
@@ -360,19 +377,18 @@ def forward(
     wdt = combine_dtype(params, cdt, weights)
     lay = layout(ids, params, sched)
     ewc = cast_expert_weights(ew, params, cdt)
-    x0 = _with_zero_row(x.astype(cdt))  # [T + 1, D]
-    tok = _padded_index(lay.order // k, max(sched.blocks), t)  # token of each sorted row, then row T
+    src, idx = _routed_rows(x, weights, lay.order, params, cdt, max(sched.blocks))
     y1 = None
     if c0:
         y1 = lax.cond(lay.c0 > 0,
-                      lambda: block_ffn(x0[tok[_capacity_rows(lay, e, c0, n)]], ewc, params),
-                      lambda: _zeros((e, c0, d), output_dtype(params, cdt), (x0, ewc)))
-    y2 = _loop_forward(x0[tok], ewc, lay, params, sched.blocks)
+                      lambda: block_ffn(src[idx[_capacity_rows(lay, e, c0, n)]], ewc, params),
+                      lambda: _zeros((e, c0, d), output_dtype(params, cdt), (src, ewc)))
+    y2 = _loop_forward(src[idx], ewc, lay, params, sched.blocks)
     y = _unsort(y1, y2, lay)
-    contrib = weights.astype(wdt)[..., None] * y.astype(wdt)
+    contrib = y.astype(wdt) if params.weights_on_input else weights.astype(wdt)[..., None] * y.astype(wdt)
     contrib = jnp.where(lay.live[..., None], contrib, jnp.zeros((), wdt))
     out = jnp.sum(contrib, axis=1).astype(result_dtype(params, x))
-    return out, Residuals(x, weights, ew, lay, y)
+    return out, Residuals(x, weights, ew, lay, None if params.weights_on_input else y)
 
 
 def _loop_backward(xs, dys, ew, dw, lay, params, sizes):
@@ -416,26 +432,34 @@ def backward(
     live = lay.live[..., None]
     gw = g.astype(wdt)[:, None, :]
     zero = jnp.zeros((), wdt)
-    dweights = jnp.sum(jnp.where(live, gw * y.astype(wdt), zero), axis=-1).astype(weights.dtype)
-    dy = jnp.where(live, weights.astype(wdt)[..., None] * gw, zero).astype(output_dtype(params, cdt))
+    if params.weights_on_input:
+        dy = jnp.where(live, gw, zero)
+    else:
+        dweights = jnp.sum(jnp.where(live, gw * y.astype(wdt), zero), axis=-1).astype(weights.dtype)
+        dy = jnp.where(live, weights.astype(wdt)[..., None] * gw, zero)
+    dy = dy.astype(output_dtype(params, cdt))
     ewc = cast_expert_weights(ew, params, cdt)
-    x0, dy0 = _with_zero_row(x.astype(cdt)), _with_zero_row(dy.reshape(n, d))
+    src, idx = _routed_rows(x, weights, lay.order, params, cdt, max(sched.blocks))
+    dy0 = _with_zero_row(dy.reshape(n, d))
     row = _padded_index(lay.order, max(sched.blocks), n)  # assignment of each sorted row, then row N
-    tok = jnp.where(row < n, row // k, t)
     dx1 = None
     if c0:
         def capacity_pass():
             rows = _capacity_rows(lay, e, c0, n)
-            _, pullback = jax.vjp(lambda v, w: block_ffn(v, w, params), x0[tok[rows]], ewc)
+            _, pullback = jax.vjp(lambda v, w: block_ffn(v, w, params), src[idx[rows]], ewc)
             return pullback(dy0[row[rows]])
 
         def skipped():
-            refs = (x0, dy0, ewc)
+            refs = (src, dy0, ewc)
             return _zeros((e, c0, d), cdt, refs), jax.tree.map(lambda a: _zeros(a.shape, a.dtype, refs), ewc)
 
         dx1, dw = lax.cond(lay.c0 > 0, capacity_pass, skipped)
     else:  # per-expert arrays accumulate into stacked buffers too: `_as_given` splits them at the end
-        dw = {name: _zeros(a.shape, a.dtype, (x0, dy0, ewc)) for name, a in ewc.items()}
-    dx2, dw = _loop_backward(x0[tok], dy0[row], ewc, dw, lay, params, sched.blocks)
-    dx = jnp.sum(_unsort(dx1, dx2, lay), axis=1).astype(x.dtype)
+        dw = {name: _zeros(a.shape, a.dtype, (src, dy0, ewc)) for name, a in ewc.items()}
+    dx2, dw = _loop_backward(src[idx], dy0[row], ewc, dw, lay, params, sched.blocks)
+    drows = _unsort(dx1, dx2, lay)  # [T, k, D]: each assignment's row gradient (0 where not live)
+    if params.weights_on_input:
+        dx, dweights = scaled_tokens_vjp(x, weights, drows)
+    else:
+        dx = jnp.sum(drows, axis=1).astype(x.dtype)
     return dx, dweights, {name: _as_given(dw[name], a) for name, a in ew.items()}

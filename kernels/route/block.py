@@ -102,7 +102,7 @@ def route_block(
     if params.order == "topk_then_score":
         sel = logits
         if params.expose_scores:
-            s = score(logits, "softmax")
+            s = score(logits, params.score)
     else:
         s = score(logits, params.score)
         sel = s + bias if params.selection_bias else s
@@ -126,6 +126,6 @@ def route_block(
     w = w.astype(source.dtype)
     scale = None if scale is None else scale.astype(expert_scale.dtype)
     if params.order == "topk_then_score":
-        w = jax.nn.softmax(w, axis=-1)
+        w = score(w, params.score)
     w = apply_post(w, params, scale if params.uses_expert_scale else None)
     return w, ids, (s if params.expose_scores else None)

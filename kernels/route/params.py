@@ -38,8 +38,9 @@ class RouteParams:
           sel of experts in other groups is replaced by group_fill
         _, ids = top_k(sel, k)     (ties to the lower index, as lax.top_k)
         w = top_k values of sel if weights_from == "selection" else s gathered at ids
-      order == "topk_then_score":   (score must be "softmax")
-        v, ids = top_k(L, k);  w = softmax(v) over the k axis
+      order == "topk_then_score":   (score "softmax" or "sigmoid")
+        v, ids = top_k(L, k);  w = softmax(v) over the k axis, or sigmoid(v) (elementwise, so equal to
+        sigmoid(L) gathered at ids: Llama4)
       then each step in `post`, in order; outputs (w, ids int32[..., k]) and, when
       expose_scores, s as a third output.
     """
@@ -60,8 +61,8 @@ class RouteParams:
     def __post_init__(self) -> None:
         if self.k < 1 or self.k > self.num_experts:
             raise ValueError(f"k={self.k} must be in [1, num_experts={self.num_experts}]")
-        if self.order == "topk_then_score" and self.score != "softmax":
-            raise ValueError("order='topk_then_score' needs score='softmax'")
+        if self.order == "topk_then_score" and self.score not in ("softmax", "sigmoid"):
+            raise ValueError("order='topk_then_score' needs score='softmax' or 'sigmoid'")
         if self.n_group > 1:
             if self.num_experts % self.n_group:
                 raise ValueError(f"num_experts={self.num_experts} not divisible by n_group={self.n_group}")

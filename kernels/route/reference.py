@@ -106,7 +106,7 @@ def route_reference(
     """Route logits [..., E] to k experts: returns (weights [..., k], ids int32 [..., k]),
     plus scores [..., E] when params.expose_scores. Semantics: see `RouteParams`.
 
-    For order='topk_then_score' the exposed scores are softmax(logits) over all E experts.
+    For order='topk_then_score' the exposed scores are score(logits) over all E experts.
     """
     return route_steps(logits, params, bias, expert_scale, group_limit=_group_limit)
 
@@ -125,9 +125,9 @@ def route_steps(
     s = None
     if params.order == "topk_then_score":
         top_logits, ids = lax.top_k(logits, params.k)
-        w = jax.nn.softmax(top_logits, axis=-1)
+        w = score(top_logits, params.score)
         if params.expose_scores:
-            s = score(logits, "softmax")
+            s = score(logits, params.score)
     else:
         s = score(logits, params.score)
         sel = s + bias if params.selection_bias else s

@@ -16,6 +16,7 @@ by every fused program in tests/patterns).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 
 import jax
@@ -32,10 +33,13 @@ VARIANTS = ("reference", "xla/capacity-pass", "xla/loop-only", "dense", "slots")
 
 
 def variants(p: MoeParams) -> tuple[str, ...]:
-    """The variants that take p: "dense" drops no tokens and "slots" needs a capacity (each refuses
-    the other case, tested on its own)."""
-    skip = "dense" if p.capacity is not None else "slots"
-    return tuple(v for v in VARIANTS if v != skip)
+    """The variants that take p: "dense" drops no tokens and runs the experts on the tokens as they are
+    (it refuses a capacity and weights_on_input), "slots" needs a capacity (each refusal is tested on
+    its own)."""
+    skip = {"slots"} if p.capacity is None else {"dense"}
+    if p.weights_on_input:
+        skip.add("dense")
+    return tuple(v for v in VARIANTS if v not in skip)
 F32 = dict(rtol=1e-5, atol=1e-5)
 BF16 = dict(rtol=1e-2, atol=1e-2)
 
@@ -122,6 +126,14 @@ def independent_moe(p: MoeParams, x, weights, ids, ew, live, round_to=None):
     cdt = jnp.dtype(p.compute_dtype or x.dtype)
     wdt = jnp.dtype(p.weights_dtype) if p.weights_dtype else jnp.result_type(cdt, weights.dtype)
     out = jnp.zeros(x.shape, wdt)
+    if p.weights_on_input:  # Llama4: each token scaled by its weight, the experts' outputs summed
+        for e in range(p.num_experts):
+            for j in range(p.k):
+                sdt = jnp.result_type(x.dtype, weights.dtype)  # x * w as jnp multiplies them
+                v = (x.astype(sdt) * weights[:, j, None].astype(sdt)).astype(cdt)
+                y = _expert_mlp(p, v, {n: a[e].astype(cdt) for n, a in ew.items()}).astype(wdt)
+                out = out + jnp.where(((ids[:, j] == e) & live[:, j])[:, None], y, 0)
+        return out.astype(x.dtype)
     for e in range(p.num_experts):
         y_e = _expert_mlp(p, x.astype(cdt), {n: a[e].astype(cdt) for n, a in ew.items()}, round_to)
         if round_to is not None:
@@ -389,6 +401,125 @@ def test_grad_matches_independent(kw, t):
                 atol=1e-4,
                 err_msg=f"{variant} {jax.tree_util.keystr(path)}",
             )
+
+
+# ---- weights on the input (Llama4) ------------------------------------------------------------------
+
+WEIGHTS_ON_INPUT_CASES = [  # (params kwargs, T, ids)
+    (dict(num_experts=4, k=2, activation="swiglu"), 32, None),  # capacity pass + loop
+    (dict(num_experts=8, k=2, activation="swiglu"), 1, [[5, 2]]),  # T=1 (sparse path)
+    (dict(num_experts=8, k=1, activation="swiglu"), 6, None),  # top-1, most experts empty
+    (dict(num_experts=8, k=2, activation="gelu", has_expert_bias=True), 16, None),  # biases, empty experts
+    (dict(num_experts=4, k=2, activation="swiglu_oai", fused_gate_up=True, gate_up_layout="interleaved",
+          has_expert_bias=True), 64, None),
+    (dict(num_experts=4, k=2, activation="geglu", capacity=6), 16, None),  # capacity drops
+    (dict(num_experts=4, k=2, activation="silu"), 12, [[-1, 0], [4, 1], [2, 9], [3, -5]] * 3),  # out of range
+]
+
+
+@pytest.mark.parametrize("kw, t, ids", WEIGHTS_ON_INPUT_CASES)
+def test_weights_on_input_forward(kw, t, ids):
+    p = MoeParams(**kw, weights_on_input=True)
+    x, weights, ids, ew = make_inputs(p, t=t, ids=ids, seed=t, scale=2.0)
+    want, _ = check(p, x, weights, ids, ew)
+    # the usual form differs (no FFN here is positively homogeneous, as ReLU without biases would be)
+    usual = run(dataclasses.replace(p, weights_on_input=False), "reference", x, weights, ids, ew)
+    assert not np.allclose(np.asarray(usual), np.asarray(want), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("x_dtype, w_dtype", [(jnp.bfloat16, jnp.bfloat16), (jnp.bfloat16, jnp.float32)])
+def test_weights_on_input_bf16(x_dtype, w_dtype):
+    """bf16 tokens scaled by bf16 weights (the product in bf16) or by f32 weights (in f32, then bf16
+    rows: cdt is x's dtype)."""
+    p = MoeParams(num_experts=4, k=2, activation="swiglu", has_expert_bias=True, weights_on_input=True)
+    x, weights, ids, ew = make_inputs(p, t=32, dtype=jnp.bfloat16)
+    check(p, x.astype(x_dtype), weights.astype(w_dtype), ids, ew, tol=BF16)
+
+
+def test_weights_on_input_rounds_the_product_to_its_dtype():
+    """bf16 tokens times bf16 weights into f32 experts: each row is the bf16 product (as the program's
+    `x * w` rounds it) cast up, also where XLA would skip a cast down and back up (excess precision).
+    Expected: the rows rounded by numpy, each slot run through the independent loop with weight 1."""
+    p = MoeParams(num_experts=4, k=2, compute_dtype="float32", out_dtype="float32", weights_on_input=True)
+    x, weights, ids, ew = make_inputs(p, t=32, dtype=jnp.bfloat16, seed=11)
+    ew = {n: a.astype(jnp.float32) for n, a in ew.items()}
+    exact = np.asarray(x, np.float32)[:, None, :] * np.asarray(weights, np.float32)[..., None]
+    rows = exact.astype(jnp.bfloat16).astype(np.float32)
+    assert (rows != exact).any()
+    one = MoeParams(num_experts=4, k=1)
+
+    def per_slot(v):
+        return sum(independent_moe(one, jnp.asarray(v[:, j]), jnp.ones((32, 1)), ids[:, j:j + 1], ew,
+                                   independent_live(ids[:, j:j + 1], one)) for j in range(2))
+
+    want, unrounded = per_slot(rows), per_slot(exact)
+    assert np.abs(np.asarray(want - unrounded)).max() > 1e-3  # the rounding is visible at this tolerance
+    for variant in variants(p):
+        got = run(p, variant, x, weights, ids, ew)
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), **F32, err_msg=variant)
+
+
+@pytest.mark.parametrize("kw, t, ids", WEIGHTS_ON_INPUT_CASES[:5])
+def test_weights_on_input_grad(kw, t, ids):
+    """Gradients to x, the weights (through the scaling of the rows) and every expert weight."""
+    p = MoeParams(**kw, weights_on_input=True)
+    x, weights, ids, ew = make_inputs(p, t=t, ids=ids, seed=t + 1)
+    live = independent_live(ids, p)
+    cot = jnp.asarray(np.random.default_rng(4).standard_normal(x.shape), jnp.float32)
+    want = jax.jit(jax.grad(lambda x, w, ew: jnp.sum(independent_moe(p, x, w, ids, ew, live) * cot),
+                            argnums=(0, 1, 2)))(x, weights, ew)
+    assert np.abs(np.asarray(want[1])).max() > 0.1  # the weights get a gradient through the rows
+    for variant in variants(p):
+        impl, _, branch = variant.partition("/")
+
+        def loss(x, w, ew, impl=impl):
+            w_in, w_down, b_in, b_down = op_args(ew)
+            return jnp.sum(moe_ffn(x, w, ids, w_in, w_down, p, b_in=b_in, b_down=b_down, impl=impl) * cot)
+
+        with forced_branch(branch):
+            got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, weights, ew)
+        for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+            assert g.dtype == w.dtype and g.shape == w.shape
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4,
+                                       err_msg=f"{variant} {jax.tree_util.keystr(path)}")
+
+
+def test_weights_on_input_bf16_grad_is_as_accurate_as_the_program():
+    """bf16 gradients, measured against the f32 gradient of the same inputs: within twice the error of
+    jax.grad of the independent program run in bf16."""
+    p = MoeParams(num_experts=4, k=2, activation="swiglu", has_expert_bias=True, weights_on_input=True)
+    x, weights, ids, ew = make_inputs(p, t=32, dtype=jnp.bfloat16, seed=7)
+    live = independent_live(ids, p)
+    cot = jnp.asarray(np.random.default_rng(5).standard_normal(x.shape), jnp.float32)
+
+    def grads(fn, *args):
+        return jax.jit(jax.grad(lambda x, w, ew: jnp.sum(fn(x, w, ew).astype(jnp.float32) * cot),
+                                argnums=(0, 1, 2)))(*args)
+
+    f32 = jax.tree.map(lambda a: a.astype(jnp.float32), (x, weights, ew))
+    exact = grads(lambda x, w, ew: independent_moe(p, x, w, ids, ew, live), *f32)
+    program = grads(lambda x, w, ew: independent_moe(p, x, w, ids, ew, live), x, weights, ew)
+    for variant in variants(p):
+        impl, _, branch = variant.partition("/")
+
+        def fused(x, w, ew, impl=impl):
+            w_in, w_down, b_in, b_down = op_args(ew)
+            return moe_ffn(x, w, ids, w_in, w_down, p, b_in=b_in, b_down=b_down, impl=impl)
+
+        with forced_branch(branch):
+            got = grads(fused, x, weights, ew)
+        for g, w, e in zip(jax.tree.leaves(got), jax.tree.leaves(program), jax.tree.leaves(exact)):
+            assert g.dtype == w.dtype
+            g, w, e = (np.asarray(a, np.float32) for a in (g, w, e))
+            assert np.linalg.norm(g - e) <= 2 * np.linalg.norm(w - e) + 1e-3 * np.linalg.norm(e), variant
+
+
+def test_dense_refuses_weights_on_input():
+    p = MoeParams(num_experts=4, k=2, weights_on_input=True)
+    x, weights, ids, ew = make_inputs(p, t=8)
+    with pytest.raises(ValueError, match="weights_on_input"):
+        run(p, "dense", x, weights, ids, ew)
 
 
 def test_dense_refuses_a_capacity():

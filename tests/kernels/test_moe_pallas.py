@@ -245,6 +245,16 @@ def test_forward_bf16_default_tiles(impl):
     check_forward(p, impl, x, weights, ids, ew, tol=BF16)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_weights_on_input_forward(impl):
+    """Llama4's form: each routed row scaled by its weight before the kernels, the k outputs summed
+    unweighted (f32, several blocks per tile, biases, four routings)."""
+    p = MoeParams(num_experts=5, k=2, activation="swiglu", has_expert_bias=True, weights_on_input=True)
+    for name, ids in routings(19, 2, 5, seed=6).items():
+        x, weights, ids, ew = make_inputs(p, t=19, d=48, f=80, ids=ids, seed=5)
+        check_forward(p, impl, x, weights, ids, ew, tiles=MULTI_BLOCK[impl], label=name)
+
+
 # ---- forward and backward, heavier (slow) -----------------------------------------------------------
 
 @pytest.mark.slow  # interpret mode: ~30 s per backend on 2 shared cores
@@ -254,6 +264,16 @@ def test_grad_routings_multi_block(impl):
     d, f = (128, 320) if impl == "pallas_tpu" else (48, 80)
     for name, ids in routings(19, 2, 5, seed=4).items():
         x, weights, ids, ew = make_inputs(p, t=19, d=d, f=f, ids=ids, seed=3)
+        check_grad(p, impl, x, weights, ids, ew, tiles=MULTI_BLOCK[impl], label=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", IMPLS)
+def test_weights_on_input_grad(impl):
+    """The routed backward through the scaled rows: d(weights) and dx from the rows' gradient."""
+    p = MoeParams(num_experts=5, k=2, activation="swiglu", has_expert_bias=True, weights_on_input=True)
+    for name, ids in routings(19, 2, 5, seed=7).items():
+        x, weights, ids, ew = make_inputs(p, t=19, d=48, f=80, ids=ids, seed=8)
         check_grad(p, impl, x, weights, ids, ew, tiles=MULTI_BLOCK[impl], label=name)
 
 

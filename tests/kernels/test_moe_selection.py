@@ -108,3 +108,23 @@ def test_capacity_sites_choose_slots_by_slots_per_assignment_and_size(t, d, f, c
               sds((e, d, f), jnp.float32), sds((e, d, f), jnp.float32), sds((e, f, d), jnp.float32))
     choice = select.choose(select.Request("moe", params, inputs), select.target_for("cpu"))
     assert choice.kernel.impl == kernel, choice
+
+
+def llama4_dense(x, gate, w_in, w_down):
+    """Llama4 as HF writes it: each expert on the tokens scaled by their weight for it, summed."""
+    top, ids = jax.lax.top_k(x @ gate, 1)
+    rows = jnp.arange(x.shape[0])[:, None]
+    scores = jnp.zeros((x.shape[0], E)).at[rows, ids].set(jax.nn.sigmoid(top))
+    hidden = jax.nn.gelu(jnp.einsum("etd,edf->etf", x[None] * scores.T[:, :, None], w_in))
+    return jnp.einsum("etf,efd->etd", hidden, w_down).sum(0)
+
+
+def test_weights_on_the_input_run_the_sorted_schedule_even_dense_and_small():
+    """The dense schedule runs the experts on the tokens as they are: it declines weights_on_input,
+    with its reason in the Plan."""
+    args = _params(16)
+    site = _moe_site(llama4_dense, args)
+    assert site.params["dispatch"] == "dense" and site.params["weights_on_input"] and site.kernel == "xla"
+    assert any(r.startswith("dense: runs every expert on the tokens as they are") for r in site.fallbacks)
+    np.testing.assert_allclose(moefuse.jit(llama4_dense)(*args), jax.jit(llama4_dense)(*args), rtol=1e-5,
+                               atol=1e-5)

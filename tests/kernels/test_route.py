@@ -192,6 +192,29 @@ def test_topk_then_score(impl):
     assert_same_routing(_route_jit(impl, logits, params), gpt_oss_router(logits, 4))
 
 
+@functools.partial(jax.jit, static_argnames="k")
+def llama4_router(logits, k):
+    """Llama4 (EasyDeL): top-k of the logits; the sigmoid of every logit kept at the chosen experts."""
+    _, ids = lax.top_k(logits, k)
+    chosen = jnp.zeros(logits.shape, bool).at[jnp.arange(logits.shape[0])[:, None], ids].set(True)
+    return jnp.where(chosen, jax.nn.sigmoid(logits), 0.0), ids
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_topk_then_sigmoid_is_the_sigmoid_of_the_chosen_logits_bit_for_bit(impl):
+    """order='topk_then_score' with a sigmoid: the weights are the sigmoid of every logit read at the
+    ids, bit for bit, NaN, underflow to 0 and saturation to 1 included."""
+    logits = _normal(30, (64, 16), 8.0).at[0, 3].set(jnp.nan).at[1].set(-200.0).at[2, :4].set(jnp.inf)
+    logits = logits.at[3].set(60.0).at[4, 5].set(-jnp.inf)
+    dense, ids = llama4_router(logits, 2)
+    w, got_ids = _route_jit(impl, logits, RouteParams(num_experts=16, k=2, score="sigmoid",
+                                                      order="topk_then_score"))
+    np.testing.assert_array_equal(np.asarray(got_ids), np.asarray(ids))
+    want = np.take_along_axis(np.asarray(dense), np.asarray(ids), axis=-1)
+    assert (want == 0).any() and np.isnan(want).any() and (want == 1).any()
+    np.testing.assert_array_equal(np.asarray(w).view(np.int32), want.view(np.int32))
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_sigmoid_bias_renorm_scale_no_groups(impl):
     # HF DeepSeek-V3 code with n_group=1 keeps the single group: the same router as no grouping.
@@ -406,10 +429,13 @@ def numpy_route(logits, p, bias, expert_scale):
     scores = None
     if p.order == "topk_then_score":
         v, ids = _np_top_k(x, p.k)
-        ev = np.exp((v - v[..., :1]).astype(np.float64))
-        w = (ev / ev.sum(-1, keepdims=True)).astype(x.dtype)
+        if p.score == "sigmoid":
+            w = np.asarray(_sigmoid(v))
+        else:
+            ev = np.exp((v - v[..., :1]).astype(np.float64))
+            w = (ev / ev.sum(-1, keepdims=True)).astype(x.dtype)
         if p.expose_scores:
-            scores = np.asarray(_softmax(logits))
+            scores = np.asarray((_sigmoid if p.score == "sigmoid" else _softmax)(logits))
     else:
         scores = {
             "softmax": lambda: np.asarray(_softmax(logits)),
@@ -452,7 +478,7 @@ def route_cases(draw):
         num_experts=e,
         k=draw(st.integers(1, e)),
         order="score_then_topk" if scored_first else "topk_then_score",
-        score=draw(st.sampled_from(["softmax", "sigmoid", "none"])) if scored_first else "softmax",
+        score=draw(st.sampled_from(["softmax", "sigmoid"] + (["none"] if scored_first else []))),
         selection_bias=scored_first and draw(st.booleans()),
         n_group=n_group if grouped else 1,
         topk_group=draw(st.integers(1, n_group)) if grouped else 1,
@@ -525,6 +551,10 @@ GRAD_CASES = {
     "gpt_oss": (
         RouteParams(num_experts=16, k=4, order="topk_then_score"),
         lambda x, b, s: gpt_oss_router(x, 4),
+    ),
+    "llama4": (
+        RouteParams(num_experts=16, k=4, score="sigmoid", order="topk_then_score"),
+        lambda x, b, s: (lambda dense, ids: (jnp.take_along_axis(dense, ids, -1), ids))(*llama4_router(x, 4)),
     ),
     "ling": (RouteParams(**LING, group_fill=0.0), lambda x, b, s: ling_router(x, b)),
     "expert_scale": (

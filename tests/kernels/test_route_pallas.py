@@ -92,8 +92,11 @@ def _check(backend, p, logits, bias, scale, block_tokens=16):
         ),
         # GPT-OSS: top-k of the logits, softmax over the k; scores exposed
         dict(params=dict(num_experts=32, k=4, order="topk_then_score", expose_scores=True), t=24),
+        # Llama4: top-k of the logits, their sigmoid
+        dict(params=dict(num_experts=16, k=1, order="topk_then_score", score="sigmoid", expose_scores=True),
+             t=24),
     ],
-    ids=["ling_bf16_partial_block", "dsv2_ties", "t1_k_eq_e", "topk_then_softmax"],
+    ids=["ling_bf16_partial_block", "dsv2_ties", "t1_k_eq_e", "topk_then_softmax", "topk_then_sigmoid"],
 )
 def test_kernel_equals_reference(backend, case):
     p = RouteParams(**case["params"])

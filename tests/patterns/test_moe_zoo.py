@@ -42,6 +42,8 @@ FUSED = {
     "capacity_gshard_top2": "capacity",
     "capacity_maxtext_token_major": "capacity",
     "capacity_switch_top1_bf16": "capacity",
+    "llama4_sorted_top1_sigmoid": "sorted",
+    "llama4_dense_scores_matrix": "dense",
 }
 
 # Blocks whose router stays as the program wrote it (the `moe` op takes its weights and ids as given).

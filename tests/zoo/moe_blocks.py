@@ -24,9 +24,11 @@ loop in numpy).  It is *data*, not code::
     ref = {"x": [T, D] block input (tokens flattened), "residual": bool (out = x + moe(x) per block),
            "blocks": [block, ...]}                     # one per layer, applied in order
     block = {"router": router, "experts": ffn [E, ...], "shared": ffn [...] | None,
-             "capacity": None | {"capacity": C, "groups": G, "order": "token_major" | "choice_major"}}
+             "capacity": None | {"capacity": C, "groups": G, "order": "token_major" | "choice_major"},
+             "weights_on_input": bool}    # True: out += ffn(w * x) (Llama4), else out += w * ffn(x)
     router = {"w": [D, E], "k", "score": "softmax" | "sigmoid", "order": "score_then_topk" |
-              "topk_then_score", "logit_bias": [E] | None, "selection_bias": [E] | None,
+              "topk_then_score" (a softmax over the k logits, or the sigmoid of each),
+              "logit_bias": [E] | None, "selection_bias": [E] | None,
               "n_group", "topk_group", "group_score": "top2_sum" | "max", "renorm", "scale"}
     ffn = {"activation", "gate": [(E,) D, F] | None, "up": [(E,) D, F], "down": [(E,) F, D],
            "gate_b", "up_b", "down_b": biases or None, "gelu_approximate": bool,
@@ -150,8 +152,9 @@ def _ffn_ref(
     }
 
 
-def _block_ref(router, experts, shared=None, capacity=None) -> dict:
-    return {"router": router, "experts": experts, "shared": shared, "capacity": capacity}
+def _block_ref(router, experts, shared=None, capacity=None, weights_on_input=False) -> dict:
+    return {"router": router, "experts": experts, "shared": shared, "capacity": capacity,
+            "weights_on_input": weights_on_input}
 
 
 def _ref(x, blocks, residual=False) -> dict:
@@ -1403,6 +1406,95 @@ def make_sorted_shard_map_repeated_rows() -> MoECase:
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# Llama4: the router's weight scales the token before its expert, the outputs are summed unweighted
+# ---------------------------------------------------------------------------------------------
+
+
+def _llama4_params(seed, d_model, d_ff, num_experts):
+    return {
+        "router": _w(seed, (d_model, num_experts), d_model, gain=3.0),
+        "w_gate": _w(seed + 1, (num_experts, d_model, d_ff), d_model),
+        "w_up": _w(seed + 2, (num_experts, d_model, d_ff), d_model),
+        "w_down": _w(seed + 3, (num_experts, d_ff, d_model), d_ff),
+        "s_gate": _w(seed + 4, (d_model, d_ff), d_model),
+        "s_up": _w(seed + 5, (d_model, d_ff), d_model),
+        "s_down": _w(seed + 6, (d_ff, d_model), d_ff),
+    }
+
+
+def _llama4_ref(x, p, top_k):
+    router = _router_ref(p["router"], top_k, "sigmoid", "topk_then_score")
+    experts = _ffn_ref("swiglu", p["w_up"], p["w_down"], p["w_gate"])
+    shared = _ffn_ref("swiglu", p["s_up"], p["s_down"], p["s_gate"])
+    return _ref(x, [_block_ref(router, experts, shared=shared, weights_on_input=True)])
+
+
+def _llama4_shared(x, p):
+    return (jax.nn.silu(x @ p["s_gate"]) * (x @ p["s_up"])) @ p["s_down"]
+
+
+def make_llama4_sorted_top1_sigmoid() -> MoECase:
+    """Llama4 (HF / EasyDeL, written plainly): top-1 of the logits, its sigmoid scales the token before
+    the expert; rows sorted by expert, ragged_dot SwiGLU, put back in token order (one slot: no sum);
+    plus the shared expert."""
+    num_tokens, d_model, d_ff, num_experts, top_k = 32, 32, 64, 8, 1
+    x = normal(1300, (num_tokens, d_model))
+    params = _llama4_params(1301, d_model, d_ff, num_experts)
+
+    def moe(x, p):
+        top_logit, ids = lax.top_k(x @ p["router"], top_k)
+        w = jax.nn.sigmoid(top_logit)  # [T, 1]
+        flat = ids.reshape(-1)
+        order = jnp.argsort(flat)
+        rows = (x * w)[order]  # the token scaled by its routing weight, then sorted
+        sizes = jnp.bincount(flat, length=num_experts)
+        h = jax.nn.silu(lax.ragged_dot(rows, p["w_gate"], sizes)) * lax.ragged_dot(rows, p["w_up"], sizes)
+        routed = lax.ragged_dot(h, p["w_down"], sizes)[jnp.argsort(order)]  # [T, D]
+        return _llama4_shared(x, p) + routed
+
+    return MoECase(
+        "llama4_sorted_top1_sigmoid",
+        moe,
+        (x, params),
+        MOE,
+        moe_expect(top_k, num_experts, "swiglu", "sorted", shared_expert=True),
+        note="sigmoid(top-1 logit) * x before the expert FFN (weights on the input); unsorted rows are the "
+        "output (k=1, nothing summed); + shared SwiGLU",
+        ref=_llama4_ref(x, params, top_k),
+    )
+
+
+def make_llama4_dense_scores_matrix() -> MoECase:
+    """Llama4 as HF writes it: a [T, E] score matrix (the sigmoid of the top logit at its expert, 0
+    elsewhere) scales the token for every expert; every expert runs on every scaled token and the
+    outputs are summed over the experts; plus the shared expert."""
+    num_tokens, d_model, d_ff, num_experts, top_k = 32, 32, 64, 8, 1
+    x = normal(1310, (num_tokens, d_model))
+    params = _llama4_params(1311, d_model, d_ff, num_experts)
+
+    def moe(x, p):
+        top_logit, ids = lax.top_k(x @ p["router"], top_k)
+        rows = jnp.arange(num_tokens)[:, None]
+        scores = jnp.zeros((num_tokens, num_experts)).at[rows, ids].set(jax.nn.sigmoid(top_logit))
+        routed_in = x[None] * scores.T[:, :, None]  # [E, T, D]
+        gate = jnp.einsum("etd,edf->etf", routed_in, p["w_gate"])
+        up = jnp.einsum("etd,edf->etf", routed_in, p["w_up"])
+        routed_out = jnp.einsum("etf,efd->etd", jax.nn.silu(gate) * up, p["w_down"])
+        return _llama4_shared(x, p) + routed_out.sum(0)
+
+    return MoECase(
+        "llama4_dense_scores_matrix",
+        moe,
+        (x, params),
+        MOE,
+        moe_expect(top_k, num_experts, "swiglu", "dense", shared_expert=True),
+        note="x * scores[:, e] for every expert e (0 for the experts not chosen: SwiGLU without biases maps "
+        "it to 0), batched einsums over experts, sum over experts; + shared SwiGLU",
+        ref=_llama4_ref(x, params, top_k),
+    )
+
+
 def make_checkpoint_two_layers_relu_bias() -> MoECase:
     """Two unrolled MoE layers, each under jax.checkpoint (nothing_saveable); dense ReLU MLP with biases."""
     num_tokens, d_model, d_ff, num_experts, top_k = 16, 32, 64, 8, 2
@@ -1489,4 +1581,7 @@ ALL_MOE_BLOCKS = [
     make_scan_layers_sorted,
     make_sorted_shard_map_repeated_rows,
     make_checkpoint_two_layers_relu_bias,
+    # weights on the input (Llama4)
+    make_llama4_sorted_top1_sigmoid,
+    make_llama4_dense_scores_matrix,
 ]

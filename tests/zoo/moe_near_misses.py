@@ -657,3 +657,103 @@ def make_nm_moe_slot_loop_swapped_columns() -> ZooCase:
 
 
 NEAR_MOE_MISSES += [make_nm_moe_slot_loop_swapped_columns]
+
+
+# ---------------------------------------------------------------------------------------------
+# weights on the input (Llama4) near misses: blocks that scale the tokens before the experts and
+# differ from `out[t] = sum_j FFN_{ids[t, j]}(w[t, j] * x[t])` by one detail
+# ---------------------------------------------------------------------------------------------
+
+
+def _scaled_sorted_block(num_tokens, top_k, num_experts, deviation):
+    """A sorted top-k block whose rows are each token scaled by a routing weight, with one deviation."""
+
+    def fn(x, wr, w_gate, w_up, w_down):
+        top, ids = lax.top_k(x @ wr, top_k)
+        w = jax.nn.sigmoid(top)
+        flat = ids.reshape(-1)
+        order = jnp.argsort(flat)
+        inverse = jnp.argsort(order)
+        if deviation == "other_weight":  # row i scaled by the weight of assignment inverse[i], not order[i]
+            rows = x[order // top_k] * w.reshape(-1)[inverse][:, None]
+        else:
+            rows = (jnp.repeat(x, top_k, axis=0) * w.reshape(-1)[:, None])[order]
+        sizes = jnp.bincount(flat, length=num_experts)
+        h = jax.nn.silu(lax.ragged_dot(rows, w_gate, sizes)) * lax.ragged_dot(rows, w_up, sizes)
+        y = lax.ragged_dot(h, w_down, sizes)[inverse].reshape(num_tokens, top_k, -1)
+        if deviation == "also_weighted":  # the weights scale the tokens AND the outputs
+            return jnp.einsum("tkd,tk->td", y, w)
+        if deviation == "half_weights":  # the outputs summed with weight 0.5 each, not 1
+            return jnp.einsum("tkd,tk->td", y, jnp.full((num_tokens, top_k), 0.5))
+        return y.sum(axis=1)
+
+    return fn
+
+
+def _scaled_case(name, seed, deviation, note) -> ZooCase:
+    num_tokens, d_model, d_ff, num_experts, top_k = 32, 32, 64, 8, 2
+    x = normal(seed, (num_tokens, d_model))
+    wr = _w(seed + 1, (d_model, num_experts), d_model, gain=2.0)
+    w_gate, w_up, w_down = _experts(seed + 2, num_experts, d_model, d_ff)
+    fn = _scaled_sorted_block(num_tokens, top_k, num_experts, deviation)
+    return _case(name, fn, (x, wr, w_gate, w_up, w_down), note)
+
+
+def make_nm_moe_weights_on_input_and_output() -> ZooCase:
+    """Each sorted row is the token times its weight, and the outputs are weighted by it again."""
+    return _scaled_case(
+        "nm_moe_weights_on_input_and_output", 2140, "also_weighted",
+        "sum_j w_j * FFN_j(w_j * x): the weight twice; neither sum_j w_j FFN_j(x) nor sum_j FFN_j(w_j x)",
+    )
+
+
+def make_nm_moe_input_scaled_by_other_weight() -> ZooCase:
+    """Sorted row i is token order[i] // k, scaled by the weight of another assignment (inverse[i])."""
+    return _scaled_case(
+        "nm_moe_input_scaled_by_other_weight", 2150, "other_weight",
+        "rows x[order // k] * w.reshape(-1)[argsort(order)]: a token scaled by another assignment's "
+        "weight, not its own",
+    )
+
+
+def make_nm_moe_scaled_input_half_sum() -> ZooCase:
+    """Tokens scaled by their weights, the k outputs combined with weight 0.5 instead of 1."""
+    return _scaled_case(
+        "nm_moe_scaled_input_half_sum", 2160, "half_weights",
+        "sum_j 0.5 * FFN_j(w_j x): the outputs of scaled rows combined with weights other than 1",
+    )
+
+
+def make_nm_moe_dense_scaled_input_with_bias() -> ZooCase:
+    """Llama4's dense spelling with expert biases: the experts not chosen run on zero rows, and their
+    FFN_e(0) = act(b_in) @ W_down + b_down is not 0."""
+    num_tokens, d_model, d_ff, num_experts = 16, 32, 64, 8
+    x = normal(2170, (num_tokens, d_model))
+    wr = _w(2171, (d_model, num_experts), d_model, gain=2.0)
+    w_in = _w(2172, (num_experts, d_model, d_ff), d_model)
+    b_in = normal(2173, (num_experts, d_ff), scale=0.5)
+    w_down = _w(2174, (num_experts, d_ff, d_model), d_ff)
+
+    def fn(x, wr, w_in, b_in, w_down):
+        top, ids = lax.top_k(x @ wr, 1)
+        scores = jnp.zeros((num_tokens, num_experts)).at[jnp.arange(num_tokens)[:, None], ids].set(
+            jax.nn.sigmoid(top))
+        routed_in = x[None] * scores.T[:, :, None]  # [E, T, D]
+        h = jax.nn.gelu(jnp.einsum("etd,edf->etf", routed_in, w_in) + b_in[:, None, :])
+        return jnp.einsum("etf,efd->etd", h, w_down).sum(0)
+
+    return _case(
+        "nm_moe_dense_scaled_input_with_bias",
+        fn,
+        (x, wr, w_in, b_in, w_down),
+        "every expert on every scaled token, with biases: the 7 experts not chosen add gelu(b_in) @ W_down "
+        "each, which a routed op (only the chosen expert) leaves out",
+    )
+
+
+NEAR_MOE_MISSES += [
+    make_nm_moe_weights_on_input_and_output,
+    make_nm_moe_input_scaled_by_other_weight,
+    make_nm_moe_scaled_input_half_sum,
+    make_nm_moe_dense_scaled_input_with_bias,
+]

@@ -104,7 +104,8 @@ def _route(x, r):
     k = r["k"]
     if r["order"] == "topk_then_score":
         ids = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
-        return _softmax(np.take_along_axis(logits, ids, axis=-1)), ids
+        top = np.take_along_axis(logits, ids, axis=-1)
+        return (_sigmoid(top) if r["score"] == "sigmoid" else _softmax(top)), ids
     scores = _softmax(logits) if r["score"] == "softmax" else _sigmoid(logits)
     choice = scores.copy() if r["selection_bias"] is None else scores + _f64(r["selection_bias"])
     if r["n_group"] > 1:
@@ -155,7 +156,9 @@ def _moe_block(x, block):
     out = np.zeros_like(x)
     for t in range(x.shape[0]):
         for j in range(ids.shape[1]):
-            if kept[t, j]:
+            if kept[t, j] and block.get("weights_on_input"):
+                out[t] += _ffn(w[t, j] * x[t], block["experts"], int(ids[t, j]))
+            elif kept[t, j]:
                 out[t] += w[t, j] * _ffn(x[t], block["experts"], int(ids[t, j]))
         shared = block["shared"]
         if shared is not None:

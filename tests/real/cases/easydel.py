@@ -227,15 +227,11 @@ CASES: tuple[RealCase, ...] = (
     # biases gathered by each sorted row's expert as jnp.repeat(arange(E), sizes); bf16 tokens
     # against f32 weights in ragged_dots rounding to bf16, upcast, biases and activation in f32
     case("gpt_oss_fused_moe", GPT_OSS, "FUSED_MOE", expect=("route", "route", "moe")),
-    case(
-        "llama4_fused_moe",
-        LLAMA4,
-        "FUSED_MOE",
-        known_miss=(
-            "route: no routing weights (top-1 values unused, no scores gathered at the ids) / top-k of "
-            "raw logits; moe: no combine of expert outputs by router weights"
-        ),
-    ),
+    # outside the shard_map: top-1 of the logits, their sigmoid kept at the chosen expert as a dense
+    # [T, E] matrix (a route with that layout); inside: a top-1 of that matrix (a route taking it as
+    # given: its ids differ from the outer ones where a sigmoid underflows to 0), each token times its
+    # weight before the experts and the one output summed with weight 1 (moe with weights_on_input)
+    case("llama4_fused_moe", LLAMA4, "FUSED_MOE", expect=("route", "route", "moe")),
     case("mixtral_dense_moe", MIXTRAL, "DENSE_MOE"),
     # float32 rows and weights, ragged_dots rounding to bfloat16 (preferred_element_type), the hidden
     # rows upcast before the down projection: MoeParams.projection_dtype / hidden_dtype
