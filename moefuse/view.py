@@ -34,8 +34,11 @@ import numpy as np
 
 from moefuse import _compat as C
 
-# Primitives that never change a value (when their output aval equals their input aval).
-_SHAPE_NOOPS = frozenset({"convert_element_type", "reshape", "broadcast_in_dim", "squeeze", "expand_dims"})
+# Primitives that never change a value when their output aval equals their input aval (a slice of
+# the same shape takes everything; a transpose of the same shape may not be the identity: not here).
+_SHAPE_NOOPS = frozenset(
+    {"convert_element_type", "reshape", "broadcast_in_dim", "squeeze", "expand_dims", "slice"}
+)
 _ALWAYS_NOOPS = frozenset(
     {"copy", "copy_p", "pvary", "pbroadcast", "sharding_constraint", "name", "mesh_cast", "reshard"}
 )

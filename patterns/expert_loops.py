@@ -294,7 +294,8 @@ def _stacked_slice(view: View, atom: Any) -> tuple[Any, int] | None:
 
 def slot_column(view: View, atom: Any) -> tuple[Any, int] | None:
     """(a, j) if atom [T] is column j of a 2-D array a [T, K] (`a[:, j]`), looking through broadcasts;
-    the column may keep its unit dim (`a[:, j:j + 1]`, broadcast along the features by a product)."""
+    the column may keep its unit dim (`a[:, j:j + 1]`, broadcast along the features by a product), and
+    a [T, 1] array is its own column 0 (top-1: `w * y`)."""
     atom, dims = idioms.unexpand(view, atom)
     if dims.get(0) != 0:  # w[:, j, None]: the column must run along the tokens
         return None
@@ -309,11 +310,13 @@ def slot_column(view: View, atom: Any) -> tuple[Any, int] | None:
         atom = view.canon(sq.invars[0])  # [T, 1] broadcast along the features: the column itself
         sq = view.producer(atom)
     if sq is not None and sq.primitive.name == "squeeze" and tuple(sq.params["dimensions"]) == (1,):
-        column = sq.invars[0]
+        column = view.canon(sq.invars[0])
     elif len(_shape(atom)) == 2 and _shape(atom)[1] == 1:
         column = atom
     else:
         return None
+    if _shape(column)[1] == 1 and view.op(column) != "slice":
+        return column, 0  # the one column of a [T, 1] array (top-1)
     cut = column_slice(view, column)
     if cut is None or cut[1] != 1 or len(_shape(cut[0])) != 2:
         return None

@@ -120,6 +120,8 @@ class MoePattern:
                     out.append(i)
             elif e.primitive.name == "add" and _is_loop_sum_root(view, e):
                 out.append(i)
+            elif e.primitive.name == "mul" and _is_single_slot(view, e):
+                out.append(i)
             elif _weighted_sum(view, e) is not None:
                 out.append(i)
             elif (sm := _plain_sum(view, e)) is not None and _scaled_experts(view, sm) is not None:
@@ -132,6 +134,15 @@ class MoePattern:
         eqn = view.jaxpr.eqns[anchor]
         if eqn.primitive.name in ("scatter-add", "scatter_add"):
             return self._match_scatter(view, anchor)
+        if eqn.primitive.name == "mul":  # top-1: the one slot's term is the whole sum
+            got = slot_loop_outputs(view, eqn.outvars[0])
+            if got is None:
+                return NoMatch(anchor, "a top-1 combine `w * y` with no sum over the slots is read only when "
+                               "y is the chosen expert's FFN with its weights gathered per token "
+                               "(W[ids[:, 0]]); not yet for dense or sorted top-1 outputs", OP)
+            ffn, weights, ids = got
+            num_e = _shape(ffn.w_down)[0]
+            return _proposal(view, anchor, ffn, weights, ids, num_e, "gather", weights.aval.dtype)
         if eqn.primitive.name == "add":
             got = slot_loop_outputs(view, eqn.outvars[0])
             if got is not None:
@@ -343,6 +354,20 @@ def _is_loop_sum_root(view: View, eqn: Any) -> bool:
     return not any(
         u.primitive.name == "add" and _adds_expert_term(view, u) for u in view.users(eqn.outvars[0])
     )
+
+
+def _is_single_slot(view: View, eqn: Any) -> bool:
+    """A top-1 block's combine `w * y` with no sum over the slots: a [..T, 1] router weight (its one
+    column) times a [T, D] value whose factor is a gathered expert's output, and no add of loop terms
+    above it (that add is the anchor then)."""
+    if len(_shape(eqn.outvars[0])) != 2:
+        return False
+    for side in view.args(eqn.outvars[0]):
+        col = slot_column(view, side)
+        if col is not None and _shape(col[0])[1:] == (1,) and jnp.issubdtype(side.aval.dtype, jnp.floating):
+            users = view.users(eqn.outvars[0])
+            return not any(u.primitive.name == "add" and _adds_expert_term(view, u) for u in users)
+    return False
 
 
 def _adds_expert_term(view: View, eqn: Any) -> bool:

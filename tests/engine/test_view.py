@@ -101,3 +101,15 @@ def test_a_bool_cast_to_numbers_and_compared_back_is_the_bool():
         assert view.canon(v) is view.canon(b), view.producer(v)
     for v in other:
         assert view.canon(v) is not view.canon(b) and view.op(v) in ("lt", "gt"), view.producer(v)
+
+
+def test_a_slice_of_everything_is_the_value_but_a_transpose_of_the_same_shape_is_not():
+    def fn(x, sq):
+        return lax.slice(x, (0, 0), (4, 8)), x[:, :7], sq.T
+
+    closed = jax.make_jaxpr(fn)(X, jnp.ones((3, 3)))
+    view = View(closed)
+    x, sq = closed.jaxpr.invars
+    whole, part, transposed = closed.jaxpr.outvars
+    assert view.canon(whole) is x
+    assert view.op(part) == "slice" and view.op(transposed) == "transpose"

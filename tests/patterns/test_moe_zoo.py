@@ -37,6 +37,7 @@ FUSED = {
     "checkpoint_two_layers_relu_bias": "dense",
     "vmap_experts_dict_gelu_bias": "dense",
     "gather_take_gelu_bf16_top1": "gather",
+    "gather_top1_no_sum": "gather",
     "gather_gpt_oss_reference": "gather",
     "nnx_moe_module": "gather",
     "capacity_gshard_top2": "capacity",

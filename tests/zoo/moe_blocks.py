@@ -702,6 +702,34 @@ def make_gather_take_gelu_bf16_top1() -> MoECase:
     )
 
 
+def make_gather_top1_no_sum() -> MoECase:
+    """Top-1 of 8 with no sum over the slots: `y * w` with the chosen expert's SwiGLU weights gathered
+    per token by `W[ids[:, 0]]` (the [T, 1] weight broadcast along the features)."""
+    num_tokens, d_model, d_ff, num_experts = 24, 32, 48, 8
+    x = normal(1150, (num_tokens, d_model))
+    router_w = _w(1151, (d_model, num_experts), d_model)
+    w_gate = _w(1152, (num_experts, d_model, d_ff), d_model)
+    w_up = _w(1153, (num_experts, d_model, d_ff), d_model)
+    w_down = _w(1154, (num_experts, d_ff, d_model), d_ff)
+
+    def top1(x, router_w, w_gate, w_up, w_down):
+        w, ids = jax.lax.top_k(jax.nn.softmax(x @ router_w, axis=-1), 1)
+        e = ids[:, 0]
+        h = jax.nn.silu(jnp.einsum("td,tdf->tf", x, w_gate[e])) * jnp.einsum("td,tdf->tf", x, w_up[e])
+        return jnp.einsum("tf,tfd->td", h, w_down[e]) * w
+
+    router = _router_ref(router_w, 1)
+    return MoECase(
+        "gather_top1_no_sum",
+        top1,
+        (x, router_w, w_gate, w_up, w_down),
+        MOE,
+        moe_expect(1, num_experts, "swiglu", "gather"),
+        note="k=1 and no sum over k: y * w[T, 1]; weights gathered by ids[:, 0]",
+        ref=_ref(x, [_block_ref(router, _ffn_ref("swiglu", w_up, w_down, gate=w_gate))]),
+    )
+
+
 def make_gather_gpt_oss_reference() -> MoECase:
     """GPT-OSS reference MLPBlock port: torch-layout mlp1 [E,2F,D] gathered per token, clamped swiglu."""
     num_tokens, d_model, d_ff, num_experts, top_k = 16, 32, 64, 32, 4
@@ -1563,6 +1591,7 @@ ALL_MOE_BLOCKS = [
     # gather
     make_gather_decode_einsum,
     make_gather_take_gelu_bf16_top1,
+    make_gather_top1_no_sum,
     make_gather_gpt_oss_reference,
     # loop
     make_loop_masks_mixtral,
