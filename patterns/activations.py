@@ -142,18 +142,22 @@ def _with_const(view: View, atom: Any, op: str, const: float) -> Any | None:
 
 def _gelu_tanh(view: View, atom: Any) -> Any | None:
     """x for 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))) in any association of the products
-    (jax.nn.gelu's `x * (0.5 * (1 + tanh(...)))`, a hand-written `0.5 * x * (...)`), x^3 as
-    `x ** 3` or `x * x * x`."""
+    (jax.nn.gelu's `x * (0.5 * (1 + tanh(...)))`, a hand-written `0.5 * x * (...)`), or its identity
+    x * sigmoid(2 sqrt(2/pi) * (...)); x^3 as `x ** 3` or `x * x * x`."""
     tol = _precision(atom)
     outer = idioms.product(view, atom)
-    if len(outer.factors) != 2 or not _near(outer.coef, 0.5, tol):
+    if len(outer.factors) != 2:
         return None
     for x, h in (outer.factors, outer.factors[::-1]):
         t = _with_const(view, h, "add", 1.0)
-        if t is None or view.op(t) != "tanh":
+        if t is not None and view.op(t) == "tanh" and _near(outer.coef, 0.5, tol):
+            arg, scale = view.args(t)[0], SQRT_2_OVER_PI
+        elif (s := idioms.sigmoid(view, h)) is not None and _near(outer.coef, 1.0, tol):
+            arg, scale = s, 2 * SQRT_2_OVER_PI  # 0.5 * (1 + tanh(z)) == sigmoid(2 z)
+        else:
             continue
-        inner = idioms.product(view, view.args(t)[0])
-        if len(inner.factors) != 1 or not _near(inner.coef, SQRT_2_OVER_PI, tol):
+        inner = idioms.product(view, arg)
+        if len(inner.factors) != 1 or not _near(inner.coef, scale, tol):
             continue
         poly = inner.factors[0]
         if view.op(poly) != "add":

@@ -417,6 +417,19 @@ def _read_weights(view: View, f: _Found, vals: Any, ids: Any) -> None:
                 if x is not None and view.canon(x) is view.canon(vals):  # Llama4: sigmoid of the top logits
                     f.order, f.score, f.weights = "topk_then_score", "sigmoid", view.canon(u.outvars[0])
                     return
+    if f.score == "none" and not vals_used and f.bias is None and f.group is None:
+        # sigmoid(logits) gathered at the logits' own top-k ids is sigmoid of the top-k values, exactly
+        # (elementwise: sigmoid(l)[ids] == sigmoid(l[ids])): the top-k-then-sigmoid router
+        for u in near_ids:
+            ta = idioms.take_along_axis(view, u.outvars[0]) if u.primitive.name == "gather" else None
+            if ta is None or view.canon(ta[1]) is not view.canon(ids):
+                continue
+            x = idioms.sigmoid(view, ta[0])
+            if x is not None and view.canon(x) is view.canon(f.scores):
+                f.order, f.score, f.weights = "topk_then_score", "sigmoid", view.canon(u.outvars[0])
+                f.notes += ("the weights are sigmoid(logits) gathered at the ids of the logits' top-k: "
+                            "the sigmoid of the top-k values",)
+                return
     if not view.is_output(ids):
         for u in near_ids:
             ta = idioms.take_along_axis(view, u.outvars[0]) if u.primitive.name == "gather" else None

@@ -31,6 +31,7 @@ def _view(fn, *args):
         (lambda x: x * 0.5 * (1 + jnp.tanh((x + 0.044715 * x * x * x) * 0.7978845608)), "gelu_tanh"),
         (lambda x: 0.5 * x * (1.0 + jax.lax.erf(x / 1.4142135623730951)), "gelu"),
         (lambda x: (x * 0.5) * (1.0 + jax.lax.erf(x * 0.7071067811865476)), "gelu"),
+        (lambda x: x * jax.nn.sigmoid(1.5957691216 * (x + 0.044715 * x * x * x)), "gelu_tanh"),
     ],
 )
 def test_plain_activations(fn, name):
@@ -59,6 +60,7 @@ def test_gelu_in_bfloat16_its_constants_rounded(approximate, name):
         lambda x: 0.5 * x * (1.0 + jax.lax.erf(x / 1.5)),
         lambda x: 0.5 * x * (1.0 + jax.lax.erf(jnp.ones_like(x) / 1.4142135623730951)),
         lambda x: 0.5 * x * x * (1.0 + jax.lax.erf(x / 1.4142135623730951)),
+        lambda x: x * jax.nn.sigmoid(0.7978845608 * (x + 0.044715 * x * x * x)),  # sigmoid(z), not (2z)
     ],
 )
 def test_not_activations(fn):

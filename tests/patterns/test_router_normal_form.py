@@ -96,3 +96,37 @@ def test_scores_made_outside_a_body_are_named_in_the_plan(name):
     assert site.params["score"] == "none" and site.path.startswith("shard_map")
     (note,) = site.notes
     assert note.startswith(f"the scores are a {kind} (tests/zoo/routers.py:"), note
+
+
+def _top_k_then_gathered(scores_of):
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    def router(x, w):
+        logits = x @ w
+        _, ids = lax.top_k(logits, 2)
+        return jnp.take_along_axis(scores_of(logits), ids, axis=-1), ids
+
+    x = jnp.asarray(jax.random.normal(jax.random.key(0), (16, 32)))
+    w = jnp.asarray(jax.random.normal(jax.random.key(1), (32, 8)))
+    return router, (x, w)
+
+
+def test_sigmoid_gathered_at_the_logits_own_top_k_is_the_sigmoid_of_the_top_k_values():
+    import jax
+
+    fn, args = _top_k_then_gathered(jax.nn.sigmoid)
+    plan = moefuse.plan(fn, *args)
+    (site,) = plan.fused
+    assert (site.params["order"], site.params["score"]) == ("topk_then_score", "sigmoid"), str(plan)
+    for got, want in zip(moefuse.jit(fn)(*args), jax.jit(fn)(*args)):
+        assert (got == want).all()  # ids and weights bit for bit
+
+
+def test_sigmoid_of_other_values_gathered_at_the_top_k_ids_is_not_a_router():
+    import jax
+
+    fn, args = _top_k_then_gathered(lambda logits: jax.nn.sigmoid(2.0 * logits))
+    plan = moefuse.plan(fn, *args)
+    assert plan.fused == [] and "no routing weights" in plan.declined[0].reason, str(plan)
