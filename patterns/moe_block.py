@@ -186,6 +186,14 @@ class MoePattern:
             if ffn.row_scale is not None:
                 return NoMatch(anchor, _BOTH, OP)
             return _proposal(view, anchor, ffn, weights, ids, num_e, "dense", w_atom.aval.dtype)
+        choices = choice_combine(view, w_atom)
+        if choices is not None:
+            weights, ids, num_e = choices
+            ffn = dense_expert_outputs(view, o_atom, num_e)
+            if ffn is not None and ffn.row_scale is None and ffn.labels[o_sum] == "E" and tuple(
+                ffn.labels[d] for d in o_tok
+            ) == token_labels(len(o_tok)):
+                return _proposal(view, anchor, ffn, weights, ids, num_e, "dense", w_atom.aval.dtype)
         picked = _picked_dense_outputs(view, o_atom, o_sum, o_tok)
         if picked is not None:
             ffn, ids, num_e = picked
@@ -498,22 +506,25 @@ def _proposal(
     gated = ffn.w_up is not None
     expert_weights = [ffn.w_gate] + ([ffn.w_up] if gated else []) + [ffn.w_down]
     arrays = [_arrays(w) for w in expert_weights]  # a matrix kept per expert is E inputs of the op
-    inputs = [ffn.x, weights, ids, *(a for group in arrays for a in group), *(b.array for b in biases)]
+    choices = isinstance(ids, tuple)  # one [..T] array per choice: the op stacks them along k
+    w_in_op, ids_in_op = (list(weights), list(ids)) if choices else ([weights], [ids])
+    inputs = [ffn.x, *w_in_op, *ids_in_op, *(a for group in arrays for a in group)]
+    inputs += [b.array for b in biases]
     scale_dtype = None
     if on_input:  # the op multiplies x * w as jnp does, in their promoted dtype
         scale_dtype = jnp.dtype(ffn.row_scale.dtype)
-        if scale_dtype != jnp.result_type(ffn.x.aval.dtype, weights.aval.dtype):
+        if choices or scale_dtype != jnp.result_type(ffn.x.aval.dtype, weights.aval.dtype):
             return NoMatch(anchor, f"the tokens are scaled in {scale_dtype.name}, not in the dtype of "
                            "tokens times weights", OP)
     # the scaled rows carry the router weights into the experts: that is the op's own rounding there
-    block = FfnValues(ffn.x, arrays, inputs, [] if on_input else [weights], y, combine_dtype,
+    block = FfnValues(ffn.x, arrays, inputs, [] if on_input else w_in_op, y, combine_dtype,
                       bool(biases), scale_dtype)
     prec = ffn_precision(view, block)
     if isinstance(prec, str):
         return NoMatch(anchor, prec, OP)
     params = MoeParams(
         num_experts=num_e,
-        k=_shape(ids)[-1],
+        k=len(ids) if choices else _shape(ids)[-1],
         **kernel_activation(ffn.activation),
         fused_gate_up=layout is not None,
         gate_up_layout=layout or "concat",
@@ -528,12 +539,18 @@ def _proposal(
         **dict(ffn.act_params),
     )
     n_w = len(inputs) - len(biases)
+    n_r = len(w_in_op) + len(ids_in_op) + 1  # x, the router weights and the ids
 
-    def emit(kernel: str, x: Any, w: Any, i: Any, *rest: Any) -> list[Any]:
-        given = iter(rest[: n_w - 3])
+    def emit(kernel: str, x: Any, *rest: Any) -> list[Any]:
+        w, i = rest[0], rest[1]
+        if choices:
+            w = _stacked_choices(rest[: len(w_in_op)])
+            i = _stacked_choices(rest[len(w_in_op) : n_r - 1]).astype(jnp.int32)  # integer expert ids < E
+        rest = rest[n_r - 1 :]
+        given = iter(rest[: n_w - n_r])
         ws = [tuple(next(given) for _ in group) if isinstance(m, PerExpertWeights) else next(given)
               for m, group in zip(expert_weights, arrays)]
-        bs = list(rest[n_w - 3 :])
+        bs = list(rest[n_w - n_r :])
         w_in, wd, b_in, b_down = _kernel_weights(ffn, layout, ws, bs, x.dtype)
         # several token dims ([B, S, D]) run as [B * S, D]; the recognisers proved that x, w, ids and
         # y list the tokens in the same row-major order (y may also hold unit dims that x lacks)
@@ -548,6 +565,62 @@ def _proposal(
         described[EXPERT_WEIGHTS_PARAM] = "per_expert"
     routed = Proposal(op=OP, anchor=anchor, inputs=inputs, outputs=[y], params=described, emit=emit)
     return with_shared_expert(view, routed, ffn.x)
+
+
+def _stacked_choices(arrays: tuple[Any, ...]) -> Any:
+    """One [..T, k] array of the k per-choice arrays [..T] (or [..T, 1])."""
+    tokens = min((jnp.shape(a) for a in arrays), key=len)
+    return jnp.stack([a.reshape(tokens) for a in arrays], axis=-1)
+
+
+def choice_combine(view: View, atom: Any) -> tuple[tuple[Any, ...], tuple[Any, ...], int] | None:
+    """(weights, ids, E), one [..T] array per choice in each, if atom [..T, E] = sum over the choices c of
+    w_c[..t] * (ids_c[..t] == e): terms `one_hot(ids_c, E) * w_c[..., None]` or `where(one_hot(ids_c, E),
+    w_c[..., None], 0)` added up (`one_hot(first) * w[:, :1] + one_hot(second) * w[:, 1:]`), or one such
+    term (top-1 by `where(arange(E) == argmax, max, 0)`). w_c may keep a unit dim ([..T, 1])."""
+    atom = view.uncast(atom)
+    rank = len(_shape(atom))
+    if rank < 2:
+        return None
+    num_e, tokens = _shape(atom)[-1], _shape(atom)[:-1]
+    ws, ids = [], []
+    for term in _added_terms(view, atom):
+        got = _choice_term(view, term, num_e, tokens)
+        if got is None:
+            return None
+        ws.append(got[0])
+        ids.append(got[1])
+    return tuple(ws), tuple(ids), num_e
+
+
+def _added_terms(view: View, atom: Any) -> list[Any]:
+    atom = view.canon(atom)
+    if view.op(atom) == "add":
+        return [t for a in view.args(atom) for t in _added_terms(view, a)]
+    return [atom]
+
+
+def _choice_term(view: View, term: Any, num_e: int, tokens: tuple[int, ...]) -> tuple[Any, Any] | None:
+    """(w_c, ids_c) for term [..T, E] = w_c[..., None] * (ids_c[..., None] == arange(E))."""
+    if view.op(term) == "select_n":
+        pred, zero, w_side = view.args(term)
+        pairs = [(pred, w_side)] if view.scalar(zero) == 0.0 else []
+    elif view.op(term) == "mul":
+        pairs = [tuple(view.args(term)), tuple(view.args(term))[::-1]]
+    else:
+        return None
+    for oh_side, w_side in pairs:
+        oh = idioms.one_hot(view, oh_side)
+        if oh is None or oh[1] != num_e or _shape(oh[0]) != tokens or not jnp.issubdtype(
+            oh[0].aval.dtype, jnp.integer
+        ):
+            continue
+        w, dims = idioms.unexpand(view, w_side)
+        nt = len(tokens)
+        keeps_tokens = all(dims.get(d) == d for d in range(nt))
+        if keeps_tokens and (_shape(w) == tokens or (_shape(w) == (*tokens, 1) and dims.get(nt) == nt)):
+            return view.uncast(w), oh[0]
+    return None
 
 
 def _fused_layout(ffn: ExpertFfn) -> str | None:

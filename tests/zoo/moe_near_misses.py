@@ -757,3 +757,33 @@ NEAR_MOE_MISSES += [
     make_nm_moe_scaled_input_half_sum,
     make_nm_moe_dense_scaled_input_with_bias,
 ]
+
+
+def make_nm_moe_choice_combine_plus_uniform() -> ZooCase:
+    """A dense block whose [T, E] combine is one_hot(first) * w1 + one_hot(second) * w2 plus a uniform
+    0.05 for every expert: every expert's output reaches every token, not only the two chosen ones."""
+    num_tokens, d_model, d_ff, num_experts = 16, 32, 48, 8
+    x = normal(2630, (num_tokens, d_model))
+    wr = _w(2631, (d_model, num_experts), d_model)
+    w_up = _w(2632, (num_experts, d_model, d_ff), d_model)
+    w_down = _w(2633, (num_experts, d_ff, d_model), d_ff)
+
+    def fn(x, wr, w_up, w_down):
+        w, ids = lax.top_k(jax.nn.softmax(x @ wr, axis=-1), 2)
+        combine = (
+            jax.nn.one_hot(ids[:, 0], num_experts) * w[:, :1]
+            + jax.nn.one_hot(ids[:, 1], num_experts) * w[:, 1:]
+            + 0.05
+        )
+        y = jnp.einsum("tef,efd->ted", jax.nn.relu(jnp.einsum("td,edf->tef", x, w_up)), w_down)
+        return jnp.einsum("ted,te->td", y, combine)
+
+    return _case(
+        "nm_moe_choice_combine_plus_uniform",
+        fn,
+        (x, wr, w_up, w_down),
+        "the combine adds 0.05 of every expert's output to every token: not only the chosen experts",
+    )
+
+
+NEAR_MOE_MISSES += [make_nm_moe_choice_combine_plus_uniform]
