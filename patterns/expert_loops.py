@@ -292,10 +292,11 @@ def _stacked_slice(view: View, atom: Any) -> tuple[Any, int] | None:
     return stacked, int(starts[0])
 
 
-def slot_column(view: View, atom: Any) -> tuple[Any, int] | None:
+def slot_column(view: View, atom: Any, whole: bool = False) -> tuple[Any, int] | None:
     """(a, j) if atom [T] is column j of a 2-D array a [T, K] (`a[:, j]`), looking through broadcasts;
-    the column may keep its unit dim (`a[:, j:j + 1]`, broadcast along the features by a product), and
-    a [T, 1] array is its own column 0 (top-1: `w * y`)."""
+    the column may keep its unit dim (`a[:, j:j + 1]`, broadcast along the features by a product).
+    With `whole`, a [T, 1] array is its own column 0 (a top-1 block's `w * y`; not by default, where a
+    [T, 1] factor is just as likely a shared expert's gate)."""
     atom, dims = idioms.unexpand(view, atom)
     if dims.get(0) != 0:  # w[:, j, None]: the column must run along the tokens
         return None
@@ -315,7 +316,7 @@ def slot_column(view: View, atom: Any) -> tuple[Any, int] | None:
         column = atom
     else:
         return None
-    if _shape(column)[1] == 1 and view.op(column) != "slice":
+    if whole and _shape(column)[1] == 1 and view.op(column) != "slice":
         return column, 0  # the one column of a [T, 1] array (top-1)
     cut = column_slice(view, column)
     if cut is None or cut[1] != 1 or len(_shape(cut[0])) != 2:
@@ -339,12 +340,12 @@ def _slot_term(view: View, term: Any) -> tuple[int, tuple, tuple] | None:
     if view.op(term) != "mul" or len(_shape(term)) != 2:
         return None
     for wexp, cur in (view.args(term), view.args(term)[::-1]):
-        col = slot_column(view, wexp)
+        col = slot_column(view, wexp, whole=True)
         down = _slot_matvec(view, view.uncast(cur))
         if col is None or down is None:
             continue
         h, wd, ids_j, wd_dims = down
-        ids_col = slot_column(view, ids_j)
+        ids_col = slot_column(view, ids_j, whole=True)
         inner = activation_of(view, h)
         if ids_col is None or ids_col[1] != col[1] or inner is None:
             continue

@@ -365,17 +365,36 @@ def _is_loop_sum_root(view: View, eqn: Any) -> bool:
 
 
 def _is_single_slot(view: View, eqn: Any) -> bool:
-    """A top-1 block's combine `w * y` with no sum over the slots: a [..T, 1] router weight (its one
-    column) times a [T, D] value whose factor is a gathered expert's output, and no add of loop terms
-    above it (that add is the anchor then)."""
+    """A top-1 block's combine `w * y` with no sum over the slots: a [..T, 1] router weight of a top-1
+    choice (its one column) times a [T, D] value, and no add of loop terms above it (that add is the
+    anchor then)."""
     if len(_shape(eqn.outvars[0])) != 2:
         return False
     for side in view.args(eqn.outvars[0]):
-        col = slot_column(view, side)
-        if col is not None and _shape(col[0])[1:] == (1,) and jnp.issubdtype(side.aval.dtype, jnp.floating):
+        col = slot_column(view, side, whole=True)
+        if col is None or _shape(col[0])[1:] != (1,) or not jnp.issubdtype(side.aval.dtype, jnp.floating):
+            continue
+        if _from_top1(view, col[0]):
             users = view.users(eqn.outvars[0])
             return not any(u.primitive.name == "add" and _adds_expert_term(view, u) for u in users)
     return False
+
+
+def _from_top1(view: View, atom: Any, depth: int = 6) -> bool:
+    """Whether atom [..T, 1] is computed, elementwise in its own layout, from a top-1 choice: the values
+    of a `top_k(.., 1)`, or scores gathered at its ids (a shared expert's [T, 1] gate is not)."""
+    atom = view.canon(atom)
+    eqn = view.producer(atom)
+    if eqn is None:
+        return False
+    if eqn.primitive.name in ("top_k", "approx_top_k"):
+        return view.out_index(atom) == 0
+    if eqn.primitive.name == "gather" and (ta := idioms.take_along_axis(view, atom)) is not None:
+        ids = view.producer(ta[1])
+        return ids is not None and ids.primitive.name in ("top_k", "approx_top_k")
+    return depth > 0 and any(
+        _from_top1(view, a, depth - 1) for a in view.args(atom) if _shape(a) == _shape(atom)
+    )
 
 
 def _adds_expert_term(view: View, eqn: Any) -> bool:

@@ -323,3 +323,16 @@ def test_values_and_grads(spelling, case):
     assert_same(want, got)
     for name, g, w in zip(ARG_NAMES, got_grads, want_grads, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=f"d loss / d {name}")
+
+
+def test_a_gated_mlp_is_no_top1_combine():
+    """sigmoid(x @ g) [T, 1] times an MLP looks like a top-1 block's `w * y`, but the [T, 1] factor is
+    no top-1 choice: nothing is examined (no moe anchor, no decline)."""
+    x = jnp.ones((8, 16))
+    g, w1, w2 = jnp.ones((16, 1)), jnp.ones((16, 32)) * 0.1, jnp.ones((32, 16)) * 0.1
+
+    def fn(x, g, w1, w2):
+        return jax.nn.sigmoid(x @ g) * (jax.nn.relu(x @ w1) @ w2)
+
+    plan = moefuse.plan(fn, x, g, w1, w2)
+    assert plan.fused == [] and plan.declined == [], str(plan)
