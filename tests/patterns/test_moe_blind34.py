@@ -59,7 +59,7 @@ FUSED = {
 
 # Fused blocks whose router stays as written, and the reason the Plan shows (None: no route decline).
 ROUTER_NOT_FUSED = {
-    # top-k as a reversed argsort of the probabilities, read by fancy indexing: no top_k to anchor on
+    # ids = argsort(p)[:, ::-1][:, :3]: a reversed argsort, nothing declined as a route
     "argsort_reversed_fancy_vmap_tokens": None,
     # SparseMixer's top-2 is two argmaxes with relative-threshold masked softmaxes: no top_k at all
     "phimoe_sparsemixer_loop": None,
@@ -74,13 +74,14 @@ NOT_FUSED = {
     "llama4_sorted_ragged_on_input": "top-k of raw logits used as weights without a softmax",
     # weights_on_input: fused by the llama4 branch
     "llama4_loop_top2_on_input_bf16": "top-k of raw logits used as weights without a softmax",
-    # top-2 as argmax, mask with -inf, argmax again; combine one_hot(first) * w[:, :1] + one_hot(second) * ...
+    # the lead's (not loops): the reasons the Plan shows today
+    # no top_k: argmax, argmax again with the first masked to -inf; combine of one-hots times w columns
     "argmax_twice_neg_inf_geglu": "no combine of expert outputs by router weights",
-    # GELU written through a sigmoid (x * sigmoid(1.702 x)); the router's ids pick from other logits
+    # top_k on the logits (sigmoid weights gathered after); the routed GELU written as a * sigmoid(2z)
     "sigmoid_gelu_gather_tkd_shared": "no combine of expert outputs by router weights",
-    # top-1 in bf16 with a round trip through f32 projections (preferred_element_type) per slot
+    # bf16 top-1 with preferred_element_type f32 projections and bf16 round trips of the results
     "bf16_top1_no_renorm_roundtrip": "no combine of expert outputs by router weights",
-    # top-1 as argmax and max, dense experts with biases
+    # no top_k: argmax for the id, max for the weight; dense ReLU MLP with biases
     "keras_argmax_max_top1_dense_bias": "no combine of expert outputs by router weights",
 }
 
