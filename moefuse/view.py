@@ -281,17 +281,25 @@ class View:
 
     # ---- values --------------------------------------------------------------------------
     def value(self, atom: Any) -> np.ndarray | None:
-        """Concrete value of a literal, a constant, or a broadcast of either; else None."""
+        """Concrete value of a literal, a constant, or a broadcast of either (also a broadcast of a
+        broadcast, as `vmap` adds a batch dim to a constant: `zeros[8, 16]` to [1, 8, 16]); else None."""
         atom = self.canon(atom)
         if C.is_literal(atom):
             return np.asarray(atom.val)
         if atom in self.consts:
             return np.asarray(self.consts[atom])
         eqn = self.producer(atom)
-        if eqn is not None and eqn.primitive.name in ("broadcast_in_dim", "convert_element_type", "reshape"):
-            inner = self.value(eqn.invars[0])
-            if inner is not None and inner.size == 1:
-                return np.full(eqn.outvars[0].aval.shape, inner.reshape(()), eqn.outvars[0].aval.dtype)
+        if eqn is None or eqn.primitive.name not in ("broadcast_in_dim", "convert_element_type", "reshape"):
+            return None
+        inner = self.value(eqn.invars[0])
+        out = eqn.outvars[0].aval
+        if inner is not None and inner.size == 1:  # read-only views of the inner entries, no copies
+            return np.broadcast_to(inner.reshape(()).astype(out.dtype), out.shape)
+        if inner is not None and eqn.primitive.name == "broadcast_in_dim":
+            placed = [1] * len(out.shape)
+            for i, d in enumerate(eqn.params["broadcast_dimensions"]):
+                placed[d] = inner.shape[i]
+            return np.broadcast_to(inner.reshape(placed), out.shape)
         return None
 
     def scalar(self, atom: Any) -> float | None:
@@ -299,6 +307,7 @@ class View:
         val = self.value(atom)
         if val is None or val.size == 0 or np.iscomplexobj(val):  # a complex value is not a float
             return None
+        val = val[tuple(0 if st == 0 else slice(None) for st in val.strides)]  # a broadcast's own entries
         flat = val.reshape(-1)
         first = flat[0]
         if np.isnan(first) if np.issubdtype(flat.dtype, np.floating) else False:

@@ -1,8 +1,9 @@
 """Expert FFNs unrolled by a Python loop: over the experts, or over the k slots of each token.
 
     y = sum over e of weight_e[:, None] * FFN(x; W[e])          (looped_expert_outputs)
-    (W[e] the e-th slice of a stacked W, or expert e's arrays of its own: `PerExpertWeights`;
-    also in a layout with unit token dims: y [1, T, D] = sum of weight_e[:, :, None] * FFN_e(x)[None])
+    (W[e] the e-th slice of a stacked W, or expert e's arrays of its own: `PerExpertWeights`, biases
+    likewise; also in a layout with unit token dims: y [1, T, D] = sum of weight_e[:, :, None] *
+    FFN_e(x)[None]; each expert may read only its routed tokens: FFN_e(x * any(ids == e, -1)[:, None]))
     y = sum over j of w[:, j, None] * FFN(x; W[ids[:, j]])       (slot_loop_outputs)
 
     ffn, weights, ids = looped_expert_outputs(view, y)
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 
 from moefuse import idioms
 from moefuse.patterns.activations import activation_of, scalar_operand
-from moefuse.patterns.dots import column_slice, dot, down_labels, through_transpose
+from moefuse.patterns.dots import Bias, column_slice, dot, down_labels, through_transpose
 from moefuse.patterns.experts import ExpertFfn, PerExpertWeights
 from moefuse.view import View
 
@@ -34,12 +35,15 @@ def looped_expert_outputs(view: View, y: Any) -> tuple[ExpertFfn, Any, Any] | No
     sum(where(ids == e, w, 0), -1) (or a spelling of it, `loop_expert_weight`), and each expert's FFN
     reads its weights W_e either as the e-th slice of stacked weights or as arrays of its own (a model
     that keeps each expert as a module: separate inputs, constants or values computed before the
-    block), per matrix; the own arrays of all experts must agree in shape, dtype and layout, and
-    expert e's come from the term whose weight selects `ids == e` (`PerExpertWeights`). Every expert
-    e < E appears once: E is the stacked weights' expert dim, or the number of terms when every matrix
-    is per expert (ids past the last expert contribute nothing, in the program and in the fused op).
-    y, x, the weights and the FFN's result may hold the tokens with unit dims added ([1, T, D], ids
-    [1, T, k]): each token's row then sits at the same place of each, in row-major order.
+    block), per matrix and per bias (`x @ W_e + b_e`); the own arrays of all experts must agree in
+    shape, dtype and layout, and expert e's come from the term whose weight selects `ids == e`
+    (`PerExpertWeights`). Every expert e < E appears once: E is the stacked weights' expert dim, or the
+    number of terms when every matrix is per expert (ids past the last expert contribute nothing, in
+    the program and in the fused op). y, x, the weights and the FFN's result may hold the tokens with
+    unit dims added ([1, T, D], ids [1, T, k]): each token's row then sits at the same place of each,
+    in row-major order; the FFN's result may be cast before it is weighted (`ffn_precision` reads it).
+    An expert may read x with the rows of the tokens not routed to it zeroed
+    (`x * any(ids == e, -1)[:, None]`, `_routed_rows`): those rows are weighted by 0.
     """
     return _unrolled_sum(view, y, _loop_term, _num_experts)
 
@@ -52,46 +56,68 @@ def _num_experts(stacks: tuple, own_count: int, ids: Any) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class _Own:
-    """The key of a matrix each term reads as an array of its own: what all of them must agree in."""
+    """The key of a matrix or bias each term reads as an array of its own: what all of them must agree in."""
 
     shape: tuple[int, ...]
     dtype: Any
 
 
+@dataclasses.dataclass(frozen=True)
+class _TermKey:
+    """What every term of an unrolled sum must agree in. `stacks` holds each matrix as (W, labels),
+    `biases` each projection's bias as (B, labels) or None, W and B the stacked array or an `_Own`."""
+
+    x: Any
+    stacks: tuple
+    biases: tuple
+    activation: str
+    act_params: tuple
+    weights: Any
+    ids: Any
+
+
 def _unrolled_sum(view: View, y: Any, term_of: Any, count: Any) -> tuple[ExpertFfn, Any, Any] | None:
-    """A sum of unrolled terms, term_of(view, term) -> (index, key, own), one term for each index in
-    range(count(stacks, number of terms, ids)), all with the same key (x, weight stacks, activation,
-    weights, ids). A matrix whose key is an `_Own` is read from each term's own array (own[m])."""
-    seen: dict[int, tuple] = {}
+    """A sum of unrolled terms of y's shape, term_of(view, term) -> (index, key, own), one term for
+    each index in range(count(stacks, number of terms, ids)), all with the same `_TermKey`. A matrix or
+    bias whose key is an `_Own` is read from each term's own array (own[m], matrices then biases)."""
+    seen: dict[int, _TermKey] = {}
     owns: dict[int, tuple] = {}
     for term in (t for t in _sum_terms(view, y) if view.scalar(t) != 0.0):
-        got = term_of(view, term)
+        got = term_of(view, term) if _shape(term) == _shape(y) else None  # no term broadcast into y
         if got is None or got[0] in seen:
             return None
         seen[got[0]], owns[got[0]] = got[1], got[2]
     if len(set(seen.values())) != 1:
         return None
-    ((x, stacks, act, act_params, w, ids),) = set(seen.values())
-    if sorted(seen) != list(range(count(stacks, len(seen), ids))):
+    (key,) = set(seen.values())
+    if sorted(seen) != list(range(count(key.stacks, len(seen), key.ids))):
         return None
-    stacks = tuple(
-        (PerExpertWeights(tuple(owns[i][m] for i in sorted(owns))) if isinstance(w_m, _Own) else w_m, dims)
-        for m, (w_m, dims) in enumerate(stacks)
+    order = sorted(owns)
+
+    def resolved(m: int, part: Any) -> Any:
+        return PerExpertWeights(tuple(owns[i][m] for i in order)) if isinstance(part, _Own) else part
+
+    stacks = tuple((resolved(m, w_m), dims) for m, (w_m, dims) in enumerate(key.stacks))
+    n = len(stacks)
+    biases = tuple(
+        None if b is None else Bias(resolved(n + m, b[0]), b[1], None) for m, b in enumerate(key.biases)
     )
-    (wg, wg_dims), up, (wd, wd_dims) = stacks if len(stacks) == 3 else (stacks[0], None, stacks[1])
+    (wg, wg_dims), up, (wd, wd_dims) = stacks if n == 3 else (stacks[0], None, stacks[1])
+    b_gate, b_up, b_down = biases if n == 3 else (biases[0], None, biases[1])
     ffn = ExpertFfn(
-        x=x,
+        x=key.x,
         w_gate=wg,
         w_up=None if up is None else up[0],
         w_down=wd,
-        activation=act,
+        activation=key.activation,
         labels=("T0", "D"),
         w_gate_dims=wg_dims,
         w_up_dims=None if up is None else up[1],
         w_down_dims=wd_dims,
-        act_params=act_params,
+        biases=(b_gate, b_up, b_down),
+        act_params=key.act_params,
     )
-    return ffn, w, ids
+    return ffn, key.weights, key.ids
 
 
 def _sum_terms(view: View, atom: Any) -> list[Any]:
@@ -101,9 +127,9 @@ def _sum_terms(view: View, atom: Any) -> list[Any]:
     return [atom]
 
 
-def _loop_term(view: View, term: Any) -> tuple[int, tuple, tuple] | None:
+def _loop_term(view: View, term: Any) -> tuple[int, _TermKey, tuple] | None:
     """(e, key, own) for term = weight_e[:, None] * FFN_e(x); key holds what must agree across experts,
-    own each matrix's array of its own (None where it is the e-th slice of a stacked one).
+    own each matrix's and bias's array of its own (None where it is the e-th slice of a stacked one).
 
     term [..T, D] may have unit token dims that weight_e [..T] and FFN_e(x) [..T, D] lack or hold
     elsewhere (`_same_rows`)."""
@@ -118,25 +144,28 @@ def _loop_term(view: View, term: Any) -> tuple[int, tuple, tuple] | None:
             continue
         e, w, ids = sel
         out, out_dims = idioms.unexpand(view, cur)
+        out = view.uncast(out)  # the expert's result cast for the combine (`ffn_precision` reads it)
         if len(_shape(out)) < 2 or not _same_rows(term, out, out_dims, tokens_only=False):
             continue
-        down = _expert_dot(view, out, e, contracted="F")
+        down = _expert_projection(view, out, e, contracted="F")
         if down is None:
             continue
-        a, wd, own_d = down
-        inner = activation_of(view, a)
+        inner = activation_of(view, down.lhs)
         if inner is None:
             continue
         act, gate, up, act_params = inner
-        g = _expert_dot(view, gate, e, contracted="D")
-        u = None if up is None else _expert_dot(view, up, e, contracted="D")
-        if g is None or (up is not None and (u is None or not view.same(u[0], g[0]))):
+        g = _expert_projection(view, gate, e, contracted="D")
+        u = None if up is None else _expert_projection(view, up, e, contracted="D")
+        if g is None or (up is not None and (u is None or not view.same(u.lhs, g.lhs))):
             continue
-        if _shape(g[0])[:-1] != _shape(out)[:-1]:
+        if _shape(g.lhs)[:-1] != _shape(out)[:-1]:
             continue  # the FFN keeps x's token dims: its rows are x's rows
-        stacks = (g[1], wd) if u is None else (g[1], u[1], wd)
-        own = (g[2], own_d) if u is None else (g[2], u[2], own_d)
-        return e, (view.canon(g[0]), stacks, act, act_params, w, ids), own
+        projs = (g, down) if u is None else (g, u, down)
+        x = _routed_rows(view, g.lhs, e, ids)
+        key = _TermKey(
+            x, tuple(p.weight for p in projs), tuple(p.bias for p in projs), act, act_params, w, ids
+        )
+        return e, key, tuple(p.own for p in projs) + tuple(p.own_bias for p in projs)
     return None
 
 
@@ -159,28 +188,30 @@ def loop_expert_weight(view: View, atom: Any) -> tuple[int, Any, Any] | None:
     """(e, w, ids) for atom[..t] = sum_j [ids[..t, j] == e] * w[..t, j].
 
     Spelled `sum(where(ids == e, w, 0), -1)`, `sum(w * (ids == e), -1)` (ids [..T, k], any number of
-    token dims), the same sum written out over the k columns (`where(ids[:, 0] == e, w[:, 0], 0) +
-    where(ids[:, 1] == e, w[:, 1], 0)`, `idioms.column_sum`), or a contraction of w [T, k] with expert
-    e's column of `one_hot(ids, E)` (`einsum('kt,tk->t', one_hot(ids).T[e], w)`, HF Qwen2-MoE).
+    token dims), the same sum over the k dim of a transposed layout (`sum(one_hot(ids).T[e] * w.T, 0)`,
+    HF PhiMoE), the same sum written out over the k columns (`where(ids[:, 0] == e, w[:, 0], 0) +
+    where(ids[:, 1] == e, w[:, 1], 0)`, `idioms.column_sum`), or a contraction of w [..T, k] with
+    expert e's column of `one_hot(ids, E)` over k, batched over the token dims
+    (`einsum('kt,tk->t', one_hot(ids).T[e], w)`, HF Qwen2-MoE; `einsum('sk,sk->s', ids == e, w)`, also
+    under `vmap`, which adds a batched token dim).
     The multiplying spellings differ from the fused op only for an infinite weight (inf * 0 is NaN).
     """
-    rank = len(_shape(atom)) + 1  # of ids and w
     atom = view.uncast(atom)  # jnp.sum of bf16 values: summed in f32 and cast back (one nonzero term)
-    if view.op(atom) == "reduce_sum" and tuple(view.params(atom)["axes"]) == (rank - 1,):
-        per_token = ("T",) * (rank - 1) + ("K",)
-
-        def mask(m: Any) -> tuple[Any, int] | None:
-            col = _onehot_column(view, m)
-            return (col[0], col[1]) if col is not None and col[2] == per_token else None
-
-        got = _selected_weight(view, view.uncast(view.args(atom)[0]), mask)
-        return got if got is not None and _shape(got[2]) == _shape(got[1]) else None
+    if view.op(atom) == "reduce_sum" and len(view.params(atom)["axes"]) == 1:
+        (axis,) = view.params(atom)["axes"]
+        got = _selected_weight(view, view.uncast(view.args(atom)[0]), lambda m: _onehot_column(view, m))
+        if got is None:
+            return None
+        (ids, e, labels), w_side = got
+        w = _in_ids_layout(view, w_side, labels) if labels.index("K") == axis else None
+        return (e, w, ids) if w is not None and _shape(w) == _shape(ids) else None
     summed = idioms.column_sum(view, atom)
     if summed is not None:
         got = _selected_weight(view, summed.term, lambda m: _equals_expert(view, m))
         if got is None:
             return None
-        e, w, ids = got[0], summed.arrays.get(got[1]), summed.arrays.get(got[2])
+        (ids_0, e), w_0 = got
+        w, ids = summed.arrays.get(w_0), summed.arrays.get(ids_0)
         return (e, w, ids) if w is not None and ids is not None and _shape(w) == _shape(ids) else None
     got = dot(view, atom)
     if got is None:
@@ -188,29 +219,37 @@ def loop_expert_weight(view: View, atom: Any) -> tuple[int, Any, Any] | None:
     lhs, rhs, lc, rc, lb, rb = got
     for m, w, mc, wc, mb, wb in ((lhs, rhs, lc, rc, lb, rb), (rhs, lhs, rc, lc, rb, lb)):
         col = _onehot_column(view, m)
-        if col is None or len(_shape(w)) != 2 or _shape(col[0]) != _shape(w):
+        if col is None or _shape(col[0]) != _shape(w):
             continue
         ids, e, labels = col
-        if (tuple(wc), tuple(wb)) == ((1,), (0,)) and (tuple(mc), tuple(mb)) == (
-            (labels.index("K"),),
-            (labels.index("T"),),
-        ):
+        nt = len(labels) - 1
+        tokens = tuple(i for i, lab in enumerate(labels) if lab == "T")
+        if (wc, wb) == ((nt,), tuple(range(nt))) and (mc, mb) == ((labels.index("K"),), tokens):
             return e, view.canon(w), ids
     return None
 
 
-def _selected_weight(view: View, atom: Any, mask: Any) -> tuple[int, Any, Any] | None:
-    """(e, w, ids) for atom = `where(m, w, 0)` or `w * m` (m cast to w's dtype), where mask(m) gives
-    (ids, e) for m = `ids == e`."""
+def _in_ids_layout(view: View, atom: Any, labels: tuple[str, ...]) -> Any | None:
+    """w [..T, K] (the ids' layout) if atom, whose dims are labelled `labels` (token dims "T" in order,
+    one "K"), is w itself or a transpose of it (`w.T` beside `one_hot(ids).T[e]`); else None."""
+    base, perm = through_transpose(view, atom)
+    ids_dims = iter(range(len(labels) - 1))
+    want = tuple(len(labels) - 1 if lab == "K" else next(ids_dims) for lab in labels)
+    return base if perm == want else None
+
+
+def _selected_weight(view: View, atom: Any, mask: Any) -> tuple[Any, Any] | None:
+    """(mask(m), w) for atom = `where(m, w, 0)` or `w * m` (m cast to w's dtype), where mask(m) is not
+    None (what it reads from m = `ids == e`)."""
     if view.op(atom) == "select_n":
         pred, on_false, on_true = view.args(atom)
         got = mask(pred) if view.scalar(on_false) == 0.0 else None
-        return None if got is None else (got[1], view.canon(on_true), got[0])
+        return None if got is None else (got, view.canon(on_true))
     if view.op(atom) == "mul":
         for m, w in (view.args(atom), view.args(atom)[::-1]):
             got = mask(m)
             if got is not None:
-                return got[1], view.canon(w), got[0]
+                return got, view.canon(w)
     return None
 
 
@@ -254,10 +293,42 @@ def _onehot_column(view: View, atom: Any) -> tuple[Any, int, tuple[str, ...]] | 
     return oh[0], cut[2][0], tuple(labels)
 
 
-def _expert_dot(view: View, atom: Any, e: int, contracted: str) -> tuple[Any, tuple, Any] | None:
-    """(lhs, (W, labels), own) for atom = lhs[..T, n] . M, M [n, m] (a transpose of) expert e's weight:
-    the e-th slice of a stacked W [E, .., ..] (own None), or an array of its own (W an `_Own` key of
-    its shape and dtype, own the array). The labels name the dim M contracts `contracted`."""
+@dataclasses.dataclass(frozen=True)
+class _Projection:
+    """One projection of expert e read from a loop term: lhs . M (+ b). `weight` is (W, labels) and
+    `bias` (B, labels) or None, W and B the stacked array (the e-th slice read) or an `_Own` key;
+    `own` and `own_bias` the arrays of the expert's own (None for a stacked slice or no bias)."""
+
+    lhs: Any
+    weight: tuple[Any, tuple[str, ...]]
+    own: Any
+    bias: tuple[Any, tuple[str, ...]] | None = None
+    own_bias: Any = None
+
+
+def _expert_projection(view: View, atom: Any, e: int, contracted: str) -> _Projection | None:
+    """Expert e's projection `lhs . M + b` (`_expert_dot`), its bias b [n_out] added along the output
+    dim when there is one (nn.Dense, nnx.Linear with use_bias): the e-th row of a stacked B [E, n_out]
+    or a vector of the expert's own."""
+    out_label = "F" if contracted == "D" else "D"
+    atom = view.canon(atom)
+    if view.op(atom) == "add":
+        for inner, b_side in (view.args(atom), view.args(atom)[::-1]):
+            b, dims = idioms.unexpand(view, b_side)
+            proj = _expert_dot(view, inner, e, contracted)
+            if proj is None or _shape(b) != _shape(atom)[-1:] or dims != {0: len(_shape(atom)) - 1}:
+                continue
+            stacked = _stacked_slice(view, b)
+            if stacked is not None and stacked[1] == e:
+                return dataclasses.replace(proj, bias=(stacked[0], ("E", out_label)))
+            return dataclasses.replace(proj, bias=(_Own(_shape(b), b.aval.dtype), (out_label,)), own_bias=b)
+    return _expert_dot(view, atom, e, contracted)
+
+
+def _expert_dot(view: View, atom: Any, e: int, contracted: str) -> _Projection | None:
+    """lhs . M for atom = lhs[..T, n] . M, M [n, m] (a transpose of) expert e's weight: the e-th slice
+    of a stacked W [E, .., ..] (own None), or an array of its own (W an `_Own` key of its shape and
+    dtype, own the array). The labels name the dim M contracts `contracted`."""
     got = dot(view, atom)
     if got is None:
         return None
@@ -271,12 +342,12 @@ def _expert_dot(view: View, atom: Any, e: int, contracted: str) -> tuple[Any, tu
     labels[1 - perm[rc[0]]] = "F" if contracted == "D" else "D"
     stacked = _stacked_slice(view, base)
     if stacked is not None and stacked[1] == e:
-        return lhs, (stacked[0], ("E", *labels)), None
-    return lhs, (_Own(_shape(base), base.aval.dtype), tuple(labels)), base
+        return _Projection(lhs, (stacked[0], ("E", *labels)), None)
+    return _Projection(lhs, (_Own(_shape(base), base.aval.dtype), tuple(labels)), base)
 
 
 def _stacked_slice(view: View, atom: Any) -> tuple[Any, int] | None:
-    """(W, i) if atom is W[i] for a stacked W [E, .., ..] (a unit slice of dim 0, squeezed)."""
+    """(W, i) if atom is W[i] for a stacked W [E, ...] (a unit slice of dim 0, squeezed)."""
     sq = view.producer(atom)
     if sq is None or sq.primitive.name != "squeeze" or tuple(sq.params["dimensions"]) != (0,):
         return None
@@ -285,11 +356,49 @@ def _stacked_slice(view: View, atom: Any) -> tuple[Any, int] | None:
         return None
     stacked = view.canon(sl.invars[0])
     starts, limits = sl.params["start_indices"], sl.params["limit_indices"]
-    if len(_shape(stacked)) != 3 or limits[0] != starts[0] + 1:
+    if limits[0] != starts[0] + 1:
         return None
-    if any(starts[d] != 0 or limits[d] != _shape(stacked)[d] for d in (1, 2)):
+    if any(starts[d] != 0 or limits[d] != _shape(stacked)[d] for d in range(1, len(starts))):
         return None
     return stacked, int(starts[0])
+
+
+def _routed_rows(view: View, atom: Any, e: int, ids: Any) -> Any:
+    """x if atom [..T, D] is x with the rows of the tokens not routed to expert e zeroed: `x * m[:, None]`
+    (m cast to x's dtype) or `where(m[:, None], x, 0)`, m = any(ids == e, -1) for the ids the term's
+    weight reads; else atom.
+
+    A routed token's row is x's own (x * 1 and the where are exact), and every other token's weight
+    for expert e is 0, so the term is the same on finite values; only a non-finite row of a token not
+    routed to e differs (x * 0 is NaN there, and NaN * 0 stays NaN in the program).
+    """
+    atom = view.canon(atom)
+    nt = len(_shape(atom)) - 1
+    if view.op(atom) == "mul":
+        pairs = [view.args(atom), view.args(atom)[::-1]]  # (x, mask) either way round
+    elif view.op(atom) == "select_n" and view.scalar(view.args(atom)[1]) == 0.0:
+        pairs = [(view.args(atom)[2], view.args(atom)[0])]
+    else:
+        return atom
+    for x, m_side in pairs:
+        m, dims = _token_flags(view, m_side)
+        if _shape(x) != _shape(atom) or len(_shape(m)) != nt or any(dims.get(i) != i for i in range(nt)):
+            continue
+        if view.op(m) != "reduce_or" or tuple(view.params(m)["axes"]) != (nt,):
+            continue  # any(.., -1) over the k slots of each token
+        col = _onehot_column(view, view.args(m)[0])
+        if col is not None and col[1] == e and view.same(col[0], ids) and col[2] == ("T",) * nt + ("K",):
+            return view.canon(x)
+    return atom
+
+
+def _token_flags(view: View, atom: Any) -> tuple[Any, dict[int, int]]:
+    """(m, dims) for atom = m broadcast by dims, looking through a cast of a bool m to numbers."""
+    m, dims = idioms.unexpand(view, atom)
+    if view.op(m) == "convert_element_type" and view.args(m)[0].aval.dtype == jnp.bool_:
+        inner, inner_dims = idioms.unexpand(view, view.args(m)[0])
+        return inner, {i: dims[d] for i, d in inner_dims.items() if d in dims}
+    return m, dims
 
 
 def slot_column(view: View, atom: Any, whole: bool = False) -> tuple[Any, int] | None:
@@ -334,9 +443,9 @@ def slot_loop_outputs(view: View, y: Any) -> tuple[ExpertFfn, Any, Any] | None:
     return _unrolled_sum(view, y, _slot_term, lambda stacks, terms, ids: _shape(ids)[1])
 
 
-def _slot_term(view: View, term: Any) -> tuple[int, tuple, tuple] | None:
+def _slot_term(view: View, term: Any) -> tuple[int, _TermKey, tuple] | None:
     """(j, key, own) for term = w[:, j, None] * FFN(x; W[ids[:, j]]); key must agree across slots (own:
-    no matrix is the slot's own)."""
+    no matrix is the slot's own, and no bias is read)."""
     if view.op(term) != "mul" or len(_shape(term)) != 2:
         return None
     for wexp, cur in (view.args(term), view.args(term)[::-1]):
@@ -358,7 +467,8 @@ def _slot_term(view: View, term: Any) -> tuple[int, tuple, tuple] | None:
             continue
         stacks = ((g[1], g[3]),) + (() if u is None else ((u[1], u[3]),))
         stacks += ((wd, down_labels(wd_dims)),)
-        return col[1], (view.canon(g[0]), stacks, act, act_params, col[0], ids_col[0]), (None,) * len(stacks)
+        key = _TermKey(view.canon(g[0]), stacks, (None,) * len(stacks), act, act_params, col[0], ids_col[0])
+        return col[1], key, (None,) * (2 * len(stacks))
     return None
 
 

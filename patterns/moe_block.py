@@ -75,10 +75,13 @@ SUPPORTED = (
         "Python loop over experts",
         "`for e in range(E)`: `w_e[:, None] * ffn(x, w1[e], ...)` or, experts kept as modules, "
         "`ffn(x, experts[e][...])` on arrays of their own (taken as they are, never stacked; `[in, out]` "
-        "or torch `.T`) with `w_e = sum(where(ids == e, w, 0), -1)`, `sum(w * (ids == e), -1)`, that sum "
-        "written out over the k slots (`where(ids[:, 0] == e, w[:, 0], 0) + ...`) or "
-        "`einsum('kt,tk->t', one_hot(ids).T[e], w)`; also with `[B, S, D]` tokens or in a `[1, T, D]` "
-        "layout (ids `[1, T, k]`, `w_e[:, :, None] * ffn(x)[None]`)",
+        "or torch `.T`; biases `b[e]` or their own, as `nn.Dense` adds them) with "
+        "`w_e = sum(where(ids == e, w, 0), -1)`, `sum(w * (ids == e), -1)`, that sum written out over the "
+        "k slots (`where(ids[:, 0] == e, w[:, 0], 0) + ...`), `sum(one_hot(ids).transpose(2, 1, 0)[e] * "
+        "w.T, 0)` or `einsum('kt,tk->t', one_hot(ids).T[e], w)`; the expert's result may be cast before "
+        "its weight, and it may read only its routed tokens (`x * any(ids == e, -1)[:, None]`); also with "
+        "`[B, S, D]` tokens, under `vmap` over the batch, or in a `[1, T, D]` layout (ids `[1, T, k]`, "
+        "`w_e[:, :, None] * ffn(x)[None]`)",
         "num_experts, k, activation",
     ),
     (
@@ -525,10 +528,10 @@ def _proposal(
     gated = ffn.w_up is not None
     expert_weights = [ffn.w_gate] + ([ffn.w_up] if gated else []) + [ffn.w_down]
     arrays = [_arrays(w) for w in expert_weights]  # a matrix kept per expert is E inputs of the op
+    bias_arrays = [_arrays(b.array) for b in biases]  # a bias kept per expert: E inputs too
     choices = isinstance(ids, tuple)  # one [..T] array per choice: the op stacks them along k
     w_in_op, ids_in_op = (list(weights), list(ids)) if choices else ([weights], [ids])
-    inputs = [ffn.x, *w_in_op, *ids_in_op, *(a for group in arrays for a in group)]
-    inputs += [b.array for b in biases]
+    inputs = [ffn.x, *w_in_op, *ids_in_op, *(a for group in arrays + bias_arrays for a in group)]
     scale_dtype = None
     if on_input:  # the op multiplies x * w as jnp does, in their promoted dtype
         scale_dtype = jnp.dtype(ffn.row_scale.dtype)
@@ -557,19 +560,17 @@ def _proposal(
         weights_on_input=on_input,
         **dict(ffn.act_params),
     )
-    n_w = len(inputs) - len(biases)
-    n_r = len(w_in_op) + len(ids_in_op) + 1  # x, the router weights and the ids
+    n_r = len(w_in_op) + len(ids_in_op)  # the router weights and the ids
 
     def emit(kernel: str, x: Any, *rest: Any) -> list[Any]:
-        w, i = rest[0], rest[1]
         if choices:
             w = _stacked_choices(rest[: len(w_in_op)])
-            i = _stacked_choices(rest[len(w_in_op) : n_r - 1]).astype(jnp.int32)  # integer expert ids < E
-        rest = rest[n_r - 1 :]
-        given = iter(rest[: n_w - n_r])
-        ws = [tuple(next(given) for _ in group) if isinstance(m, PerExpertWeights) else next(given)
-              for m, group in zip(expert_weights, arrays)]
-        bs = list(rest[n_w - n_r :])
+            i = _stacked_choices(rest[len(w_in_op) : n_r]).astype(jnp.int32)  # integer expert ids < E
+        else:
+            w, i = rest[0], rest[1]
+        given = iter(rest[n_r:])
+        ws = [_values_of(given, m, group) for m, group in zip(expert_weights, arrays)]
+        bs = [_values_of(given, b.array, group) for b, group in zip(biases, bias_arrays)]
         w_in, wd, b_in, b_down = _kernel_weights(ffn, layout, ws, bs, x.dtype)
         # several token dims ([B, S, D]) run as [B * S, D]; the recognisers proved that x, w, ids and
         # y list the tokens in the same row-major order (y may also hold unit dims that x lacks)
@@ -580,7 +581,7 @@ def _proposal(
         return [out.reshape(y.aval.shape).astype(y.aval.dtype)]
 
     described = plan_params(params, dispatch)
-    if any(isinstance(m, PerExpertWeights) for m in expert_weights):
+    if any(isinstance(m, PerExpertWeights) for m in [*expert_weights, *(b.array for b in biases)]):
         described[EXPERT_WEIGHTS_PARAM] = "per_expert"
     routed = Proposal(op=OP, anchor=anchor, inputs=inputs, outputs=[y], params=described, emit=emit)
     return with_shared_expert(view, routed, ffn.x)
@@ -667,7 +668,8 @@ def _fused_layout(ffn: ExpertFfn) -> str | None:
 
 def _kernel_weights(ffn: ExpertFfn, layout: str | None, ws: list[Any], bs: list[Any], dtype: Any) -> tuple:
     """(w_in, w_down, b_in, b_down) in the kernel's layouts ([E, D, F], [E, F, D], [E, F], [E, D]); a
-    matrix kept per expert (its E values as a tuple in ws) as the kernel's `PerExpert` of [D, F] ..."""
+    matrix or bias kept per expert (its E values as a tuple in ws / bs) as the kernel's `PerExpert` of
+    [D, F] ... / [F] ..."""
     wg, wu, wd = (ws[0], ws[1], ws[2]) if ffn.w_up is not None else (ws[0], None, ws[1])
     given = iter(bs)
     b_gate, b_up, b_down = ((next(given), b) if b is not None else (None, None) for b in ffn.biases)
@@ -709,6 +711,12 @@ def _arrays(w: Any) -> tuple[Any, ...]:
     return w.arrays if isinstance(w, PerExpertWeights) else (w,)
 
 
+def _values_of(given: Any, m: Any, group: tuple[Any, ...]) -> Any:
+    """The next of the op's input values for one expert matrix or bias `m` (`group` its arrays): the
+    stacked array, or the tuple of the E arrays of one kept per expert."""
+    return tuple(next(given) for _ in group) if isinstance(m, PerExpertWeights) else next(given)
+
+
 def _num_experts(ffn: ExpertFfn) -> int:
     """E: the expert dim of the stacked W_down, or the number of its per-expert arrays."""
     return len(ffn.w_down.arrays) if isinstance(ffn.w_down, PerExpertWeights) else _shape(ffn.w_down)[0]
@@ -721,7 +729,7 @@ def _bias(given: tuple[Any, Bias | None], want: str) -> Any:
         return None
     if bias.cols is not None:
         arr = _cols(arr, bias.labels, bias.cols)
-    return jnp.transpose(arr, _perm(bias.labels, want))
+    return _in_layout(arr, bias.labels, want)  # a bias kept per expert: the kernel's `PerExpert`
 
 
 def plan_params(params: Any, dispatch: str) -> dict[str, Any]:

@@ -61,8 +61,9 @@ SUPPORTED = (
     (
         OP,
         "group-limited selection",
-        "group score top-2 sum (`top_k`, two columns, the last two of `jnp.sort`, or max + max of the rest) "
-        "or max; mask by scatter / one_hot sum (clipped or not); `where` / masked fill",
+        "group score top-2 sum (`top_k`, two columns, the last two of `jnp.sort`, or max + max of the rest; "
+        "for groups of two experts also their plain or sorted sum) or max; mask by scatter / one_hot sum "
+        "(clipped or not); `where` / masked fill",
         "n_group, topk_group, group_score, group_fill",
     ),
     (OP, "× per-expert scale by id", "`scale[ids]` / `jnp.take`", "expert_scale"),
@@ -832,27 +833,41 @@ def _chosen_groups(view: View, gm: Any, n_group: int) -> Any | None:
 
 
 def _top2_input(view: View, vals: Any, cols: tuple[int, ...] = (0, 1)) -> Any | None:
-    """x if vals (or its columns `cols`) are the values of top_k(x, 2) over the last axis."""
-    t = view.producer(vals)
-    if t is not None and t.primitive.name == "slice" and sorted(cols) == [0, 1]:
-        return _last_two_of_sort(view, t)
-    if t is None or t.primitive.name != "top_k" or t.params["k"] != 2 or view.out_index(vals) != 0:
+    """x if vals (or its columns `cols`) are the values of top_k(x, 2) over the last axis, in any order.
+
+    Spelled `top_k(x, 2)[0]`, `jnp.sort(x)[..., -2:]`, or, for groups of two experts, x itself or its
+    sort (the two largest of two values are both; the fused op's top-2 sum v0 + v1 is exact in either
+    order)."""
+    if vals is None or sorted(cols) != [0, 1]:
         return None
-    return view.canon(t.invars[0]) if sorted(cols) == [0, 1] else None
+    t = view.producer(vals)
+    if t is not None and t.primitive.name == "slice":
+        return _last_two_of_sort(view, t)
+    if t is not None and t.primitive.name == "top_k" and t.params["k"] == 2 and view.out_index(vals) == 0:
+        return view.canon(t.invars[0])
+    if _shape(vals)[-1] != 2:
+        return None
+    src = _sort_input(view, vals)
+    return view.canon(vals) if src is None else src
 
 
 def _last_two_of_sort(view: View, sl: Any) -> Any | None:
     """x if sl = sort(x, last axis)[..., -2:]: the two largest, as `jnp.sort(g)[..., -2:]` spells top-2."""
     src = view.canon(sl.invars[0])
-    srt = view.producer(src)
     shape = _shape(src)
-    if srt is None or srt.primitive.name != "sort" or len(srt.invars) != 1:
-        return None
-    if srt.params["dimension"] != len(shape) - 1 or any(st != 1 for st in sl.params.get("strides") or ()):
+    if any(st != 1 for st in sl.params.get("strides") or ()):
         return None
     starts, limits = sl.params["start_indices"], sl.params["limit_indices"]
     want = [(0, n) for n in shape[:-1]] + [(shape[-1] - 2, shape[-1])]
-    return view.canon(srt.invars[0]) if list(zip(starts, limits)) == want else None
+    return _sort_input(view, src) if list(zip(starts, limits)) == want else None
+
+
+def _sort_input(view: View, atom: Any) -> Any | None:
+    """x if atom = sort(x) along its last axis (one operand, ascending), else None."""
+    srt = view.producer(atom)
+    if srt is None or srt.primitive.name != "sort" or len(srt.invars) != 1:
+        return None
+    return view.canon(srt.invars[0]) if srt.params["dimension"] == len(_shape(atom)) - 1 else None
 
 
 def _sum_of_columns(view: View, atom: Any) -> tuple[Any, tuple[int, ...]]:

@@ -113,3 +113,20 @@ def test_a_slice_of_everything_is_the_value_but_a_transpose_of_the_same_shape_is
     whole, part, transposed = closed.jaxpr.outvars
     assert view.canon(whole) is x
     assert view.op(part) == "slice" and view.op(transposed) == "transpose"
+
+
+def test_a_broadcast_of_a_broadcast_constant_has_its_value():
+    """vmap adds a batch dim to the zeros a loop starts from: zeros [8, 16] broadcast to [1, 8, 16] is
+    still the splat 0 (and ones stay 1, a non-splat constant has no single value)."""
+
+    def seq(h):
+        ramp = np.arange(16.0, dtype=np.float32)
+        return jnp.zeros_like(h), jnp.ones_like(h), jnp.broadcast_to(ramp, h.shape)
+
+    closed = jax.make_jaxpr(jax.vmap(lambda h: tuple(o + h for o in seq(h))))(jnp.ones((2, 8, 16)))
+    view = View(closed)
+    adds = [e for e in closed.jaxpr.eqns if e.primitive.name == "add"]
+    consts = [next(v for v in e.invars if view.op(v) == "broadcast_in_dim") for e in adds[-3:]]
+    assert [c.aval.shape for c in consts] == [(1, 8, 16)] * 3
+    assert [view.scalar(c) for c in consts] == [0.0, 1.0, None]
+    np.testing.assert_array_equal(view.value(consts[2])[0, 3], np.arange(16.0))

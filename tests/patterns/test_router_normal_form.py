@@ -10,7 +10,11 @@ stays unfused; this file checks that a near miss is declined for the reason that
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from jax import lax
 
 import moefuse
 from tests.zoo import near_misses, routers
@@ -30,6 +34,7 @@ NEAR_MISS_REASONS = {
     "nm_group_mask_per_expert_flags": "not by a choice of consecutive expert groups",
     "nm_group_mask_clip_floor": "not by a choice of consecutive expert groups",
     "nm_group_score_max_plus_min_masked": "group scores are not top-2 sums or maxima",
+    "nm_group_score_sum_of_sorted_three": "group scores are not top-2 sums or maxima",
     "nm_topk_sorts_all_candidates": "a sort, not a choice of experts",
     "nm_topk_sorts_all_classes_then_gathers": "a sort, not a choice of experts",
     "nm_argsort_sigmoid": "a sort puts NaN last where top_k puts it first",
@@ -130,3 +135,37 @@ def test_sigmoid_of_other_values_gathered_at_the_top_k_ids_is_not_a_router():
     fn, args = _top_k_then_gathered(lambda logits: jax.nn.sigmoid(2.0 * logits))
     plan = moefuse.plan(fn, *args)
     assert plan.fused == [] and "no routing weights" in plan.declined[0].reason, str(plan)
+
+
+GROUP_OF_TWO_SCORES = {
+    "top_k": lambda g: lax.top_k(g, 2)[0].sum(-1),
+    "sort_last_two": lambda g: jnp.sort(g, axis=-1)[..., -2:].sum(-1),  # no slice left: the whole axis
+    "sort": lambda g: jnp.sort(g, axis=-1).sum(-1),
+    "sum": lambda g: g.sum(-1),
+    "columns": lambda g: g[..., 0] + g[..., 1],
+}
+
+
+@pytest.mark.parametrize("spelling", sorted(GROUP_OF_TWO_SCORES))
+def test_a_group_of_two_experts_is_its_own_top_two(spelling):
+    """Groups of two experts: their top-2 sum is the sum of both, sorted or not (v0 + v1 is exact in
+    either order), so each spelling is the same group-limited router (Ling, E / n_group = 2)."""
+    num_tokens, num_experts, n_group, topk_group, k = 16, 8, 4, 2, 2
+    logits = jax.random.normal(jax.random.key(3), (num_tokens, num_experts))
+    bias = jax.random.normal(jax.random.key(4), (num_experts,)) * 0.1
+
+    def router(logits, bias):
+        s = jax.nn.sigmoid(logits)
+        biased = s + bias
+        gscore = GROUP_OF_TWO_SCORES[spelling](biased.reshape(num_tokens, n_group, -1))
+        gsel = lax.top_k(gscore, topk_group)[1]
+        keep = jnp.repeat((gsel[:, :, None] == jnp.arange(n_group)).any(axis=1), num_experts // n_group, -1)
+        ids = lax.top_k(jnp.where(keep, biased, -jnp.inf), k)[1]
+        w = jnp.take_along_axis(s, ids, axis=-1)
+        return w / (w.sum(-1, keepdims=True) + 1e-20) * 2.5, ids
+
+    (site,) = moefuse.plan(router, logits, bias).fused
+    assert site.params["group_score"] == "top2_sum"
+    assert (site.params["n_group"], site.params["topk_group"]) == (n_group, topk_group)
+    got, want = moefuse.jit(router, verify=True)(logits, bias), jax.jit(router)(logits, bias)
+    np.testing.assert_array_equal(got[1], want[1])

@@ -787,3 +787,120 @@ def make_nm_moe_choice_combine_plus_uniform() -> ZooCase:
 
 
 NEAR_MOE_MISSES += [make_nm_moe_choice_combine_plus_uniform]
+
+
+# ---------------------------------------------------------------------------------------------
+# loops over experts: one detail away from the readings of the blind zoos (experts reading only
+# their routed tokens, weights in a transposed layout, per-expert biases, a loop under vmap)
+# ---------------------------------------------------------------------------------------------
+
+
+def _stacked_loop(seed, variant):
+    """A Mixtral-style loop over 4 stacked SwiGLU experts (top-2 of 4), with one deliberate deviation
+    in how expert e reads its tokens, its weight or its bias."""
+    num_tokens, d_model, num_experts, top_k = 16, 32, 4, 2
+    d_ff = num_tokens  # T == F: a vector along the tokens has a bias's shape
+    x = normal(seed, (num_tokens, d_model))
+    wr = _w(seed + 1, (d_model, num_experts), d_model)
+    w_gate, w_up, w_down = _experts(seed + 2, num_experts, d_model, d_ff)
+    b_gate = normal(seed + 5, (num_experts, d_ff), scale=0.5)
+
+    def expert(x_e, e):
+        g = x_e @ w_gate[e]
+        if variant == "bias_along_tokens":  # b_gate[e] added to each token's row, not each hidden unit
+            g = g + b_gate[e][:, None]
+        return (jax.nn.silu(g) * (x_e @ w_up[e])) @ w_down[e]
+
+    def fn(x, wr):
+        w, ids = lax.top_k(jax.nn.softmax(x @ wr, axis=-1), top_k)
+        mask = jax.nn.one_hot(ids, num_experts, dtype=x.dtype).transpose(2, 1, 0)  # [E, K, T]
+        out = jnp.zeros_like(x)
+        for e in range(num_experts):
+            if variant == "mask_first_slot":  # a token routed to e by its second slot reads zeros
+                x_e = x * (ids[:, 0] == e)[:, None].astype(x.dtype)
+            elif variant == "mask_next_expert":  # expert e reads the rows of expert e + 1's tokens
+                x_e = x * jnp.any(ids == (e + 1) % num_experts, axis=-1)[:, None].astype(x.dtype)
+            else:
+                x_e = x
+            if variant == "weights_reshaped":  # [K, T] by reshape: row j is not slot j of every token
+                w_e = jnp.sum(mask[e] * w.reshape(top_k, num_tokens), axis=0)
+            else:
+                w_e = jnp.sum(mask[e] * w.T, axis=0)
+            out = out + expert(x_e, e) * w_e[:, None]
+        return out
+
+    return fn, (x, wr)
+
+
+def make_nm_moe_loop_token_mask_first_slot() -> ZooCase:
+    fn, args = _stacked_loop(2700, "mask_first_slot")
+    return _case(
+        "nm_moe_loop_token_mask_first_slot",
+        fn,
+        args,
+        "expert e reads x * (ids[:, 0] == e): a token routed to e by its second choice gets FFN_e(0) * w, "
+        "not FFN_e(x) * w",
+    )
+
+
+def make_nm_moe_loop_token_mask_next_expert() -> ZooCase:
+    fn, args = _stacked_loop(2710, "mask_next_expert")
+    return _case(
+        "nm_moe_loop_token_mask_next_expert",
+        fn,
+        args,
+        "expert e reads only the rows of the tokens routed to expert e + 1: its own tokens read zeros",
+    )
+
+
+def make_nm_moe_loop_weights_reshaped_not_transposed() -> ZooCase:
+    fn, args = _stacked_loop(2720, "weights_reshaped")
+    return _case(
+        "nm_moe_loop_weights_reshaped_not_transposed",
+        fn,
+        args,
+        "sum(one_hot(ids).transpose(2, 1, 0)[e] * w.reshape(k, T), 0): the weights in the mask's shape "
+        "but not its layout, so token t's mask meets another token's weight",
+    )
+
+
+def make_nm_moe_loop_bias_along_tokens() -> ZooCase:
+    fn, args = _stacked_loop(2730, "bias_along_tokens")
+    return _case(
+        "nm_moe_loop_bias_along_tokens",
+        fn,
+        args,
+        "x @ w_gate[e] + b[e][:, None] with T == F: a vector added per token, not a per-expert bias",
+    )
+
+
+def make_nm_moe_vmap_loop_from_ones() -> ZooCase:
+    """A per-sequence loop under vmap over the batch that starts from ones instead of zeros."""
+    batch, seq, d_model, d_ff, num_experts, top_k = 2, 8, 16, 32, 4, 2
+    x = normal(2740, (batch, seq, d_model))
+    wr = _w(2741, (d_model, num_experts), d_model)
+    w_gate, w_up, w_down = _experts(2742, num_experts, d_model, d_ff)
+
+    def moe_seq(h):
+        rw, sel = lax.top_k(jax.nn.softmax(h @ wr, axis=-1), top_k)
+        out = jnp.ones_like(h)
+        for e in range(num_experts):
+            w_e = jnp.einsum("sk,sk->s", (sel == e).astype(h.dtype), rw)
+            out = out + w_e[:, None] * ((jax.nn.silu(h @ w_gate[e]) * (h @ w_up[e])) @ w_down[e])
+        return out
+
+    return _case(
+        "nm_moe_vmap_loop_from_ones",
+        jax.vmap(moe_seq),
+        (x,),
+        "the sum starts from ones (broadcast again by vmap): 1 + the expert terms, not the block alone",
+    )
+
+
+NEAR_MOE_MISSES += [
+    make_nm_moe_loop_token_mask_first_slot,
+    make_nm_moe_loop_token_mask_next_expert,
+    make_nm_moe_loop_weights_reshaped_not_transposed,
+    make_nm_moe_loop_bias_along_tokens,
+    make_nm_moe_vmap_loop_from_ones,
+]

@@ -505,6 +505,33 @@ def make_nm_group_score_max_plus_min_masked() -> ZooCase:
     )
 
 
+def make_nm_group_score_sum_of_sorted_three() -> ZooCase:
+    """Ling-style groups of three experts scored by the sum of the whole sorted group: all three, not
+    the top two (a group of two would be its own top two)."""
+    num_tokens, d_model, num_experts, top_k, n_group, topk_group = 16, 32, 24, 4, 8, 4
+    x = normal(247, (num_tokens, d_model))
+    w = normal(248, (d_model, num_experts), scale=d_model**-0.5)
+    bias = normal(249, (num_experts,), scale=0.05)
+
+    def fn(x, w, bias):
+        scores = jax.nn.sigmoid(x @ w)
+        choice = scores + bias
+        grouped = choice.reshape(num_tokens, n_group, -1)
+        group_scores = jnp.sort(grouped, axis=-1).sum(-1)
+        group_idx = lax.top_k(group_scores, topk_group)[1]
+        keep = jnp.repeat(jax.nn.one_hot(group_idx, n_group).sum(1) > 0, num_experts // n_group, axis=-1)
+        ids = lax.top_k(jnp.where(keep, choice, -jnp.inf), top_k)[1]
+        wt = jnp.take_along_axis(scores, ids, -1)
+        return wt / (wt.sum(-1, keepdims=True) + 1e-20), ids
+
+    return _case(
+        "nm_group_score_sum_of_sorted_three",
+        fn,
+        (x, w, bias),
+        "groups of three experts scored by the sum of the sorted group: all three, not the top-2 sum",
+    )
+
+
 def make_nm_topk_sorts_all_candidates() -> ZooCase:
     """top_k with k equal to the number of candidates: softmax probabilities sorted, nothing dropped."""
     num_tokens, d_model, num_classes = 16, 32, 4
@@ -625,6 +652,7 @@ NEAR_MISSES = [
     make_nm_token_similarity_topk,
     make_nm_group_mask_clip_floor,
     make_nm_group_score_max_plus_min_masked,
+    make_nm_group_score_sum_of_sorted_three,
     make_nm_topk_sorts_all_candidates,
     make_nm_topk_sorts_all_classes_then_gathers,
     make_nm_topk_sorts_all_then_indexes_activations,
