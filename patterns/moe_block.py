@@ -369,18 +369,22 @@ def _is_loop_sum_root(view: View, eqn: Any) -> bool:
 
 def _is_single_slot(view: View, eqn: Any) -> bool:
     """A top-1 block's combine `w * y` with no sum over the slots: a [..T, 1] router weight of a top-1
-    choice (its one column) times a [T, D] value, and no add of loop terms above it (that add is the
-    anchor then)."""
+    choice (its one column) times a [T, D] matmul result (tokens scaled before the experts are not), and
+    no add of loop terms above it (that add is the anchor then)."""
     if len(_shape(eqn.outvars[0])) != 2:
         return False
     for side in view.args(eqn.outvars[0]):
         col = slot_column(view, side, whole=True)
         if col is None or _shape(col[0])[1:] != (1,) or not jnp.issubdtype(side.aval.dtype, jnp.floating):
             continue
-        if _from_top1(view, col[0]):
+        other = next(a for a in view.args(eqn.outvars[0]) if a is not view.canon(side))
+        if _from_top1(view, col[0]) and view.op(idioms.unexpand(view, view.uncast(other))[0]) in _MATMULS:
             users = view.users(eqn.outvars[0])
             return not any(u.primitive.name == "add" and _adds_expert_term(view, u) for u in users)
     return False
+
+
+_MATMULS = frozenset({"dot_general", "ragged_dot_general", "ragged_dot"})
 
 
 def _from_top1(view: View, atom: Any, depth: int = 6) -> bool:

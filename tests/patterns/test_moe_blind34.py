@@ -55,6 +55,9 @@ FUSED = {
     "argsort_reversed_fancy_vmap_tokens": "gather",
     "phimoe_sparsemixer_loop": "loop",
     "torch_dense_scatter_gates_letters": "dense",
+    "argmax_twice_neg_inf_geglu": "dense",
+    "sigmoid_gelu_gather_tkd_shared": "gather",
+    "keras_argmax_max_top1_dense_bias": "dense",
 }
 
 # Fused blocks whose router stays as written, and the reason the Plan shows (None: no route decline).
@@ -63,26 +66,25 @@ ROUTER_NOT_FUSED = {
     "argsort_reversed_fancy_vmap_tokens": None,
     # SparseMixer's top-2 is two argmaxes with relative-threshold masked softmaxes: no top_k at all
     "phimoe_sparsemixer_loop": None,
+    # no top_k: argmax, then argmax again with the first masked to -inf (the combine is one per choice)
+    "argmax_twice_neg_inf_geglu": None,
+    # no top_k: argmax for the id, max of the probabilities for the weight
+    "keras_argmax_max_top1_dense_bias": None,
 }
 
 # Blocks that do not fuse as `moe`, and a reason the Plan shows for one of its declines (None: nothing
 # declined as `moe`).
 NOT_FUSED = {
-    # weights_on_input: fused by the llama4 branch
-    "llama4_dense_scatter_sigmoid_on_input": "top-k of raw logits used as weights without a softmax",
-    # weights_on_input: fused by the llama4 branch
-    "llama4_sorted_ragged_on_input": "top-k of raw logits used as weights without a softmax",
-    # weights_on_input: fused by the llama4 branch
-    "llama4_loop_top2_on_input_bf16": "top-k of raw logits used as weights without a softmax",
-    # the lead's (not loops): the reasons the Plan shows today
-    # no top_k: argmax, argmax again with the first masked to -inf; combine of one-hots times w columns
-    "argmax_twice_neg_inf_geglu": "no combine of expert outputs by router weights",
-    # top_k on the logits (sigmoid weights gathered after); the routed GELU written as a * sigmoid(2z)
-    "sigmoid_gelu_gather_tkd_shared": "no combine of expert outputs by router weights",
-    # bf16 top-1 with preferred_element_type f32 projections and bf16 round trips of the results
+    # Llama4 as HF writes it densely: scores = sigmoid(scatter(-inf at ids of the top-1 logit)), then
+    # tile(x, E) * scores through every expert; neither the router nor the block is read
+    "llama4_dense_scatter_sigmoid_on_input": None,
+    # weights on the input, sorted top-1 put back by zeros.at[order].set(ys): not read yet
+    "llama4_sorted_ragged_on_input": None,
+    # weights on the input in a loop over experts, bf16: the loop form of weights_on_input is not read
+    "llama4_loop_top2_on_input_bf16": None,
+    # bf16 top-1 with f32-accumulated gathered projections and y.astype(bf16).astype(f32) before * w:
+    # the round trip of the expert output hides the top-1 combine (its gathered einsums are examined)
     "bf16_top1_no_renorm_roundtrip": "no combine of expert outputs by router weights",
-    # no top_k: argmax for the id, max for the weight; dense ReLU MLP with biases
-    "keras_argmax_max_top1_dense_bias": "no combine of expert outputs by router weights",
 }
 
 
@@ -111,6 +113,7 @@ def test_blind_moe_block(make):
                 case.expect["k"],
             )
             assert site.params["activation"] == case.expect["activation"]
+            assert site.params.get("weights_on_input", False) == case.expect.get("weights_on_input", False)
             assert ("shared_expert" in site.params) == case.expect["shared_expert"]
             if FUSED[case.name] == "capacity":
                 assert site.params["capacity"] == case.expect["capacity"]
