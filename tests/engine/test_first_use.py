@@ -7,6 +7,7 @@ verify=True's report and its jax.jit surface, and file locations inside installe
 from __future__ import annotations
 
 import functools
+import gc
 import importlib.util
 import logging
 import os
@@ -16,6 +17,7 @@ import textwrap
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
@@ -265,3 +267,18 @@ def test_the_plan_shows_an_installed_library_relative_to_its_package(tmp_path: P
     file, _, line = site.location.rpartition(":")
     assert file == os.path.join("fakelib", "routing.py"), site.location
     assert source.splitlines()[int(line) - 1].strip() == site.source
+
+
+def test_plan_leaves_the_garbage_collector_as_it_found_it():
+    def fn(x):
+        return jnp.tanh(x)
+
+    assert gc.isenabled()
+    moefuse.plan(fn, jnp.ones(3))
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        moefuse.plan(fn, jnp.ones(3))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
