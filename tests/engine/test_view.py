@@ -14,6 +14,7 @@ from jax import lax
 
 import moefuse
 from moefuse import _compat as C
+from moefuse import idioms
 from moefuse.view import Bound, View
 
 X = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8)), jnp.float32)
@@ -57,7 +58,7 @@ def test_outside_names_what_a_body_input_is_bound_to():
     (p,) = body.jaxpr.invars
     got_view, got = inner.outside(p)
     assert got_view is outer and got is outer.canon(sm.invars[0])
-    assert outer.op(got) == "div"  # the softmax's last step
+    assert idioms.softmax(outer, got) is not None  # the softmax (inline, or jax.nn's custom_jvp in jax 0.12.1)
     assert View(body).outside(p) is None  # nothing bound: a top-level input
     assert inner.outside(body.jaxpr.outvars[0]) is None  # not an input
 

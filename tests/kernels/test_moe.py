@@ -372,8 +372,9 @@ GRAD_CASES = [  # (params kwargs, T): capacity pass + loop, sparse path, capacit
 ]
 
 
-@pytest.mark.parametrize("kw, t", GRAD_CASES)
-def test_grad_matches_independent(kw, t):
+def independent_grads(kw: dict, t: int) -> tuple:
+    """(p, x, weights, ids, ew, cot, grads): a GRAD_CASES case, a cotangent of its output, and the
+    gradients of <independent_moe, cot> with respect to x, weights and the expert weights."""
     p = MoeParams(**kw)
     x, weights, ids, ew = make_inputs(p, t=t, seed=3, ids=[[1]] * t if p.k == 1 else None)
     live = independent_live(ids, p)
@@ -382,7 +383,12 @@ def test_grad_matches_independent(kw, t):
     def loss_independent(x, w, ew):
         return jnp.sum(independent_moe(p, x, w, ids, ew, live) * cot)
 
-    want = jax.jit(jax.grad(loss_independent, argnums=(0, 1, 2)))(x, weights, ew)
+    return p, x, weights, ids, ew, cot, jax.jit(jax.grad(loss_independent, argnums=(0, 1, 2)))(x, weights, ew)
+
+
+@pytest.mark.parametrize("kw, t", GRAD_CASES)
+def test_grad_matches_independent(kw, t):
+    p, x, weights, ids, ew, cot, want = independent_grads(kw, t)
     for variant in variants(p):
         impl, _, branch = variant.partition("/")
 
@@ -697,15 +703,7 @@ def test_per_expert_routing_edge_cases(t, k, e, ids, names):
 @pytest.mark.parametrize("kw, t", GRAD_CASES)
 def test_per_expert_grads_match_independent(kw, t):
     """Each per-expert array gets its own gradient: expert e's the e-th slice of the stacked one."""
-    p = MoeParams(**kw)
-    x, weights, ids, ew = make_inputs(p, t=t, seed=3, ids=[[1]] * t if p.k == 1 else None)
-    live = independent_live(ids, p)
-    cot = jnp.asarray(np.random.default_rng(9).standard_normal(x.shape), jnp.float32)
-
-    def loss_independent(x, w, ew):
-        return jnp.sum(independent_moe(p, x, w, ids, ew, live) * cot)
-
-    want = jax.jit(jax.grad(loss_independent, argnums=(0, 1, 2)))(x, weights, ew)
+    p, x, weights, ids, ew, cot, want = independent_grads(kw, t)
     for impl in PER_EXPERT_IMPLS:
 
         def loss(x, w, ew, impl=impl):

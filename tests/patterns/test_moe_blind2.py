@@ -28,6 +28,8 @@ FUSED = {
     "deepseek_v3_group_limited_shared": "dense",
     "capacity_gshard_top2_relu": "capacity",
     "decode_gather_bf16_gelu": "gather",
+    # every expert its own nnx module (weights and biases per expert, taken as they are: PerExpert)
+    "loop_nnx_relu_bias": "loop",
 }
 
 # Fused blocks whose router stays as written, and why.
@@ -45,8 +47,6 @@ NOT_FUSED = {
     "sorted_epmoe_fused_w13": "no combine of expert outputs by router weights",
     # a counting sort by cumsum offsets instead of an argsort
     "sorted_cumsum_segment_sum_geglu": "scatter-add of expert rows not recognised",
-    # every expert its own nnx module: weights not stacked on an expert axis (declined by design)
-    "loop_nnx_relu_bias": "weights stacked on an expert axis",
 }
 
 
