@@ -4,6 +4,9 @@ Both are measured in one process, on the same model and arguments, and written t
 benchmarks/results/plan_cost.json with the machine, JAX version and date::
 
     python benchmarks/plan_cost.py --layers 64
+    venv312/bin/python benchmarks/plan_cost.py --out benchmarks/results/plan_cost_jax0.12.json
+
+(the second from a Python 3.12 venv with the newest JAX, whose compile is faster, so the ratio is higher).
 """
 
 from __future__ import annotations
@@ -49,12 +52,16 @@ def build(layers: int, tokens: int, d: int, f: int, e: int, k: int):
     return model, params, x
 
 
-def timed(fn, repeats: int) -> list[float]:
-    out = []
+def timed_interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each of `fns`, the calls interleaved (one of each per round), each after
+    `jax.clear_caches()` (outside the timed part), so a change in machine load hits all alike."""
+    out: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
+        for name, fn in fns.items():
+            jax.clear_caches()
+            t0 = time.perf_counter()
+            fn()
+            out[name].append(time.perf_counter() - t0)
     return out
 
 
@@ -67,9 +74,15 @@ def main() -> None:
     model, params, x = build(args.layers, tokens=64, d=64, f=128, e=16, k=4)
     plan = moefuse.plan(model, params, x)
     assert sum(s.op == "route" for s in plan.fused) == args.layers, str(plan)
-    plan_s = timed(lambda: (jax.clear_caches(), moefuse.plan(model, params, x)), args.repeats)
-    compile_s = timed(lambda: (jax.clear_caches(), jax.jit(model).lower(params, x).compile()), args.repeats)
-    trace_s = timed(lambda: (jax.clear_caches(), jax.make_jaxpr(model)(params, x)), args.repeats)
+    got = timed_interleaved(
+        {
+            "plan": lambda: moefuse.plan(model, params, x),
+            "compile": lambda: jax.jit(model).lower(params, x).compile(),
+            "trace": lambda: jax.make_jaxpr(model)(params, x),
+        },
+        args.repeats,
+    )
+    plan_s, compile_s, trace_s = got["plan"], got["compile"], got["trace"]
     result = {
         "what": f"moefuse.plan vs jax.jit(...).lower(...).compile() on a {args.layers}-layer unrolled MoE",
         "layers": args.layers,
@@ -78,6 +91,8 @@ def main() -> None:
         "make_jaxpr_s_median": statistics.median(trace_s),
         "lower_compile_s_median": statistics.median(compile_s),
         "plan_over_compile": statistics.median(plan_s) / statistics.median(compile_s),
+        "timing": f"median of {args.repeats} interleaved rounds, caches cleared before each call",
+        "samples_s": got,
         "jax": jax.__version__,
         "device": jax.devices()[0].device_kind,
         "machine": f"{platform.machine()} {platform.processor() or ''} python {platform.python_version()}",

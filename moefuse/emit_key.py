@@ -44,8 +44,7 @@ def _key(obj: Any, names: dict[int, int], depth: int) -> Any:
     if isinstance(obj, _PLAIN) or obj is Ellipsis:
         return type(obj).__name__, obj
     if isinstance(obj, C.Var):
-        aval = obj.aval
-        return "var", names.setdefault(id(obj), len(names)), str(aval)
+        return "var", names.setdefault(id(obj), len(names)), obj.aval
     if C.is_literal(obj):
         val = np.asarray(obj.val)
         return "literal", str(val.dtype), val.shape, val.tobytes()

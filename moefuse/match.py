@@ -73,7 +73,8 @@ def region_of(view: View, inputs: Sequence[Any], outputs: Sequence[Any]) -> set[
             continue
         seen.add(i)
         stack.extend(v for v in view.jaxpr.eqns[i].invars if not C.is_literal(v))
-    return {i for i in seen if _depends_on(view, i, stop, {})}
+    memo: dict[int, bool] = {}  # shared: whether an equation depends on `stop` does not depend on who asks
+    return {i for i in seen if _depends_on(view, i, stop, memo)}
 
 
 def canonical_set(view: View, atoms: Iterable[Any]) -> set[Any]:

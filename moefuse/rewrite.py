@@ -172,7 +172,7 @@ def _analyse(
 ) -> Level:
     from moefuse.patterns import PATTERNS
 
-    flat = inline_jits(closed) if _needs_retrace(closed.jaxpr) else closed
+    flat = inline_jits(closed) if _needs_inlining(closed.jaxpr) else closed
     seen, origin = C.inline_custom_vjps(flat, inline_jits)
     inlined = Inlined(flat, origin)
     view = View(seen, bound)
@@ -450,13 +450,17 @@ def _analyse_bodies(
     return subs
 
 
-def _needs_retrace(jaxpr: C.Jaxpr) -> bool:
-    """Whether `inline_jits` changes `jaxpr`: it has a nested `jit`, or removes unit dims from the
-    result of an elementwise op or of a broadcast (what `_UnitDims` reads through)."""
+def _needs_inlining(jaxpr: C.Jaxpr) -> bool:
+    """Whether `inline_jits` changes `jaxpr` (beyond new vars): it has a nested `jit`, or removes
+    unit dims from the result of an elementwise op or of a broadcast (`_removes_unit_dims`)."""
+    return any(e.primitive.name in C.JIT_NAMES for e in jaxpr.eqns) or _removes_unit_dims(jaxpr)
+
+
+def _removes_unit_dims(jaxpr: C.Jaxpr) -> bool:
+    """Whether an equation of `jaxpr` removes unit dims from the result of an elementwise op or of a
+    broadcast (what `_UnitDims` reads through)."""
     made = {v: e for e in jaxpr.eqns for v in e.outvars}
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name in C.JIT_NAMES:
-            return True
         src = made.get(eqn.invars[0]) if eqn.invars and not C.is_literal(eqn.invars[0]) else None
         if src is not None and _removed_unit_dims(eqn) is not None and _recorded(src):
             return True
@@ -466,13 +470,51 @@ def _needs_retrace(jaxpr: C.Jaxpr) -> bool:
 def inline_jits(closed: C.ClosedJaxpr) -> C.ClosedJaxpr:
     """`closed` with every nested `jit` equation inlined (bodies of other primitives untouched), and
     unit dims removed from an elementwise op's result read as the op of the unexpanded operands
-    (`_UnitDims`): the same values, bit for bit, in a normal form for matching."""
+    (`_UnitDims`): the same values, bit for bit, in a normal form for matching. Every var of the
+    result is new, so one body can be inlined in several places.
+
+    The jits are spliced in as they are (no tracing); only a program with unit dims to remove is
+    traced again, through `_UnitDims`."""
+    flat = _spliced(closed)
+    if not _removes_unit_dims(flat.jaxpr):
+        return flat
     unit_dims = _UnitDims()
 
     def run(*args: Any) -> list[Any]:
         return _eval_inlining(closed.jaxpr, closed.consts, args, unit_dims)
 
-    return C.trace_to_closed_jaxpr(run, [v.aval for v in closed.jaxpr.invars])
+    return C.trace_to_closed_jaxpr(run, [v.aval for v in flat.jaxpr.invars])
+
+
+def _spliced(closed: C.ClosedJaxpr) -> C.ClosedJaxpr:
+    """`closed` with the equations of each nested `jit` body in place of the `jit` equation (its
+    constants become constants of the result), every var new; no tracing."""
+    constvars: list[Any] = []
+    consts: list[Any] = []
+    eqns: list[C.JaxprEqn] = []
+
+    def splice(jaxpr: C.Jaxpr, body_consts: Sequence[Any], env: dict[Any, Any]) -> list[Any]:
+        for var, val in zip(jaxpr.constvars, body_consts):
+            env[var] = C.Var(var.aval)
+            constvars.append(env[var])
+            consts.append(val)
+        sub = lambda vs: [v if C.is_literal(v) else env[v] for v in vs]
+        for eqn in jaxpr.eqns:
+            invars = sub(eqn.invars)
+            if eqn.primitive.name in C.JIT_NAMES:
+                body = C.as_closed(eqn.params.get("jaxpr", eqn.params.get("call_jaxpr")))
+                outs = splice(body.jaxpr, body.consts, dict(zip(body.jaxpr.invars, invars)))
+                env.update((v, out) for v, out in zip(eqn.outvars, outs) if not C.is_dropvar(v))
+                continue
+            outvars = [v if C.is_dropvar(v) else C.Var(v.aval) for v in eqn.outvars]
+            env.update((v, new) for v, new in zip(eqn.outvars, outvars) if not C.is_dropvar(v))
+            eqns.append(eqn.replace(invars=invars, outvars=outvars))
+        return sub(jaxpr.outvars)
+
+    j = closed.jaxpr
+    invars = [C.Var(v.aval) for v in j.invars]
+    outvars = splice(j, closed.consts, dict(zip(j.invars, invars)))
+    return C.ClosedJaxpr(C.Jaxpr(constvars, invars, outvars, eqns, j.effects, j.debug_info), consts)
 
 
 def _eval_inlining(

@@ -86,6 +86,7 @@ class View:
         self.outvars = {v for v in self.jaxpr.outvars if not C.is_literal(v)}
         self.live = live_equations(self.jaxpr)
         self._rep: dict[Any, Any] = {}  # var -> the first var computing the same value
+        self._canon: dict[tuple[Any, bool], Any] = {}  # (atom, through_stop_gradient) -> canon's answer
         self._number_values()
         self._users: dict[Any, list[int]] | None = None
 
@@ -108,16 +109,14 @@ class View:
 
     def _value_key(self, eqn: C.JaxprEqn) -> Any:
         operands = [_atom_key(self.canon(v)) for v in eqn.invars]
-        if eqn.primitive.name in _COMMUTATIVE:
-            operands.sort(key=repr)
+        if eqn.primitive.name in _COMMUTATIVE:  # one order for a set of operands: vars, then literals
+            operands.sort(key=lambda k: (1, k) if isinstance(k, tuple) else (0, id(k)))
         try:
             params = _freeze(eqn.params)
             hash(params)
         except Exception:  # noqa: BLE001 - params that cannot be compared: never merged
             return None
-        avals = tuple(
-            (tuple(v.aval.shape), str(v.aval.dtype)) for v in eqn.outvars if hasattr(v.aval, "shape")
-        )
+        avals = tuple((tuple(v.aval.shape), v.aval.dtype) for v in eqn.outvars if hasattr(v.aval, "shape"))
         return eqn.primitive.name, params, tuple(operands), avals
 
     def outside(self, atom: Any) -> tuple[View, Any] | None:
@@ -150,7 +149,19 @@ class View:
 
     # ---- canonical structure -------------------------------------------------------------
     def canon(self, atom: Any, *, through_stop_gradient: bool = False) -> Any:
-        """`atom` in normal form: no-ops stripped, and the first var computing the same value."""
+        """`atom` in normal form: no-ops stripped, and the first var computing the same value.
+
+        Memoised: the normal form of a var depends only on the equations before it, whose own
+        numbering (`_rep`) is complete by the time any later equation reads the var."""
+        if C.is_literal(atom):
+            return atom
+        key = (atom, through_stop_gradient)
+        got = self._canon.get(key)
+        if got is None:
+            got = self._canon[key] = self._canon_walk(atom, through_stop_gradient)
+        return got
+
+    def _canon_walk(self, atom: Any, through_stop_gradient: bool) -> Any:
         while True:
             if C.is_literal(atom):
                 return atom

@@ -58,7 +58,7 @@ def test_outside_names_what_a_body_input_is_bound_to():
     (p,) = body.jaxpr.invars
     got_view, got = inner.outside(p)
     assert got_view is outer and got is outer.canon(sm.invars[0])
-    assert idioms.softmax(outer, got) is not None  # the softmax (inline, or jax.nn's custom_jvp in jax 0.12.1)
+    assert idioms.softmax(outer, got) is not None  # inline, or jax 0.12's custom_jvp
     assert View(body).outside(p) is None  # nothing bound: a top-level input
     assert inner.outside(body.jaxpr.outvars[0]) is None  # not an input
 

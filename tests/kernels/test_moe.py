@@ -27,6 +27,7 @@ from jax.scipy.special import erf
 
 from moefuse import _compat as C
 from moefuse.kernels.moe import MoeParams, PerExpert, moe_ffn, schedule, xla
+from tests.tiers import default_run_keeps
 
 # impl or impl/branch: the XLA implementation with its run-time choice of the capacity pass forced
 VARIANTS = ("reference", "xla/capacity-pass", "xla/loop-only", "dense", "slots")
@@ -237,7 +238,9 @@ ACTIVATION_CASES = [  # (activation, fused_gate_up, layout, bias, gelu_approxima
 ]
 
 
-@pytest.mark.parametrize("act, fused, layout, bias, approx", ACTIVATION_CASES)
+@pytest.mark.parametrize(
+    "act, fused, layout, bias, approx", default_run_keeps(ACTIVATION_CASES, 1, 2, 4, 5, 7, 9, 10)
+)
 def test_activations_and_layouts(act, fused, layout, bias, approx):
     p = MoeParams(
         num_experts=4,
@@ -256,7 +259,7 @@ def test_activations_and_layouts(act, fused, layout, bias, approx):
 
 @pytest.mark.parametrize(
     "t, k, e, ids",
-    [
+    default_run_keeps([
         (1, 2, 8, [[5, 2]]),  # T=1 (sparse path)
         (6, 1, 8, None),  # k=1, sparse path, most experts empty
         (8, 4, 4, [[0, 1, 2, 3]] * 8),  # k=E: every token to every expert
@@ -266,7 +269,7 @@ def test_activations_and_layouts(act, fused, layout, bias, approx):
         (24, 2, 32, None),  # sparse path, blocks of 64, 16 and 8
         (16, 2, 4, [[1, 1]] * 8 + [[3, 3]] * 8),  # ties: one expert twice for a token
         (12, 2, 4, [[-1, 0], [4, 1], [2, 9], [3, -5]] * 3),  # out-of-range ids contribute nothing
-    ],
+    ], 0, 2, 6, 7),
 )
 def test_routing_edge_cases(t, k, e, ids):
     p = MoeParams(num_experts=e, k=k, activation="swiglu")
@@ -278,13 +281,13 @@ def test_routing_edge_cases(t, k, e, ids):
 
 @pytest.mark.parametrize(
     "order, t, e, capacity, groups",
-    [
+    default_run_keeps([
         ("slot_major", 32, 4, 10, 1),  # C0 = 16 >= capacity: the capacity pass holds every kept row
         ("token_major", 32, 4, 10, 1),
         ("slot_major", 32, 4, 6, 2),  # per-group capacity (MaxText: per batch row)
         ("token_major", 8, 16, 1, 1),  # sparse path
         ("slot_major", 32, 4, 0, 1),  # everything dropped
-    ],
+    ], 0, 2, 4),
 )
 def test_capacity_drops_the_same_tokens(order, t, e, capacity, groups):
     p = MoeParams(
@@ -386,7 +389,7 @@ def independent_grads(kw: dict, t: int) -> tuple:
     return p, x, weights, ids, ew, cot, jax.jit(jax.grad(loss_independent, argnums=(0, 1, 2)))(x, weights, ew)
 
 
-@pytest.mark.parametrize("kw, t", GRAD_CASES)
+@pytest.mark.parametrize("kw, t", default_run_keeps(GRAD_CASES, 0, 1, 4))
 def test_grad_matches_independent(kw, t):
     p, x, weights, ids, ew, cot, want = independent_grads(kw, t)
     for variant in variants(p):
@@ -423,7 +426,7 @@ WEIGHTS_ON_INPUT_CASES = [  # (params kwargs, T, ids)
 ]
 
 
-@pytest.mark.parametrize("kw, t, ids", WEIGHTS_ON_INPUT_CASES)
+@pytest.mark.parametrize("kw, t, ids", default_run_keeps(WEIGHTS_ON_INPUT_CASES, 0, 1, 5, 6))
 def test_weights_on_input_forward(kw, t, ids):
     p = MoeParams(**kw, weights_on_input=True)
     x, weights, ids, ew = make_inputs(p, t=t, ids=ids, seed=t, scale=2.0)
@@ -466,7 +469,7 @@ def test_weights_on_input_rounds_the_product_to_its_dtype():
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), **F32, err_msg=variant)
 
 
-@pytest.mark.parametrize("kw, t, ids", WEIGHTS_ON_INPUT_CASES[:5])
+@pytest.mark.parametrize("kw, t, ids", default_run_keeps(WEIGHTS_ON_INPUT_CASES[:5], 0, 1))
 def test_weights_on_input_grad(kw, t, ids):
     """Gradients to x, the weights (through the scaling of the rows) and every expert weight."""
     p = MoeParams(**kw, weights_on_input=True)
@@ -491,6 +494,7 @@ def test_weights_on_input_grad(kw, t, ids):
                                        err_msg=f"{variant} {jax.tree_util.keystr(path)}")
 
 
+@pytest.mark.slow  # ~11 s on 2 cores
 def test_weights_on_input_bf16_grad_is_as_accurate_as_the_program():
     """bf16 gradients, measured against the f32 gradient of the same inputs: within twice the error of
     jax.grad of the independent program run in bf16."""
@@ -600,13 +604,13 @@ def zipf_ids(t: int, k: int, e: int, s: float, seed: int = 0) -> np.ndarray:
     return np.argsort(-scores, axis=1)[:, :k].astype(np.int32)
 
 
+@pytest.mark.slow  # 15-90 s a case on 2 cores
 @pytest.mark.parametrize(
     "t, k, e, ids",
     [
         (600, 1, 2, [[0]] * 600),  # all tokens to one expert: loop blocks 256, 256, 64, 16, 8
-        # slow tier (50-90 s each on 2 cores); the all-on-one-expert case above stays in the default run
-        pytest.param(128, 2, 16, zipf_ids(128, 2, 16, 2.0), marks=pytest.mark.slow),  # heavy skew
-        pytest.param(96, 4, 8, zipf_ids(96, 4, 8, 0.0), marks=pytest.mark.slow),  # balanced
+        (128, 2, 16, zipf_ids(128, 2, 16, 2.0)),  # heavy skew
+        (96, 4, 8, zipf_ids(96, 4, 8, 0.0)),  # balanced
     ],
 )
 def test_heavy_skew_and_balanced_forward_and_grad(t, k, e, ids):
@@ -665,7 +669,9 @@ def _stacked_grads(tree):
 PER_EXPERT_IMPLS = ("reference", "xla")
 
 
-@pytest.mark.parametrize("act, fused, layout, bias, approx", ACTIVATION_CASES)
+@pytest.mark.parametrize(
+    "act, fused, layout, bias, approx", default_run_keeps(ACTIVATION_CASES, 1, 5, 10)
+)
 def test_per_expert_arrays_give_the_stacked_result(act, fused, layout, bias, approx):
     """Per-expert arrays against the independent loop over the stacked ones, and against the same impl
     on the stacked arrays (the XLA schedule then has no capacity pass: C0 = 0)."""
@@ -681,14 +687,14 @@ def test_per_expert_arrays_give_the_stacked_result(act, fused, layout, bias, app
 
 @pytest.mark.parametrize(
     "t, k, e, ids, names",
-    [
+    default_run_keeps([
         (1, 2, 8, [[5, 2]], None),  # T=1 (decode)
         (8, 4, 4, [[0, 1, 2, 3]] * 8, None),  # k=E
         (32, 2, 16, None, None),  # experts with no tokens
         (600, 1, 2, [[0]] * 600, None),  # one expert, loop blocks of 256, 256, 64, 16, 8
         (12, 2, 4, [[-1, 0], [4, 1], [2, 9], [3, -5]] * 3, None),  # out-of-range ids
         (32, 2, 4, None, ("w_down",)),  # only W_down per expert, W_gate / W_up stacked
-    ],
+    ], 0, 4, 5),
 )
 def test_per_expert_routing_edge_cases(t, k, e, ids, names):
     p = MoeParams(num_experts=e, k=k, activation="swiglu")
@@ -700,7 +706,7 @@ def test_per_expert_routing_edge_cases(t, k, e, ids, names):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), **F32, err_msg=impl)
 
 
-@pytest.mark.parametrize("kw, t", GRAD_CASES)
+@pytest.mark.parametrize("kw, t", default_run_keeps(GRAD_CASES, 0, 4))
 def test_per_expert_grads_match_independent(kw, t):
     """Each per-expert array gets its own gradient: expert e's the e-th slice of the stacked one."""
     p, x, weights, ids, ew, cot, want = independent_grads(kw, t)
@@ -897,7 +903,7 @@ def _rounded_moe(p: MoeParams, x, weights, ids, ew, pdt):
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "relu"])
-@pytest.mark.parametrize("t", [32, 4])
+@pytest.mark.parametrize("t", [32, pytest.param(4, marks=pytest.mark.slow)])
 def test_projection_dtype_rounds_each_projection(activation, t):
     """f32 operands, bf16 projections: the fused op is much closer to the program that rounds each
     projection than that program is to the unrounded one (so the rounding is not dropped)."""

@@ -151,8 +151,9 @@ def check_grad(p: MoeParams, impl: str, x, weights, ids, ew, tiles=None, label="
             f"{where}: error norm {err:.4g} against the f32 gradient; jax.grad in bf16: {plain_err:.4g}")
 
 
-# ---- the tile layout (pure XLA, fast) -----------------------------------------------------------------
+# ---- the tile layout (pure XLA) -----------------------------------------------------------------------
 
+@pytest.mark.slow  # 40 examples, ~45 s on 2 cores (each compiles its layout)
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(1, 40), st.integers(1, 9), st.data(), st.sampled_from([8, 16]),
        st.sampled_from([None, 0, 1, 3]))

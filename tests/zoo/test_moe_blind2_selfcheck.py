@@ -11,6 +11,9 @@ from .moe_blocks_blind2 import BLIND2_MOE_BLOCKS
 from .test_moe_zoo_selfcheck import _make_name
 from .test_moe_zoo_selfcheck import test_moe_case as _check_moe_case
 
+# the slow tier, beside the runs of this zoo through moefuse (tests/patterns/test_moe_blind*.py)
+pytestmark = pytest.mark.slow
+
 
 def test_blind2_names_unique_and_coverage():
     names = [_make_name(m) for m in BLIND2_MOE_BLOCKS]

@@ -25,6 +25,9 @@ import pytest
 
 from .moe_blocks_blind3 import BLIND3_MOE_BLOCKS, BlockRef, FfnRef, RouterRef
 
+# the slow tier, beside the runs of this zoo through moefuse (tests/patterns/test_moe_blind*.py)
+pytestmark = pytest.mark.slow
+
 TOLERANCE = {jnp.dtype(jnp.float32): 1e-4, jnp.dtype(jnp.bfloat16): 4e-2}
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
 EXPECT_KEYS = {"k", "num_experts", "activation", "shared_expert", "capacity"}

@@ -27,6 +27,9 @@ import pytest
 from .moe_blocks_blind4 import BLIND4_MOE_BLOCKS, Block4Ref, Router4Ref
 from .test_moe_blind3_selfcheck import ACTIVATIONS, TOLERANCE, _f64, _ffn, _name, _route, _sigmoid, _top
 
+# the slow tier, beside the runs of this zoo through moefuse (tests/patterns/test_moe_blind*.py)
+pytestmark = pytest.mark.slow
+
 EXPECT_KEYS = {"k", "num_experts", "activation", "shared_expert", "capacity", "weights_on_input"}
 NEAR_TIE = 1e-4
 
