@@ -481,7 +481,7 @@ def inline_jits(closed: C.ClosedJaxpr) -> C.ClosedJaxpr:
     unit_dims = _UnitDims()
 
     def run(*args: Any) -> list[Any]:
-        return _eval_inlining(closed.jaxpr, closed.consts, args, unit_dims)
+        return _eval_reading_unit_dims(flat.jaxpr, flat.consts, args, unit_dims)
 
     return C.trace_to_closed_jaxpr(run, [v.aval for v in flat.jaxpr.invars])
 
@@ -517,20 +517,15 @@ def _spliced(closed: C.ClosedJaxpr) -> C.ClosedJaxpr:
     return C.ClosedJaxpr(C.Jaxpr(constvars, invars, outvars, eqns, j.effects, j.debug_info), consts)
 
 
-def _eval_inlining(
+def _eval_reading_unit_dims(
     jaxpr: C.Jaxpr, consts: Sequence[Any], args: Sequence[Any], unit_dims: _UnitDims
 ) -> list[Any]:
+    """Evaluate `jaxpr` (no nested `jit`: `_spliced`) binding each equation through `unit_dims`."""
     env: dict[Any, Any] = {}
     _write(env, jaxpr.constvars, consts)
     _write(env, jaxpr.invars, args)
     for eqn in jaxpr.eqns:
-        invals = [_read(env, v) for v in eqn.invars]
-        if eqn.primitive.name in C.JIT_NAMES:
-            body = C.as_closed(eqn.params.get("jaxpr", eqn.params.get("call_jaxpr")))
-            outs = _eval_inlining(body.jaxpr, body.consts, invals, unit_dims)
-        else:
-            outs = unit_dims.bind(eqn, invals)
-        _write(env, eqn.outvars, outs)
+        _write(env, eqn.outvars, unit_dims.bind(eqn, [_read(env, v) for v in eqn.invars]))
     return [_read(env, v) for v in jaxpr.outvars]
 
 
