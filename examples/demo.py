@@ -144,7 +144,8 @@ def main() -> int:
     print(f"speedup: {t_ref / t_new:.2f}x (moefuse.jit takes {t_new / t_ref:.2f}x the time of jax.jit)")
     print(
         "note: the model computes every expert on every token; the fused moe op computes only the\n"
-        "      routed (token, expert) pairs, on CPU with an XLA block schedule (Pallas kernels come later)."
+        "      routed (token, expert) pairs, here on CPU with an XLA block schedule (`moefuse kernels`\n"
+        "      lists what each platform runs)."
     )
 
     if not disabled and not plan.fused:
