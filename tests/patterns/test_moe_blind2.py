@@ -59,6 +59,16 @@ def test_every_blind_case_is_accounted_for():
     assert names == set(FUSED) | set(NOT_FUSED) and not set(FUSED) & set(NOT_FUSED)
 
 
+def assert_moe_site(site, dispatch: str, expect: dict) -> None:
+    """A fused `moe` site has the block's dispatch and its true parameters (`case.expect`)."""
+    assert site.params["dispatch"] == dispatch
+    assert (site.params["num_experts"], site.params["k"]) == (expect["num_experts"], expect["k"])
+    assert site.params["activation"] == expect["activation"]
+    assert ("shared_expert" in site.params) == expect["shared_expert"]
+    if dispatch == "capacity":
+        assert site.params["capacity"] == expect["capacity"]
+
+
 @pytest.mark.parametrize("make", BLIND2_MOE_BLOCKS, ids=_case_id)
 def test_blind_moe_block(make):
     case = make()
@@ -67,15 +77,7 @@ def test_blind_moe_block(make):
     if case.name in FUSED:
         assert len(sites) == case.count, str(plan)
         for site in sites:
-            assert site.params["dispatch"] == FUSED[case.name]
-            assert (site.params["num_experts"], site.params["k"]) == (
-                case.expect["num_experts"],
-                case.expect["k"],
-            )
-            assert site.params["activation"] == case.expect["activation"]
-            assert ("shared_expert" in site.params) == case.expect["shared_expert"]
-            if FUSED[case.name] == "capacity":
-                assert site.params["capacity"] == case.expect["capacity"]
+            assert_moe_site(site, FUSED[case.name], case.expect)
         routes = [s for s in plan.fused if s.op == "route"]
         if case.name in ROUTER_NOT_FUSED:
             why = ROUTER_NOT_FUSED[case.name]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import moefuse
+from tests.patterns.test_moe_blind2 import assert_moe_site
 from tests.zoo.moe_blocks_blind3 import BLIND3_MOE_BLOCKS
 from tests.zoo.moe_blocks_blind4 import BLIND4_MOE_BLOCKS
 
@@ -107,16 +108,8 @@ def test_blind_moe_block(make):
     if case.name in FUSED:
         assert len(sites) == case.count, str(plan)
         for site in sites:
-            assert site.params["dispatch"] == FUSED[case.name]
-            assert (site.params["num_experts"], site.params["k"]) == (
-                case.expect["num_experts"],
-                case.expect["k"],
-            )
-            assert site.params["activation"] == case.expect["activation"]
+            assert_moe_site(site, FUSED[case.name], case.expect)
             assert site.params.get("weights_on_input", False) == case.expect.get("weights_on_input", False)
-            assert ("shared_expert" in site.params) == case.expect["shared_expert"]
-            if FUSED[case.name] == "capacity":
-                assert site.params["capacity"] == case.expect["capacity"]
         routes = [s for s in plan.fused if s.op == "route"]
         if case.name in ROUTER_NOT_FUSED:
             why = ROUTER_NOT_FUSED[case.name]
