@@ -2,7 +2,7 @@
 
 Run in a venv with `jax[tpu]` of the same JAX version (libtpu from PyPI; no TPU needed)::
 
-    python -m venv .venv-tpu && .venv-tpu/bin/pip install "jax[tpu]==0.10.2" networkx
+    python -m venv .venv-tpu && .venv-tpu/bin/pip install "jax[tpu]==0.10.2"
     .venv-tpu/bin/pip install -e . --no-deps
     .venv-tpu/bin/python benchmarks/moe_tpu_compile.py > benchmarks/results/moe_tpu_compile.json
 

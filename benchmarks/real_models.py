@@ -5,8 +5,11 @@ the test suite's tiny size and at ``CPU_REALISTIC`` (``tests/real/case.py``: 256
 expert FFN 512, 16 experts, top-2), in its library's venv (``python tests/real/setup_venvs.py <lib>``),
 with moefuse imported from a checkout by ``tests/real/run_case.py``'s import hook. In one process per
 library, both programs are compiled first (the first call, timed apart as "first call"), warmed up,
-then run interleaved (original, fused, original, fused, ...); each one's median is reported with the
-ratio original / fused (above 1: moefuse is faster) and the ops the Plan fused. Cases with
+then run interleaved, the original twice per round (original, fused, original again; the order
+rotates each round); each one's median is reported with the ratio original / fused (above 1: moefuse
+is faster), the A/A ratio original / original again (the same program in two slots: how far apart
+two timings of one program land on this machine, the noise a ratio is read against) and the ops the
+Plan fused. Cases with
 ``runs=False`` (they only trace and lower on XLA:CPU) are skipped with that reason; a builder without
 a ``size`` parameter runs at the tiny size only.
 
@@ -124,9 +127,12 @@ def bench_one(case: RealCase, size_name: str, runs: int, warmup: int) -> dict[st
             for _ in range(warmup):
                 jax.block_until_ready(original(*built.args))
                 jax.block_until_ready(fused(*built.args))
-            times: dict[str, list[float]] = {"original": [], "fused": []}
-            for _ in range(runs):  # interleaved: A B A B ...
-                for name, fn in (("original", original), ("fused", fused)):
+            # the original is also timed in a second slot of each round (an A/A control: how far two
+            # timings of one program land apart here); the order rotates, so no slot always runs first
+            programs = (("original", original), ("fused", fused), ("original_again", original))
+            times: dict[str, list[float]] = {name: [] for name, _ in programs}
+            for r in range(runs):
+                for name, fn in programs[r % 3:] + programs[:r % 3]:
                     start = time.perf_counter()
                     jax.block_until_ready(fn(*built.args))
                     times[name].append((time.perf_counter() - start) * 1e3)
@@ -140,9 +146,10 @@ def bench_one(case: RealCase, size_name: str, runs: int, warmup: int) -> dict[st
         row[f"min_ms_{name}"] = min(ts)
     row["runs"] = runs
     row["ratio"] = row["median_ms_original"] / row["median_ms_fused"]
+    row["aa_ratio"] = row["median_ms_original"] / row["median_ms_original_again"]
     progress(f"{tag} first call {row['first_call_s_original']}s / {row['first_call_s_fused']}s; "
              f"median of {runs}: jax.jit {row['median_ms_original']:.3f} ms, moefuse.jit "
-             f"{row['median_ms_fused']:.3f} ms, ratio {row['ratio']:.2f}"
+             f"{row['median_ms_fused']:.3f} ms, ratio {row['ratio']:.2f} (A/A {row['aa_ratio']:.2f})"
              + ("" if row["forward_ok"] else "  (FORWARD DIFFERS)"))
     return row
 
@@ -222,24 +229,24 @@ def fmt_ms(row: dict[str, Any], key: str) -> str:
 def table(rows: list[dict[str, Any]], skipped: list[dict[str, str]]) -> str:
     """The markdown table of the results, then the skipped cases and the failures."""
     head = ("| case | size | input | fused ops | jax.jit ms | moefuse.jit ms | ratio orig/fused "
-            "| min ms (jax / moefuse) | first call s (jax / moefuse) | forward |")
-    lines = [head, "|" + "---|" * 10]
+            "| A/A ratio | min ms (jax / moefuse) | first call s (jax / moefuse) | forward |")
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         if r.get("error"):
             why = f"FAILED at {r['error']['stage']}: {r['error']['last_line']}"
             lines.append(f"| {r['case']} | {r['size']} | {r.get('input', '')} | {r.get('fused', '')} "
-                         f"| - | - | - | - | - | {why} |")
+                         f"| - | - | - | - | - | - | {why} |")
             continue
         fused = ", ".join(r["fused"]) or "(nothing)"
         lines.append(
             f"| {r['case']} | {r['size']} | {r['input']} | {fused} | {fmt_ms(r, 'median_ms_original')} "
-            f"| {fmt_ms(r, 'median_ms_fused')} | {r['ratio']:.2f} "
+            f"| {fmt_ms(r, 'median_ms_fused')} | {r['ratio']:.2f} | {r['aa_ratio']:.2f} "
             f"| {fmt_ms(r, 'min_ms_original')} / {fmt_ms(r, 'min_ms_fused')} "
             f"| {r['first_call_s_original']:.1f} / {r['first_call_s_fused']:.1f} "
             f"| {'equal' if r['forward_ok'] else 'DIFFERS'} |"
         )
     for s in skipped:
-        lines.append(f"| {s['case']} | all | | | - | - | - | - | - | skipped: {s['reason']} |")
+        lines.append(f"| {s['case']} | all | | | - | - | - | - | - | - | skipped: {s['reason']} |")
     return "\n".join(lines)
 
 
@@ -302,11 +309,13 @@ def main(argv: list[str] | None = None) -> None:
     text = table(rows, skipped)
     print(text)
     print(f"{len(rows)} rows in {elapsed:.0f}s")
-    timing = (f"median of {args.runs} calls of each program, interleaved (original, fused, ...), after the "
-              f"first (compiling) call and {args.warmup} warm-up call(s) of each; one process per library")
+    timing = (f"median of {args.runs} calls of each program, interleaved (original, fused, original again; "
+              f"the order rotating each round), after the first (compiling) call and {args.warmup} warm-up "
+              f"call(s) of each; one process per library")
     result = {
         "what": "real-model MoE paths (tests/real/cases) on CPU: jax.jit(fn) vs moefuse.jit(fn); "
-                "ratio = median original / median fused (above 1: moefuse faster)",
+                "ratio = median original / median fused (above 1: moefuse faster); aa_ratio = median "
+                "original / median of the original timed again in a second slot (the noise)",
         "timing": timing,
         "sizes": {n: vars(s) for n, s in SIZES.items() if n in args.sizes},
         **info,
@@ -327,6 +336,9 @@ def main(argv: list[str] | None = None) -> None:
         f"- timing: {timing}; the whole run took {elapsed:.0f} s",
         "- sizes: " + "; ".join(f"{n}: {s}" for n, s in SIZES.items() if n in args.sizes),
         "- ratio = median jax.jit ms / median moefuse.jit ms: above 1, moefuse is faster",
+        "- A/A ratio = median jax.jit ms / median of the same jax.jit program timed in a second slot of "
+        "each round: its distance from 1 is the timing noise of that row (a ratio orig/fused as far "
+        "from 1 is not a measured difference)",
         "",
         text,
         "",

@@ -195,9 +195,9 @@ def _local_device(platform: str) -> Any:
 def _analysed(
     fun: Callable[..., Any], args: tuple, kwargs: dict[str, Any], options: Options
 ) -> tuple[_Traced, Level, select.Target]:
-    traced = _trace(fun, args, kwargs)
-    target = _target(options, traced.dynamic)
     with _no_gc():
+        traced = _trace(fun, args, kwargs)
+        target = _target(options, traced.dynamic)
         return traced, analyse(traced.closed, target), target
 
 

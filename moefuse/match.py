@@ -84,10 +84,10 @@ def canonical_set(view: View, atoms: Iterable[Any]) -> set[Any]:
 
 def reads_input(view: View, var: Any, inputs: set[Any]) -> bool:
     """Whether `var` is one of `inputs` (a `canonical_set`), or the same value in normal form."""
-    if C.is_literal(var):
+    if isinstance(var, C.Literal):
         return False
     c = view.canon(var)
-    return var in inputs or (not C.is_literal(c) and c in inputs)
+    return var in inputs or (not isinstance(c, C.Literal) and c in inputs)
 
 
 def _depends_on(view: View, i: int, inputs: set[Any], memo: dict[int, bool]) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import heapq
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -29,7 +30,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import networkx as nx
 
 from moefuse import _compat as C
 from moefuse import _testing, select
@@ -340,7 +340,7 @@ def _type_problem(prop: Proposal, kernel: select.Kernel) -> str | None:
     key = emit_key(prop.emit)
     if key is None:
         return _build_problem(prop, kernel)
-    key = (key, kernel, tuple(str(v.aval) for v in (*prop.inputs, *prop.outputs)))
+    key = (key, kernel, tuple(v.aval for v in (*prop.inputs, *prop.outputs)))
     if key not in _TYPE_CHECKED:
         if len(_TYPE_CHECKED) >= 4096:
             _TYPE_CHECKED.clear()
@@ -396,32 +396,43 @@ def _schedule(jaxpr: C.Jaxpr, matches: list[Match]) -> list[Any]:
 
     Each match is one unit ("m", n); every other live equation is ("e", index): dead code is
     dropped (it may read a region's interior values, which the fused op does not define). Matches
-    are convex (checked in `_try`), so the graph has no cycle.
+    are convex (checked in `_try`), so the graph has no cycle. Among the units ready to run, the one
+    whose first equation comes first in `jaxpr` runs first (Kahn's algorithm on a heap).
     """
     owner = {i: m_i for m_i, m in enumerate(matches) for i in m.region}
-    live = live_equations(jaxpr) | set(owner)
-    eqns = [(i, eqn) for i, eqn in enumerate(jaxpr.eqns) if i in live]
-    graph = nx.DiGraph()
-    unit_of: dict[Any, Any] = {}
-    keys: dict[Any, int] = {}
-    for i, eqn in eqns:
-        unit = ("m", owner[i]) if i in owner else ("e", i)
-        graph.add_node(unit)
-        keys.setdefault(unit, i)
-        for v in eqn.outvars:
-            unit_of[v] = unit
-    for i, eqn in eqns:
-        unit = ("m", owner[i]) if i in owner else ("e", i)
-        for v in eqn.invars:
-            src = None if C.is_literal(v) else unit_of.get(v)
+    live = sorted(live_equations(jaxpr) | set(owner))
+    unit_of_eqn = {i: ("m", owner[i]) if i in owner else ("e", i) for i in live}
+    key: dict[Any, int] = {}  # unit -> index of its first equation (unique per unit)
+    unit_of_var: dict[Any, Any] = {}
+    for i in live:
+        key.setdefault(unit_of_eqn[i], i)
+        for v in jaxpr.eqns[i].outvars:
+            unit_of_var[v] = unit_of_eqn[i]
+    reads = [(unit_of_eqn[i], jaxpr.eqns[i].invars) for i in live]
+    reads += [(("m", m_i), m.proposal.inputs) for m_i, m in enumerate(matches)]
+    after: dict[Any, set[Any]] = {unit: set() for unit in key}
+    for unit, invars in reads:
+        for v in invars:
+            src = None if C.is_literal(v) else unit_of_var.get(v)
             if src is not None and src != unit:
-                graph.add_edge(src, unit)
-    for m_i, m in enumerate(matches):
-        for v in m.proposal.inputs:
-            src = None if C.is_literal(v) else unit_of.get(v)
-            if src is not None and src != ("m", m_i):
-                graph.add_edge(src, ("m", m_i))
-    return list(nx.lexicographical_topological_sort(graph, key=lambda u: keys[u]))
+                after[src].add(unit)
+    waiting = dict.fromkeys(key, 0)
+    for users in after.values():
+        for unit in users:
+            waiting[unit] += 1
+    ready = [(key[unit], unit) for unit, n in waiting.items() if n == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        _, unit = heapq.heappop(ready)
+        order.append(unit)
+        for user in after[unit]:
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                heapq.heappush(ready, (key[user], user))
+    if len(order) != len(key):
+        raise RuntimeError("fused regions and the equations around them form a cycle")
+    return order
 
 
 def _analyse_bodies(

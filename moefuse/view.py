@@ -34,6 +34,8 @@ import numpy as np
 
 from moefuse import _compat as C
 
+_Literal = C.Literal  # isinstance checks on hot paths, without a call to C.is_literal
+
 # Primitives that never change a value when their output aval equals their input aval (a slice of
 # the same shape takes everything; a transpose of the same shape may not be the identity: not here).
 _SHAPE_NOOPS = frozenset(
@@ -86,7 +88,8 @@ class View:
         self.outvars = {v for v in self.jaxpr.outvars if not C.is_literal(v)}
         self.live = live_equations(self.jaxpr)
         self._rep: dict[Any, Any] = {}  # var -> the first var computing the same value
-        self._canon: dict[tuple[Any, bool], Any] = {}  # (atom, through_stop_gradient) -> canon's answer
+        # canon's answers, memoised per value of its through_stop_gradient flag
+        self._canon: dict[bool, dict[Any, Any]] = {False: {}, True: {}}
         self._number_values()
         self._users: dict[Any, list[int]] | None = None
 
@@ -112,10 +115,14 @@ class View:
         if eqn.primitive.name in _COMMUTATIVE:  # one order for a set of operands: vars, then literals
             operands.sort(key=lambda k: (1, k) if isinstance(k, tuple) else (0, id(k)))
         try:
-            params = _freeze(eqn.params)
+            params = tuple(sorted(eqn.params.items()))  # most params hash as they are
             hash(params)
-        except Exception:  # noqa: BLE001 - params that cannot be compared: never merged
-            return None
+        except TypeError:  # a list or an array among them: compared by value instead
+            try:
+                params = _freeze(eqn.params)
+                hash(params)
+            except Exception:  # noqa: BLE001 - params that cannot be compared: never merged
+                return None
         avals = tuple((tuple(v.aval.shape), v.aval.dtype) for v in eqn.outvars if hasattr(v.aval, "shape"))
         return eqn.primitive.name, params, tuple(operands), avals
 
@@ -133,19 +140,18 @@ class View:
     # ---- raw structure -------------------------------------------------------------------
     def eqn_index(self, var: Any) -> int | None:
         """Index of the equation producing `var` (raw, no canonicalisation)."""
-        if C.is_literal(var) or var not in self._producer:
-            return None
-        return self._producer[var][0]
+        got = None if isinstance(var, _Literal) else self._producer.get(var)
+        return None if got is None else got[0]
 
     def raw_users(self, var: Any) -> list[int]:
         """Indices of the live equations reading `var` (dead code reads nothing)."""
         return [] if C.is_literal(var) else [i for i in self._raw_users.get(var, []) if i in self.live]
 
     def raw_producer(self, var: Any) -> tuple[C.JaxprEqn, int] | None:
-        if C.is_literal(var) or var not in self._producer:
+        got = None if isinstance(var, _Literal) else self._producer.get(var)
+        if got is None:
             return None
-        i, j = self._producer[var]
-        return self.jaxpr.eqns[i], j
+        return self.jaxpr.eqns[got[0]], got[1]
 
     # ---- canonical structure -------------------------------------------------------------
     def canon(self, atom: Any, *, through_stop_gradient: bool = False) -> Any:
@@ -153,17 +159,17 @@ class View:
 
         Memoised: the normal form of a var depends only on the equations before it, whose own
         numbering (`_rep`) is complete by the time any later equation reads the var."""
-        if C.is_literal(atom):
+        if isinstance(atom, _Literal):
             return atom
-        key = (atom, through_stop_gradient)
-        got = self._canon.get(key)
+        memo = self._canon[through_stop_gradient]
+        got = memo.get(atom)
         if got is None:
-            got = self._canon[key] = self._canon_walk(atom, through_stop_gradient)
+            got = memo[atom] = self._canon_walk(atom, through_stop_gradient)
         return got
 
     def _canon_walk(self, atom: Any, through_stop_gradient: bool) -> Any:
         while True:
-            if C.is_literal(atom):
+            if isinstance(atom, _Literal):
                 return atom
             atom = self._rep.get(atom, atom)
             got = self.raw_producer(atom)
@@ -452,13 +458,13 @@ class View:
 
 def live_equations(jaxpr: C.Jaxpr) -> set[int]:
     """Indices of the equations whose results reach an output of `jaxpr`, or that have effects."""
-    needed = {v for v in jaxpr.outvars if not C.is_literal(v)}
+    needed = {v for v in jaxpr.outvars if not isinstance(v, _Literal)}
     live: set[int] = set()
     for i in range(len(jaxpr.eqns) - 1, -1, -1):
         eqn = jaxpr.eqns[i]
-        if eqn.effects or any(v in needed for v in eqn.outvars if not C.is_dropvar(v)):
+        if eqn.effects or any(v in needed for v in eqn.outvars):  # a dropvar is never needed
             live.add(i)
-            needed.update(v for v in eqn.invars if not C.is_literal(v))
+            needed.update(v for v in eqn.invars if not isinstance(v, _Literal))
     return live
 
 
