@@ -6,7 +6,9 @@ expert FFN 512, 16 experts, top-2), in its library's venv (``python tests/real/s
 with moefuse imported from a checkout by ``tests/real/run_case.py``'s import hook. In one process per
 library, both programs are compiled first (the first call, timed apart as "first call"), warmed up,
 then run interleaved, the original twice per round (original, fused, original again; the order
-rotates each round); each one's median is reported with the ratio original / fused (above 1: moefuse
+rotates each round), each sample the mean of as many consecutive calls as take about 2 ms (a single
+call at the tiny size is a tenth of a millisecond, mostly timer and dispatch jitter); each one's
+median is reported with the ratio original / fused (above 1: moefuse
 is faster), the A/A ratio original / original again (the same program in two slots: how far apart
 two timings of one program land on this machine, the noise a ratio is read against) and the ops the
 Plan fused. Cases with
@@ -84,6 +86,18 @@ def args_summary(args: tuple) -> dict[str, Any]:
     }
 
 
+def calls_per_sample(fn: Any, args: tuple, sample_ms: float = 2.0) -> int:
+    """How many consecutive calls of `fn` make one timing sample of about `sample_ms` (at least 1): a
+    single call of a tenth of a millisecond is mostly timer and dispatch jitter."""
+    import jax
+
+    start = time.perf_counter()
+    for _ in range(5):
+        jax.block_until_ready(fn(*args))
+    per_call_ms = (time.perf_counter() - start) * 1e3 / 5
+    return max(1, min(100, round(sample_ms / per_call_ms)))
+
+
 def bench_one(case: RealCase, size_name: str, runs: int, warmup: int) -> dict[str, Any]:
     """Build, plan, compile and time one case at one size (the caller entered nothing)."""
     import jax
@@ -130,12 +144,14 @@ def bench_one(case: RealCase, size_name: str, runs: int, warmup: int) -> dict[st
             # the original is also timed in a second slot of each round (an A/A control: how far two
             # timings of one program land apart here); the order rotates, so no slot always runs first
             programs = (("original", original), ("fused", fused), ("original_again", original))
+            calls = calls_per_sample(original, built.args)
             times: dict[str, list[float]] = {name: [] for name, _ in programs}
             for r in range(runs):
                 for name, fn in programs[r % 3:] + programs[:r % 3]:
                     start = time.perf_counter()
-                    jax.block_until_ready(fn(*built.args))
-                    times[name].append((time.perf_counter() - start) * 1e3)
+                    for _ in range(calls):
+                        jax.block_until_ready(fn(*built.args))
+                    times[name].append((time.perf_counter() - start) * 1e3 / calls)
     except Exception as e:  # noqa: BLE001 - reported per case, the other cases still run
         last = f"{type(e).__name__}: {e}".splitlines()[0]
         row["error"] = {"stage": stage, "last_line": last}
@@ -145,6 +161,7 @@ def bench_one(case: RealCase, size_name: str, runs: int, warmup: int) -> dict[st
         row[f"median_ms_{name}"] = statistics.median(ts)
         row[f"min_ms_{name}"] = min(ts)
     row["runs"] = runs
+    row["calls_per_sample"] = calls
     row["ratio"] = row["median_ms_original"] / row["median_ms_fused"]
     row["aa_ratio"] = row["median_ms_original"] / row["median_ms_original_again"]
     progress(f"{tag} first call {row['first_call_s_original']}s / {row['first_call_s_fused']}s; "
@@ -265,8 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES),
                         help="the sizes to build each case at (default: tiny realistic)")
     parser.add_argument("--runs", type=int, default=50,
-                        help="timed calls of EACH program per case and size, interleaved (default: 50; "
-                        "a tiny-size call takes ~0.3 ms: 20 runs leave its medians noisy on a shared host)")
+                        help="timed samples of EACH program per case and size, interleaved (default: 50; "
+                        "a sample is the mean of as many consecutive calls as take about 2 ms)")
     parser.add_argument("--warmup", type=int, default=2,
                         help="untimed calls of each after the first (compiling) call (default: 2)")
     parser.add_argument("--root", type=Path, default=REPO_ROOT,
@@ -309,9 +326,10 @@ def main(argv: list[str] | None = None) -> None:
     text = table(rows, skipped)
     print(text)
     print(f"{len(rows)} rows in {elapsed:.0f}s")
-    timing = (f"median of {args.runs} calls of each program, interleaved (original, fused, original again; "
-              f"the order rotating each round), after the first (compiling) call and {args.warmup} warm-up "
-              f"call(s) of each; one process per library")
+    timing = (f"median of {args.runs} samples of each program, interleaved (original, fused, original again; "
+              f"the order rotating each round), a sample being the mean of as many consecutive calls as take "
+              f"about 2 ms (1 to 100: calls_per_sample in the JSON), after the first (compiling) call and "
+              f"{args.warmup} warm-up call(s) of each; one process per library")
     result = {
         "what": "real-model MoE paths (tests/real/cases) on CPU: jax.jit(fn) vs moefuse.jit(fn); "
                 "ratio = median original / median fused (above 1: moefuse faster); aa_ratio = median "

@@ -7,15 +7,17 @@ params.weights_on_input (see `MoeParams` for the exact semantics). The shared ex
 the op. `moe_ffn` is a `jax.custom_vjp`: the forward runs the chosen implementation; the backward
 is the routed backward of `xla.backward` for impl="xla", the kernels' routed backward of
 `grouped.backward` for impl="pallas_tpu" / "pallas_gpu" (grouped matmuls `gmm` for dx, transposed
-ones `tgmm` for the expert weights), and the VJP of the forward for impl="reference" (the pure-jnp
-`reference.moe_ffn_reference`, which defines the op), impl="dense" (`dense.dense_ffn`) and
-impl="slots" (`slots.slots_ffn`, capacity sites).
+ones `tgmm` for the expert weights), the routed backward of `xla.backward` for impl="dense_gather"
+too (`dense_gather.forward`: every expert on every token, each assignment's output gathered), and the
+VJP of the forward for impl="reference" (the pure-jnp `reference.moe_ffn_reference`, which defines the
+op), impl="dense" (`dense.dense_ffn`) and impl="slots" (`slots.slots_ffn`, capacity sites).
 Gradients flow to x, weights and every expert weight and bias; ids carry none.
 
 Expert weights come stacked on a leading expert axis, or as `PerExpert`: E separate arrays of one
 matrix, for models that keep each expert as its own module. impl="xla" reads those where they are
-(stacking them would copy every expert's weights on every call); "dense" and the Pallas kernels read
-one stacked array, so they refuse them, and their selection rows decline a site that has them.
+(stacking them would copy every expert's weights on every call), and so do "dense_gather" and
+"reference"; "dense" and the Pallas kernels read one stacked array, so they refuse them, and their
+selection rows decline a site that has them.
 
 Example, Qwen3-MoE-style SwiGLU experts (top-2 of 8)::
 
@@ -45,7 +47,7 @@ import jax.numpy as jnp
 
 from moefuse import select
 
-from . import dense, grouped, pallas_gpu, pallas_tpu, slots, xla
+from . import dense, dense_gather, grouped, pallas_gpu, pallas_tpu, slots, xla
 from .grouped import Tiles
 from .params import GLU_ACTIVATIONS, MoeParams
 from .reference import (
@@ -111,6 +113,9 @@ IMPLS: dict[str, Impl] = {
     "reference": _autodiff(routed_ffn_reference, per_expert=True),
     "xla": Impl(lambda x, weights, ids, ew, params, o: xla.forward(x, weights, ids, ew, params),
                 lambda res, g, params, o: xla.backward(res, g, params), per_expert=True),
+    "dense_gather": Impl(lambda x, weights, ids, ew, params, o: dense_gather.forward(x, weights, ids, ew,
+                                                                                      params),
+                         lambda res, g, params, o: xla.backward(res, g, params), per_expert=True),
     "dense": _autodiff(dense.dense_ffn),
     "slots": _autodiff(slots.slots_ffn),
     "pallas_tpu": _pallas(pallas_tpu.BACKEND),
@@ -206,6 +211,26 @@ def _slots_pay(req: select.Request) -> bool:
     t, edf = _ffn_dims(req)
     slots = p["num_experts"] * p["capacity"] * p.get("capacity_groups", 1)
     return slots <= t * p["k"] or slots * edf // p["num_experts"] < SLOTS_WORK
+
+
+# A routed original (sort, gathered weights, a loop over experts) against the fused op on CPU (2 cores,
+# 2026-12-07, jax 0.10.2, SwiGLU k=2; the kernel alone in benchmarks/moe_cpu.py's manner): running every
+# expert on every token and gathering each assignment's row took 0.06-0.16 ms from T*E*D*F = 2**17 to
+# 2**20, the sorted schedule 0.11-0.20 ms and a sort + ragged_dot original 0.08-0.28 ms; from 2**21 the
+# sorted schedule wins (0.22 against 0.25 ms, 0.31 against 0.54 ms at 2**23). The six tiny real-model
+# paths with routed originals ran at 0.71-0.92x of their original with the sorted schedule
+# (benchmarks/results/real_models.json of 2026-12-07, jax 0.12.0.1).
+DENSE_GATHER_WORK = 2**21
+
+
+def _small_routed(req: select.Request) -> bool:
+    """a site whose original routes tokens to their experts, small enough that running every expert on
+    every token costs less than sorting"""
+    p = req.params
+    if p.get("dispatch") == "dense" and not p.get("weights_on_input"):
+        return False  # the dense row's (a dense original with weights on the input lands here)
+    t, edf = _ffn_dims(req)
+    return t * edf < DENSE_GATHER_WORK
 
 
 def _one_rounding(req: select.Request, target: select.Target) -> str | None:
@@ -309,6 +334,10 @@ select.register(
                      fits=_stacked_only,
                      note="each expert on its capacity slots of every token group (XLA), as capacity "
                           "originals compute: at this size that beats sorting"),
+    select.KernelRow("moe", "cpu", "dense_gather", shape=f"T*E*D*F < {DENSE_GATHER_WORK:,}",
+                     when=_small_routed,
+                     note="every expert on every token, each assignment's output gathered (XLA; routed "
+                          "backward): at this size cheaper than sorting"),
     select.KernelRow("moe", "cpu", "xla", note="sorted block schedule (XLA)"),
 )
 
@@ -336,9 +365,10 @@ def moe_ffn(
     params.has_expert_bias. Any of these arrays may be a `PerExpert` instead: the E arrays of a model
     that keeps each expert as its own module, each without the expert axis (w_down as E arrays [F, D],
     a GLU pair as two PerExperts of [D, F] ...), taken as they are, never stacked by impl="xla" (which
-    then skips its capacity pass) and stacked by "reference"; "dense" and the Pallas kernels read one
-    stacked array and raise a ValueError for them.
-    `impl` is one of IMPLS ("reference", "xla", "dense", "slots", "pallas_tpu", "pallas_gpu"),
+    then skips its capacity pass), "dense_gather" or "reference"; "dense" and the Pallas kernels read
+    one stacked array and raise a ValueError for them.
+    `impl` is one of IMPLS ("reference", "xla", "dense_gather", "dense", "slots", "pallas_tpu",
+    "pallas_gpu"),
     or the `select.Kernel` chosen (its interpret flag and tiles are used). For the Pallas ones
     `interpret=True` runs the kernels in interpret mode (any platform) and `tiles` overrides the
     backend's `default_tiles`.

@@ -40,8 +40,8 @@ class PerExpert:
     expert array (all arrays of one PerExpert must agree in shape and dtype; `expert_weights` checks).
 
     Models that keep each expert as its own module (Grok-1, PhiMoE ports) hold their weights this way.
-    The XLA schedule reads expert e's array where it needs it and never stacks them (stacking would copy
-    every expert's weights on every call); the reference stacks them, as it defines meaning, not speed.
+    The XLA schedules read expert e's array where they need it and never stack them (stacking would copy
+    every expert's weights on every call).
     Its gradient is a PerExpert too, one array per expert.
     """
 
@@ -64,11 +64,6 @@ ExpertWeights = dict[str, ExpertArray]  # keys: w_in, w_up (unfused GLU only), w
 def has_per_expert(ew: ExpertWeights) -> bool:
     """Whether any expert matrix or bias is given as E separate arrays (`PerExpert`)."""
     return any(isinstance(a, PerExpert) for a in ew.values())
-
-
-def stacked(a: ExpertArray) -> jax.Array:
-    """The stacked [E, ...] array: `a` itself, or a PerExpert's arrays stacked (a copy: reference only)."""
-    return jnp.stack(a.arrays) if isinstance(a, PerExpert) else a
 
 
 def _err(msg: str) -> str:
@@ -322,24 +317,48 @@ def moe_ffn_reference(
 def routed_ffn_reference(
     x: jax.Array, weights: jax.Array, ids: jax.Array, ew: ExpertWeights, params: MoeParams
 ) -> jax.Array:
-    """`moe_ffn_reference` on validated inputs, with the expert weights as `expert_weights` returns
-    (per-expert arrays are stacked first)."""
+    """`moe_ffn_reference` on validated inputs, with the expert weights as `expert_weights` returns."""
+    y, live = assignment_outputs(x, weights, ids, ew, params)
+    return combine_assignments(x, weights, y, live, params)
+
+
+def assignment_outputs(
+    x: jax.Array, weights: jax.Array, ids: jax.Array, ew: ExpertWeights, params: MoeParams
+) -> tuple[jax.Array, jax.Array]:
+    """(y [T, k, D], live [T, k]): each assignment's expert output, computed by running every expert on
+    every token (or, with params.weights_on_input, on every scaled row) and picking the assignment's
+    own (a gather: an expert a token was not routed to never reaches its row), and whether the
+    assignment is live (`live_mask_reference`). Per-expert arrays are read where they are, one expert
+    at a time (their outputs are stacked, not their weights)."""
     cdt = compute_dtype(params, x)
-    wdt = combine_dtype(params, cdt, weights)
-    ew = cast_expert_weights({name: stacked(a) for name, a in ew.items()}, params, cdt)
+    ew = cast_expert_weights(ew, params, cdt)
     live = live_mask_reference(ids, params)
     safe_ids = jnp.where(live, ids, 0)
     tokens = lax.broadcasted_iota(jnp.int32, ids.shape, 0)
-    if params.weights_on_input:
-        # every expert on every scaled row: y_all[e, t, j] = FFN_e(v[t, j])
-        y_all = jax.vmap(lambda w: expert_ffn(scaled_tokens(x, weights, cdt), w, params))(ew)
-        y = y_all[safe_ids, tokens, lax.broadcasted_iota(jnp.int32, ids.shape, 1)]  # [T, k, D]
-        contrib = y.astype(wdt)
+    # y_all[e, t] = FFN_e(x[t]), or with weights on the input y_all[e, t, j] = FFN_e(v[t, j])
+    v = scaled_tokens(x, weights, cdt) if params.weights_on_input else x.astype(cdt)
+    if has_per_expert(ew):
+        y_all = jnp.stack([expert_ffn(v, _one_expert(ew, e), params) for e in range(params.num_experts)])
     else:
-        # every expert on every token: y_all[e, t] = FFN_e(x[t])
-        y_all = jax.vmap(lambda w: expert_ffn(x.astype(cdt), w, params))(ew)  # [E, T, D]
-        y = y_all[safe_ids, tokens]  # [T, k, D]: each assignment's expert output
-        contrib = weights.astype(wdt)[..., None] * y.astype(wdt)
+        y_all = jax.vmap(lambda w: expert_ffn(v, w, params))(ew)
+    if params.weights_on_input:
+        return y_all[safe_ids, tokens, lax.broadcasted_iota(jnp.int32, ids.shape, 1)], live
+    return y_all[safe_ids, tokens], live
+
+
+def _one_expert(ew: ExpertWeights, e: int) -> dict[str, jax.Array]:
+    """Expert e's arrays (no expert axis): a PerExpert's e-th array, a stacked array's e-th slice."""
+    return {name: a.arrays[e] if isinstance(a, PerExpert) else a[e] for name, a in ew.items()}
+
+
+def combine_assignments(
+    x: jax.Array, weights: jax.Array, y: jax.Array, live: jax.Array, params: MoeParams
+) -> jax.Array:
+    """out [T, D]: the live assignments' outputs y [T, k, D] weighted by their router weights (summed
+    as they are with params.weights_on_input, whose rows were scaled before the experts), in the
+    combine dtype, then cast to the op's result dtype."""
+    wdt = combine_dtype(params, compute_dtype(params, x), weights)
+    contrib = y.astype(wdt) if params.weights_on_input else weights.astype(wdt)[..., None] * y.astype(wdt)
     contrib = jnp.where(live[..., None], contrib, jnp.zeros((), wdt))
     return jnp.sum(contrib, axis=1).astype(result_dtype(params, x))
 

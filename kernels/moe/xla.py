@@ -80,13 +80,13 @@ from .reference import (
     PerExpert,
     activation,
     cast_expert_weights,
+    combine_assignments,
     combine_dtype,
     compute_dtype,
     has_per_expert,
     hidden_rows,
     output_dtype,
     project,
-    result_dtype,
     scaled_tokens,
     scaled_tokens_vjp,
     split_gate_up,
@@ -374,7 +374,6 @@ def forward(
     sched = expert_schedule(t, params, ew)
     c0 = sched.c0
     cdt = compute_dtype(params, x)
-    wdt = combine_dtype(params, cdt, weights)
     lay = layout(ids, params, sched)
     ewc = cast_expert_weights(ew, params, cdt)
     src, idx = _routed_rows(x, weights, lay.order, params, cdt, max(sched.blocks))
@@ -385,9 +384,7 @@ def forward(
                       lambda: _zeros((e, c0, d), output_dtype(params, cdt), (src, ewc)))
     y2 = _loop_forward(src[idx], ewc, lay, params, sched.blocks)
     y = _unsort(y1, y2, lay)
-    contrib = y.astype(wdt) if params.weights_on_input else weights.astype(wdt)[..., None] * y.astype(wdt)
-    contrib = jnp.where(lay.live[..., None], contrib, jnp.zeros((), wdt))
-    out = jnp.sum(contrib, axis=1).astype(result_dtype(params, x))
+    out = combine_assignments(x, weights, y, lay.live, params)
     return out, Residuals(x, weights, ew, lay, None if params.weights_on_input else y)
 
 

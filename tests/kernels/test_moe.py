@@ -30,7 +30,7 @@ from moefuse.kernels.moe import MoeParams, PerExpert, moe_ffn, schedule, xla
 from tests.tiers import default_run_keeps
 
 # impl or impl/branch: the XLA implementation with its run-time choice of the capacity pass forced
-VARIANTS = ("reference", "xla/capacity-pass", "xla/loop-only", "dense", "slots")
+VARIANTS = ("reference", "xla/capacity-pass", "xla/loop-only", "dense_gather", "dense", "slots")
 
 
 def variants(p: MoeParams) -> tuple[str, ...]:
@@ -666,7 +666,7 @@ def _stacked_grads(tree):
                         is_leaf=lambda g: isinstance(g, PerExpert))
 
 
-PER_EXPERT_IMPLS = ("reference", "xla")
+PER_EXPERT_IMPLS = ("reference", "xla", "dense_gather")
 
 
 @pytest.mark.parametrize(
@@ -725,13 +725,14 @@ def test_per_expert_grads_match_independent(kw, t):
                                        err_msg=f"{impl} {jax.tree_util.keystr(path)}")
 
 
-def test_per_expert_arrays_are_never_stacked_by_the_xla_schedule():
-    """The XLA forward reads each expert's arrays where they are: no value in its program has the
+@pytest.mark.parametrize("impl", PER_EXPERT_IMPLS)
+def test_per_expert_arrays_are_never_stacked(impl):
+    """The forwards read each expert's arrays where they are: no value in their programs has the
     stacked [E, D, F] / [E, F, D] shape (the backward's gradient buffers are stacked, then split)."""
     p = MoeParams(num_experts=4, k=2, activation="swiglu")
     x, weights, ids, ew = make_inputs(p, t=32, d=8, f=16)
     w_in, w_down, _, _ = op_args(per_expert(ew))
-    closed = jax.make_jaxpr(lambda *a: moe_ffn(*a, p, impl="xla"))(x, weights, ids, w_in, w_down)
+    closed = jax.make_jaxpr(lambda *a: moe_ffn(*a, p, impl=impl))(x, weights, ids, w_in, w_down)
     stacked = {(4, 8, 16), (4, 16, 8)}
 
     def shapes(jaxpr):

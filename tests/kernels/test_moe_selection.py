@@ -1,6 +1,8 @@
 """Which `moe` implementation the CPU rows choose: a dense original at a small size keeps a dense
-schedule (kernels/moe/dense.py); larger, or spelled by gathering the k experts, it gets the sorted one.
-A capacity site runs its capacity slots (kernels/moe/slots.py) when they are few or the size is small."""
+schedule (kernels/moe/dense.py); a routed one (spelled by gathering the k experts, sorting ...) at a
+small size runs every expert and gathers each assignment's row (kernels/moe/dense_gather.py); larger,
+both get the sorted one. A capacity site runs its capacity slots (kernels/moe/slots.py) when they are
+few or the size is small."""
 
 from __future__ import annotations
 
@@ -58,9 +60,49 @@ def test_a_dense_original_keeps_a_dense_schedule_while_small(t, kernel):
     np.testing.assert_allclose(moefuse.jit(dense_moe)(*args), jax.jit(dense_moe)(*args), rtol=1e-5, atol=1e-5)
 
 
-def test_a_gathered_original_gets_the_sorted_schedule_at_any_size():
-    site = _moe_site(gather_moe, _params(16))
-    assert site.params["dispatch"] == "gather" and site.kernel == "xla"
+@pytest.mark.parametrize("t, kernel", [(16, "dense_gather"), (127, "dense_gather"), (128, "xla")])
+def test_a_gathered_original_runs_dense_gather_while_small(t, kernel):
+    """T*E*D*F = 0.26M, 2.08M, 2.10M (the row's bound is 2**21); values and gradients equal the
+    original's."""
+    args = _params(t)
+    site = _moe_site(gather_moe, args)
+    assert site.params["dispatch"] == "gather" and site.kernel == kernel
+    if kernel == "xla":
+        assert any(r.startswith("dense_gather: shape is not in class") for r in site.fallbacks), site
+    want = jax.jit(gather_moe)(*args)
+    np.testing.assert_allclose(moefuse.jit(gather_moe)(*args), want, rtol=1e-5, atol=1e-5)
+
+    def loss(fn):
+        return jax.grad(lambda *a: jnp.sum(fn(*a) ** 2), argnums=(0, 2, 3))
+
+    for g, w in zip(jax.jit(loss(moefuse.jit(gather_moe)))(*args), jax.jit(loss(gather_moe))(*args)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_dense_gather_keeps_an_unrouted_experts_non_finite_values_out():
+    """dense_gather runs every expert on every token, but picks each assignment's own row: an expert no
+    token was routed to, whose weights hold inf and nan, reaches neither the output nor the gradients
+    of x and the routed experts (the original never computes it), unlike a combine by a [T, E] matrix
+    (0 * inf = nan)."""
+    x, gate, w_in, w_down = _params(4)
+    unrouted = sorted(set(range(E)) - set(np.asarray(_route(x, gate)[1]).ravel().tolist()))
+    assert unrouted, "the seed routes 8 assignments to every one of 8 experts: pick another"
+    e = unrouted[0]
+    w_in = w_in.at[e].set(jnp.inf).at[e, 0, 0].set(jnp.nan)
+    args = (x, gate, w_in, w_down)
+    assert _moe_site(gather_moe, args).kernel == "dense_gather"
+    want = jax.jit(gather_moe)(*args)
+    assert np.isfinite(np.asarray(want)).all()
+    np.testing.assert_allclose(moefuse.jit(gather_moe)(*args), want, rtol=1e-5, atol=1e-5)
+
+    def loss(fn):
+        return jax.grad(lambda x_, w_: jnp.sum(fn(x_, gate, w_, w_down) ** 2), argnums=(0, 1))
+
+    (gx, gw), (wx, ww) = jax.jit(loss(moefuse.jit(gather_moe)))(x, w_in), jax.jit(loss(gather_moe))(x, w_in)
+    np.testing.assert_allclose(gx, wx, rtol=1e-4, atol=1e-5)
+    routed = [i for i in range(E) if i not in unrouted]
+    np.testing.assert_allclose(np.asarray(gw)[routed], np.asarray(ww)[routed], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(gw[e], 0.0)  # the original's: its weights take part in nothing
 
 
 def test_the_dense_gradient_equals_the_original():
@@ -69,7 +111,7 @@ def test_the_dense_gradient_equals_the_original():
     def loss(fn):
         return jax.grad(lambda *a: jnp.sum(fn(*a) ** 2), argnums=(0, 2, 3))
 
-    got, want = moefuse.jit(loss(dense_moe))(*args), jax.jit(loss(dense_moe))(*args)
+    got, want = jax.jit(loss(moefuse.jit(dense_moe)))(*args), jax.jit(loss(dense_moe))(*args)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
@@ -87,7 +129,7 @@ def test_a_small_capacity_site_runs_its_capacity_slots():
     def loss(fn):
         return jax.grad(lambda *a: jnp.sum(fn(*a)[0] ** 2), argnums=(0, 2, 3))
 
-    for g, w in zip(moefuse.jit(loss(case.fn))(*case.args), jax.jit(loss(case.fn))(*case.args)):
+    for g, w in zip(jax.jit(loss(moefuse.jit(case.fn)))(*case.args), jax.jit(loss(case.fn))(*case.args)):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
 
 
@@ -119,12 +161,13 @@ def llama4_dense(x, gate, w_in, w_down):
     return jnp.einsum("etf,efd->etd", hidden, w_down).sum(0)
 
 
-def test_weights_on_the_input_run_the_sorted_schedule_even_dense_and_small():
+def test_weights_on_the_input_run_dense_gather_even_dense_and_small():
     """The dense schedule runs the experts on the tokens as they are: it declines weights_on_input,
-    with its reason in the Plan."""
+    with its reason in the Plan; dense_gather runs them on the scaled rows."""
     args = _params(16)
     site = _moe_site(llama4_dense, args)
-    assert site.params["dispatch"] == "dense" and site.params["weights_on_input"] and site.kernel == "xla"
+    assert site.params["dispatch"] == "dense" and site.params["weights_on_input"]
+    assert site.kernel == "dense_gather"
     assert any(r.startswith("dense: runs every expert on the tokens as they are") for r in site.fallbacks)
     np.testing.assert_allclose(moefuse.jit(llama4_dense)(*args), jax.jit(llama4_dense)(*args), rtol=1e-5,
                                atol=1e-5)
