@@ -4,6 +4,7 @@
     (W[e] the e-th slice of a stacked W, or expert e's arrays of its own: `PerExpertWeights`, biases
     likewise; also in a layout with unit token dims: y [1, T, D] = sum of weight_e[:, :, None] *
     FFN_e(x)[None]; each expert may read only its routed tokens: FFN_e(x * any(ids == e, -1)[:, None]))
+    y = sum over e of FFN(x * weight_e[:, None]; W[e])           (the same, Llama4's weights on the input)
     y = sum over j of w[:, j, None] * FFN(x; W[ids[:, j]])       (slot_loop_outputs)
 
     ffn, weights, ids = looped_expert_outputs(view, y)
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 from moefuse import idioms
 from moefuse.patterns.activations import activation_of, scalar_operand
 from moefuse.patterns.dots import Bias, column_slice, dot, down_labels, through_transpose
-from moefuse.patterns.experts import ExpertFfn, PerExpertWeights
+from moefuse.patterns.experts import ExpertFfn, PerExpertWeights, RowScale
 from moefuse.view import View
 
 
@@ -44,6 +45,11 @@ def looped_expert_outputs(view: View, y: Any) -> tuple[ExpertFfn, Any, Any] | No
     in row-major order; the FFN's result may be cast before it is weighted (`ffn_precision` reads it).
     An expert may read x with the rows of the tokens not routed to it zeroed
     (`x * any(ids == e, -1)[:, None]`, `_routed_rows`): those rows are weighted by 0.
+    Llama4's form (HF's loop): y = sum over e of FFN_e(x * weight_e[:, None]), each expert on the tokens
+    scaled by their weight for it (its product maybe cast before the projections) and summed with weight
+    1 (`_scaled_term`); the ffn then has a `row_scale`. It is the fused op's weights_on_input when the
+    ids of a token are distinct (a `top_k`'s: weight_e is then one choice's weight or 0) and an expert
+    on a zero row gives 0 (no biases: the caller declines those).
     """
     return _unrolled_sum(view, y, _loop_term, _num_experts)
 
@@ -74,6 +80,7 @@ class _TermKey:
     act_params: tuple
     weights: Any
     ids: Any
+    scale_dtype: Any = None  # weights on the input: the dtype the tokens are scaled in (else None)
 
 
 def _unrolled_sum(view: View, y: Any, term_of: Any, count: Any) -> tuple[ExpertFfn, Any, Any] | None:
@@ -116,6 +123,7 @@ def _unrolled_sum(view: View, y: Any, term_of: Any, count: Any) -> tuple[ExpertF
         w_down_dims=wd_dims,
         biases=(b_gate, b_up, b_down),
         act_params=key.act_params,
+        row_scale=None if key.scale_dtype is None else RowScale(key.weights, key.scale_dtype),
     )
     return ffn, key.weights, key.ids
 
@@ -128,13 +136,16 @@ def _sum_terms(view: View, atom: Any) -> list[Any]:
 
 
 def _loop_term(view: View, term: Any) -> tuple[int, _TermKey, tuple] | None:
-    """(e, key, own) for term = weight_e[:, None] * FFN_e(x); key holds what must agree across experts,
-    own each matrix's and bias's array of its own (None where it is the e-th slice of a stacked one).
+    """(e, key, own) for term = weight_e[:, None] * FFN_e(x), or FFN_e(x * weight_e[:, None]) (weights
+    on the input, `_scaled_term`); key holds what must agree across experts, own each matrix's and
+    bias's array of its own (None where it is the e-th slice of a stacked one).
 
     term [..T, D] may have unit token dims that weight_e [..T] and FFN_e(x) [..T, D] lack or hold
     elsewhere (`_same_rows`)."""
-    if view.op(term) != "mul" or len(_shape(term)) < 2:
+    if len(_shape(term)) < 2:
         return None
+    if view.op(term) != "mul":
+        return _scaled_term(view, term)
     for wexp, cur in (view.args(term), view.args(term)[::-1]):
         we, dims = idioms.unexpand(view, wexp)
         if not _same_rows(term, we, dims, tokens_only=True):
@@ -143,30 +154,107 @@ def _loop_term(view: View, term: Any) -> tuple[int, _TermKey, tuple] | None:
         if sel is None:
             continue
         e, w, ids = sel
-        out, out_dims = idioms.unexpand(view, cur)
-        out = view.uncast(out)  # the expert's result cast for the combine (`ffn_precision` reads it)
-        if len(_shape(out)) < 2 or not _same_rows(term, out, out_dims, tokens_only=False):
+        out = _expert_output(view, term, cur)
+        got = None if out is None else _expert_ffn(view, out, e)
+        if got is None:
             continue
-        down = _expert_projection(view, out, e, contracted="F")
-        if down is None:
-            continue
-        inner = activation_of(view, down.lhs)
-        if inner is None:
-            continue
-        act, gate, up, act_params = inner
-        g = _expert_projection(view, gate, e, contracted="D")
-        u = None if up is None else _expert_projection(view, up, e, contracted="D")
-        if g is None or (up is not None and (u is None or not view.same(u.lhs, g.lhs))):
-            continue
-        if _shape(g.lhs)[:-1] != _shape(out)[:-1]:
-            continue  # the FFN keeps x's token dims: its rows are x's rows
-        projs = (g, down) if u is None else (g, u, down)
-        x = _routed_rows(view, g.lhs, e, ids)
-        key = _TermKey(
-            x, tuple(p.weight for p in projs), tuple(p.bias for p in projs), act, act_params, w, ids
-        )
-        return e, key, tuple(p.own for p in projs) + tuple(p.own_bias for p in projs)
+        projs, act, act_params = got
+        x = _routed_rows(view, projs[0].lhs, e, ids)
+        return e, _term_key(x, projs, act, act_params, w, ids), _owns(projs)
     return None
+
+
+def _scaled_term(view: View, term: Any) -> tuple[int, _TermKey, tuple] | None:
+    """(e, key, own) for term = FFN_e(x * weight_e[:, None]): expert e on the tokens scaled by their
+    weight for it (`loop_expert_weight`), the product maybe cast before the projections; key.x is the
+    unscaled tokens, key.scale_dtype the product's dtype."""
+    out = _expert_output(view, term, term)
+    scaled = None if out is None else _scaled_rows(view, out)
+    if scaled is None:
+        return None
+    e, w, ids, x, scale_dtype = scaled
+    got = _expert_ffn(view, out, e)
+    if got is None or not idioms.distinct_along_last(view, ids):
+        return None  # a token choosing e twice would run FFN_e once on the sum of its two weights
+    projs, act, act_params = got
+    if any(p.bias is not None for p in projs):
+        return None  # an expert not chosen runs on zero rows: with a bias FFN_e(0) != 0 joins the sum
+    return e, _term_key(x, projs, act, act_params, w, ids, scale_dtype), _owns(projs)
+
+
+def scaled_loop_term(view: View, term: Any) -> bool:
+    """Whether `term` reads as one expert's FFN of the tokens scaled by their weight for it (a term of
+    Llama4's loop, see `looped_expert_outputs`)."""
+    out = _expert_output(view, term, term)
+    return out is not None and _scaled_rows(view, out) is not None
+
+
+def _scaled_rows(view: View, out: Any) -> tuple[int, Any, Any, Any, Any] | None:
+    """(e, w, ids, x, dtype) when the expert FFN giving `out` reads x * weight_e[:, None] (computed in
+    dtype, maybe cast after): its down projection's input is an activation of a projection of it
+    (biases looked through: `_scaled_term` declines them)."""
+    down = _biased_dot(view, out)
+    inner = None if down is None else activation_of(view, down[0])
+    first = None if inner is None else _biased_dot(view, inner[1])
+    if first is None:
+        return None
+    rows = view.uncast(first[0])  # the product rounded to the dtype the projections compute in
+    if view.op(rows) != "mul":
+        return None
+    for x_side, s_side in (view.args(rows), view.args(rows)[::-1]):
+        s, dims = idioms.unexpand(view, s_side)
+        sel = loop_expert_weight(view, s)
+        if sel is None or _shape(x_side) != _shape(rows) or not _same_rows(rows, s, dims, tokens_only=True):
+            continue
+        e, w, ids = sel
+        return e, w, ids, x_side, rows.aval.dtype
+    return None
+
+
+def _biased_dot(view: View, atom: Any) -> tuple | None:
+    """`dot` of atom, or of the matmul a bias is added to (`_expert_projection` reads which)."""
+    if view.op(atom) == "add":
+        return next((got for a in view.args(atom) if (got := dot(view, a)) is not None), None)
+    return dot(view, atom)
+
+
+def _expert_output(view: View, term: Any, cur: Any) -> Any | None:
+    """The expert FFN's result that `cur` (a factor of `term`) expands or casts, or None when its rows
+    are not term's."""
+    out, out_dims = idioms.unexpand(view, cur)
+    out = view.uncast(out)  # the expert's result cast for the combine (`ffn_precision` reads it)
+    if len(_shape(out)) < 2 or not _same_rows(term, out, out_dims, tokens_only=False):
+        return None
+    return out
+
+
+def _expert_ffn(view: View, out: Any, e: int) -> tuple[tuple[_Projection, ...], str, tuple] | None:
+    """(projections (gate, up, down) or (in, down), activation, its params) for out = expert e's FFN of
+    some rows [..T, D] (its token dims kept)."""
+    down = _expert_projection(view, out, e, contracted="F")
+    if down is None:
+        return None
+    inner = activation_of(view, down.lhs)
+    if inner is None:
+        return None
+    act, gate, up, act_params = inner
+    g = _expert_projection(view, gate, e, contracted="D")
+    u = None if up is None else _expert_projection(view, up, e, contracted="D")
+    if g is None or (up is not None and (u is None or not view.same(u.lhs, g.lhs))):
+        return None
+    if _shape(g.lhs)[:-1] != _shape(out)[:-1]:
+        return None  # the FFN keeps x's token dims: its rows are x's rows
+    return ((g, down) if u is None else (g, u, down)), act, act_params
+
+
+def _term_key(x: Any, projs: tuple, act: str, act_params: tuple, w: Any, ids: Any,
+              scale_dtype: Any = None) -> _TermKey:
+    return _TermKey(x, tuple(p.weight for p in projs), tuple(p.bias for p in projs), act, act_params, w, ids,
+                    scale_dtype)
+
+
+def _owns(projs: tuple) -> tuple:
+    return tuple(p.own for p in projs) + tuple(p.own_bias for p in projs)
 
 
 def _same_rows(term: Any, part: Any, dims: dict[int, int], tokens_only: bool) -> bool:

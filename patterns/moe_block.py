@@ -34,6 +34,7 @@ from moefuse.patterns.dots import Bias, Cols, token_labels
 from moefuse.patterns.expert_loops import (
     loop_expert_weight,
     looped_expert_outputs,
+    scaled_loop_term,
     slot_column,
     slot_loop_outputs,
 )
@@ -154,6 +155,15 @@ class MoePattern:
                     view, anchor, ffn, weights, ids, _shape(ffn.w_down)[0], "gather", weights.aval.dtype
                 )
             got = looped_expert_outputs(view, eqn.outvars[0])
+            if got is None and _adds_scaled_term(view, eqn):
+                return NoMatch(
+                    anchor,
+                    "a sum of experts run on the tokens scaled by their router weights (weights on the "
+                    "input), read only with one term per expert e < E of the same FFN, ids that never "
+                    "repeat for a token (a top_k's) and no expert biases (an expert not chosen runs on "
+                    "zero rows: its FFN_e(0) must be 0)",
+                    OP,
+                )
             if got is None:
                 return NoMatch(
                     anchor,
@@ -163,6 +173,9 @@ class MoePattern:
                     OP,
                 )
             ffn, weights, ids = got
+            if ffn.row_scale is not None:  # weights on the input: the expert outputs summed with weight 1
+                return _proposal(view, anchor, ffn, weights, ids, _num_experts(ffn), "loop",
+                                 eqn.outvars[0].aval.dtype, on_input=True)
             return _proposal(view, anchor, ffn, weights, ids, _num_experts(ffn), "loop", weights.aval.dtype)
         if eqn.primitive.name in ("gather", "scatter"):
             return self._match_top1_unsummed(view, anchor)
@@ -404,7 +417,14 @@ def _from_top1(view: View, atom: Any, depth: int = 6) -> bool:
     )
 
 
+def _adds_scaled_term(view: View, eqn: Any) -> bool:
+    """Whether eqn adds FFN_e(x * weight_e[:, None]): the loop of Llama4's weights on the input."""
+    return any(view.op(t) != "mul" and scaled_loop_term(view, t) for t in view.args(eqn.outvars[0]))
+
+
 def _adds_expert_term(view: View, eqn: Any) -> bool:
+    if _adds_scaled_term(view, eqn):
+        return True
     for term in view.args(eqn.outvars[0]):
         if view.op(term) != "mul":
             continue

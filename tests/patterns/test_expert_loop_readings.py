@@ -5,7 +5,9 @@
 - the weight summed over k in a transposed layout (`sum(one_hot(ids).transpose(2, 1, 0)[e] * w.T, 0)`);
 - the expert's result cast before it is weighted (`(h @ w_down[e]).astype(f32) * w_e`);
 - biases per expert (`x @ W_e + b_e`, own vectors or rows of a stacked [E, F]);
-- experts that read only their routed tokens (`x * any(ids == e, -1)[:, None]`).
+- experts that read only their routed tokens (`x * any(ids == e, -1)[:, None]`);
+- Llama4's weights on the input, as HF's loop writes them (`FFN_e(x * w_e[:, None])` summed with
+  weight 1), with its near misses: ids that may repeat (not a top_k's) and expert biases.
 
 Each test checks with `moefuse.plan` what fused (or that nothing did) and compares `moefuse.jit` with
 `jax.jit` of the same program, values and gradients. What each reading must not accept (a token mask
@@ -310,3 +312,69 @@ def test_an_expert_no_token_is_routed_to_poisons_the_program_only():
     assert len(moe_sites(fn, poisoned, x)) == 1
     assert np.isnan(jax.jit(fn)(poisoned, x)).all()
     np.testing.assert_allclose(moefuse.jit(fn)(poisoned, x), jax.jit(fn)(p, x), rtol=1e-5, atol=1e-6)
+
+
+# ---- Llama4's weights on the input, in a loop ----------------------------------------------------------
+
+
+def scaled_input_loop(pick=None, bias=False, dtype=jnp.float32):
+    """HF Llama4's loop: each expert on the tokens scaled by their weight for it, outputs summed with
+    weight 1 (`pick(logits)` -> (top logits, ids): a top_k by default)."""
+
+    def fn(p, x):
+        top, ids = (pick or (lambda v: lax.top_k(v, K)))(x.astype(jnp.float32) @ p["router"])
+        s = jax.nn.sigmoid(top)
+        out = jnp.zeros(x.shape, jnp.float32)
+        for e in range(E):
+            s_e = jnp.sum(jnp.where(ids == e, s, 0.0), axis=-1)
+            x_e = (x.astype(jnp.float32) * s_e[:, None]).astype(dtype)
+            g = x_e @ p["w_gate"][e].astype(dtype)
+            if bias:
+                g = g + p["b_gate"][e].astype(dtype)
+            y = (jax.nn.silu(g) * (x_e @ p["w_up"][e].astype(dtype))) @ p["w_down"][e].astype(dtype)
+            out = out + y.astype(jnp.float32)
+        return out.astype(x.dtype)
+
+    return fn
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_a_loop_of_experts_on_scaled_tokens_is_weights_on_input(dtype):
+    """sum_e FFN_e(x * s_e) with s_e = sum_j [ids_j == e] w_j: for a top_k's distinct ids s_e is one
+    choice's weight or 0, and FFN_e(0) = 0 without biases, so it is sum_j FFN_{ids_j}(w_j x)."""
+    p, x = make_params(100), _normal(101, (T, D)).astype(dtype)
+    p["b_gate"] = _normal(102, (E, F), 0.5)
+    fn = scaled_input_loop(dtype=dtype)
+    (site,) = moe_sites(fn, p, x)
+    assert site.params["dispatch"] == "loop" and site.params["weights_on_input"]
+    assert not site.params["has_expert_bias"]
+    if dtype == jnp.float32:
+        assert_values_and_grads_equal(fn, (p, x))
+    else:  # bf16 rows: values within the program's own precision, verified against it
+        moefuse.jit(fn, verify=True)(p, x)
+
+
+def test_a_loop_on_scaled_tokens_whose_ids_may_repeat_is_not_read():
+    """ids = [argmax, argmax]: a token choosing e twice runs FFN_e once on x * (w_0 + w_1) in the
+    program, twice on x * w_j in the fused op (FFN_e is not linear): declined."""
+
+    def twice(v):
+        top = jnp.max(v, -1, keepdims=True)
+        return jnp.concatenate([top, top], -1), jnp.repeat(jnp.argmax(v, -1)[:, None], K, -1)
+
+    p, x = make_params(110), _normal(111, (T, D))
+    fn = scaled_input_loop(pick=twice)
+    assert moe_sites(fn, p, x) == []
+    assert any("ids that never repeat" in d.reason for d in moefuse.plan(fn, p, x).declined)
+    np.testing.assert_allclose(moefuse.jit(fn)(p, x), jax.jit(fn)(p, x), rtol=1e-6)
+
+
+def test_a_loop_on_scaled_tokens_with_expert_biases_is_not_read():
+    """An expert not chosen runs on zero rows: with a bias its FFN_e(0) != 0 is part of the program's
+    sum, and the fused op runs only the chosen experts: declined."""
+    p, x = make_params(120), _normal(121, (T, D))
+    p["b_gate"] = _normal(122, (E, F), 0.5)
+    fn = scaled_input_loop(bias=True)
+    assert moe_sites(fn, p, x) == []
+    assert any("no expert biases" in d.reason for d in moefuse.plan(fn, p, x).declined)
+    np.testing.assert_allclose(moefuse.jit(fn)(p, x), jax.jit(fn)(p, x), rtol=1e-6)
