@@ -217,9 +217,10 @@ def _slots_pay(req: select.Request) -> bool:
 # 2026-12-07, jax 0.10.2, SwiGLU k=2; the kernel alone in benchmarks/moe_cpu.py's manner): running every
 # expert on every token and gathering each assignment's row took 0.06-0.16 ms from T*E*D*F = 2**17 to
 # 2**20, the sorted schedule 0.11-0.20 ms and a sort + ragged_dot original 0.08-0.28 ms; from 2**21 the
-# sorted schedule wins (0.22 against 0.25 ms, 0.31 against 0.54 ms at 2**23). The six tiny real-model
-# paths with routed originals ran at 0.71-0.92x of their original with the sorted schedule
-# (benchmarks/results/real_models.json of 2026-12-07, jax 0.12.0.1).
+# sorted schedule wins (0.22 against 0.25 ms, 0.31 against 0.54 ms at 2**23). End to end at the tiny
+# real-model size (benchmarks/real_models.py, jax 0.12.0.1, 2026-12-07): five routed paths ran at
+# 0.71-0.87x of their original with the sorted schedule; the thirteen with dense_gather at 0.81-2.93x
+# (median; the A/A control 0.95-1.05x; the machine's load 2-3).
 DENSE_GATHER_WORK = 2**21
 
 
