@@ -7,11 +7,10 @@ with moefuse imported from a checkout by ``tests/real/run_case.py``'s import hoo
 library, both programs are compiled first (the first call, timed apart as "first call"), warmed up,
 then run interleaved, the original twice per round (original, fused, original again; the order
 rotates each round), each sample the mean of as many consecutive calls as take about 2 ms (a single
-call at the tiny size is a tenth of a millisecond, mostly timer and dispatch jitter); each one's
-median is reported with the ratio original / fused (above 1: moefuse
-is faster), the A/A ratio original / original again (the same program in two slots: how far apart
-two timings of one program land on this machine, the noise a ratio is read against) and the ops the
-Plan fused. Cases with
+call at the tiny size is a tenth of a millisecond, mostly timer and dispatch jitter). Each one's
+median is reported with the ratio original / fused (above 1: moefuse is faster), the A/A ratio
+original / original again (the same program in two slots: how far apart two timings of one program
+land on this machine, the noise a ratio is read against) and the ops the Plan fused. Cases with
 ``runs=False`` (they only trace and lower on XLA:CPU) are skipped with that reason; a builder without
 a ``size`` parameter runs at the tiny size only.
 

@@ -2,7 +2,7 @@
 
 The expected values never come from `moe_ffn_reference`: `independent_moe` below is a Python loop
 over experts with masks, its own activation formulas (transliterated from the model code they come
-from) and a Python/numpy capacity counter. Both implementations ("reference", "xla") must match it:
+from) and a Python/numpy capacity counter. Every implementation (`VARIANTS`) must match it:
 f32 within 1e-5, bf16 within ~1e-2, NaN positions equal, gradients (f32) equal to jax.grad of it.
 
 Shapes are chosen to drive every path of the XLA implementation: the sparse path (T*k < 2E, no
