@@ -16,6 +16,7 @@ It answers questions about values (jaxpr atoms) in a normal form:
     eqn = view.producer(var)           # the equation that makes var (noise skipped)
     view.op(var), view.args(var)       # its primitive name and canonical inputs
     view.users(var)                    # equations consuming var (looking through noise)
+    view.reshaped_from(var)            # x when var is x reshaped in row-major order, else None
     view.scalar(atom)                  # python float of a literal / splat constant, else None
     view.outside(var)                  # (outer view, atom) an input of a body is bound to, else None
 
@@ -222,6 +223,17 @@ class View:
             if tuple(cur.aval.shape) == tuple(atom.aval.shape):
                 found = cur
         return found
+
+    def reshaped_from(self, atom: Any) -> Any | None:
+        """x (canonical) if atom is x with its elements in the same row-major order, only its shape
+        changed by one `reshape` (no `dimensions`), `squeeze` or `expand_dims`: `w.reshape(-1)` and
+        `ids[:, 0]` of ids [T, 1] are the same value. None otherwise."""
+        eqn = self.producer(atom)
+        if eqn is None or eqn.primitive.name not in ("reshape", "squeeze", "expand_dims"):
+            return None
+        if eqn.primitive.name == "reshape" and eqn.params.get("dimensions") is not None:
+            return None
+        return self.canon(eqn.invars[0])
 
     def producer(self, atom: Any, **kw: Any) -> C.JaxprEqn | None:
         got = self.raw_producer(self.canon(atom, **kw))

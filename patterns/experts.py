@@ -441,13 +441,12 @@ def sorted_scatter_combine(view: View, y: Any) -> tuple[ExpertFfn, Any, Any] | N
         taken = idioms.take(view, w_sorted)
         if taken is None or not view.same(taken[1], perm):
             continue
-        wf = view.producer(taken[0])
-        w_shape = None if wf is None else _shape(wf.invars[0])
-        if wf is None or wf.primitive.name != "reshape" or (_tokens_of(w_shape), w_shape[-1:]) != (
+        w = view.reshaped_from(taken[0])
+        if w is None or (_tokens_of(_shape(w)), _shape(w)[-1:]) != (
             _tokens_of(_shape(ids)), _shape(ids)[-1:]
         ):
             continue
-        return ffn, ids, view.canon(wf.invars[0])
+        return ffn, ids, w
     return None
 
 
@@ -487,10 +486,9 @@ def sorted_rows_ffn(view: View, o_sorted: Any) -> tuple[ExpertFfn, Any, Any] | N
     for p in parts:  # a bias must be gathered with each row's expert
         if p.bias is not None and not _row_experts(view, p.bias_rows, flat, perm, down.sizes):
             return None
-    fe = view.producer(flat)
-    if fe is None or fe.primitive.name != "reshape" or len(_shape(fe.invars[0])) < 2:
+    ids = view.reshaped_from(flat)  # [..T, k]: several token dims ([B, S, k] ids) flatten in order
+    if ids is None or len(_shape(ids)) < 2:
         return None
-    ids = view.canon(fe.invars[0])  # [..T, k]: several token dims ([B, S, k] ids) flatten in order
     if scale is not None and not idioms.from_choice(view, scale.weights, ids):
         # a factor that is not the router's weight (a norm's) is part of the tokens
         plain = _row_source(view, g.rows, scaled=False)
@@ -575,10 +573,8 @@ def _row_factor(view: View, atom: Any, n: int) -> Any | None:
 
 def _unflattened(view: View, c: Any) -> Any:
     """The array whose row-major flattening c is (the operand of `w.reshape(-1)`), else c."""
-    eqn = view.producer(c)
-    if eqn is not None and eqn.primitive.name == "reshape" and eqn.params.get("dimensions") is None:
-        return view.canon(eqn.invars[0])
-    return view.canon(c)
+    w = view.reshaped_from(c)
+    return view.canon(c) if w is None else w
 
 
 def _tokens_of(shape: tuple[int, ...]) -> int:

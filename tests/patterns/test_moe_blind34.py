@@ -54,6 +54,7 @@ FUSED = {
     "haiku_slotwise_where_sum_top3": "loop",
     "nnx_token_mask_loop_shared": "loop",
     "llama4_loop_top2_on_input_bf16": "loop",
+    "llama4_sorted_ragged_on_input": "sorted",  # ids flattened by ids[:, 0], not ids.reshape(-1)
     "argsort_reversed_fancy_vmap_tokens": "gather",
     "phimoe_sparsemixer_loop": "loop",
     "torch_dense_scatter_gates_letters": "dense",
@@ -80,8 +81,6 @@ NOT_FUSED = {
     # Llama4 as HF writes it densely: scores = sigmoid(scatter(-inf at ids of the top-1 logit)), then
     # tile(x, E) * scores through every expert; neither the router nor the block is read
     "llama4_dense_scatter_sigmoid_on_input": None,
-    # weights on the input, sorted top-1 put back by zeros.at[order].set(ys): not read yet
-    "llama4_sorted_ragged_on_input": None,
     # bf16 top-1 with f32-accumulated gathered projections and y.astype(bf16).astype(f32) before * w:
     # the round trip of the expert output hides the top-1 combine (its gathered einsums are examined)
     "bf16_top1_no_renorm_roundtrip": "no combine of expert outputs by router weights",
