@@ -226,14 +226,23 @@ class View:
 
     def reshaped_from(self, atom: Any) -> Any | None:
         """x (canonical) if atom is x with its elements in the same row-major order, only its shape
-        changed by one `reshape` (no `dimensions`), `squeeze` or `expand_dims`: `w.reshape(-1)` and
-        `ids[:, 0]` of ids [T, 1] are the same value. None otherwise."""
+        changed by one `reshape` (no `dimensions`), `squeeze`, `expand_dims` or a `broadcast_in_dim`
+        that only adds unit dims: `w.reshape(-1)`, `ids[:, 0]` of ids [T, 1] and `ids[None]` are ids
+        reshaped. None otherwise."""
         eqn = self.producer(atom)
-        if eqn is None or eqn.primitive.name not in ("reshape", "squeeze", "expand_dims"):
+        if eqn is None or eqn.primitive.name not in ("reshape", "squeeze", "expand_dims", "broadcast_in_dim"):
+            return None
+        src = eqn.invars[0]
+        if C.is_literal(src):
             return None
         if eqn.primitive.name == "reshape" and eqn.params.get("dimensions") is not None:
+            return None  # a transpose, then the reshape
+        if eqn.primitive.name == "broadcast_in_dim" and (
+            np.prod(src.aval.shape) != np.prod(eqn.outvars[0].aval.shape)
+            or list(eqn.params["broadcast_dimensions"]) != sorted(eqn.params["broadcast_dimensions"])
+        ):
             return None
-        return self.canon(eqn.invars[0])
+        return self.canon(src)
 
     def producer(self, atom: Any, **kw: Any) -> C.JaxprEqn | None:
         got = self.raw_producer(self.canon(atom, **kw))

@@ -131,3 +131,24 @@ def test_a_broadcast_of_a_broadcast_constant_has_its_value():
     assert [c.aval.shape for c in consts] == [(1, 8, 16)] * 3
     assert [view.scalar(c) for c in consts] == [0.0, 1.0, None]
     np.testing.assert_array_equal(view.value(consts[2])[0, 3], np.arange(16.0))
+
+
+def test_a_row_major_flattening_is_read_through_reshape_squeeze_and_expand_dims_only():
+    """ids.reshape(-1), ids[:, 0] of ids [T, 1] and ids[None] keep the row-major order: each is read as
+    ids reshaped; a reshape with `dimensions` (a transpose first) and a transpose are not."""
+    ids = jnp.zeros((4, 1), jnp.int32)
+
+    def fn(ids):
+        return (ids.reshape(-1), ids[:, 0], ids[None], lax.reshape(ids, (4,), dimensions=(1, 0)),
+                ids.T.reshape(-1), ids + 1)
+
+    closed = jax.make_jaxpr(fn)(ids)
+    view = View(closed)
+    (x,) = closed.jaxpr.invars
+    flat, squeezed, expanded, dims_given, transposed, added = closed.jaxpr.outvars
+    assert view.reshaped_from(flat) is x
+    assert view.reshaped_from(squeezed) is x
+    assert view.reshaped_from(expanded) is x
+    assert view.reshaped_from(dims_given) is None
+    assert view.reshaped_from(transposed) is not x
+    assert view.reshaped_from(added) is None
