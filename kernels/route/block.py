@@ -37,8 +37,9 @@ def order_key(x: jax.Array) -> jax.Array:
     return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
 
 
-def _top(key: jax.Array, avail: jax.Array, lane: jax.Array, n: int) -> jax.Array:
-    """[bt, 1] lane of the largest available key, the lowest such lane among equals."""
+def top_lane(key: jax.Array, avail: jax.Array, lane: jax.Array, n: int) -> jax.Array:
+    """[..., 1] lane of the largest available key (along the last axis, of n lanes), the lowest such lane
+    among equals."""
     best = jnp.max(jnp.where(avail, key, INT_MIN), axis=-1, keepdims=True)
     return jnp.min(jnp.where(avail & (key == best), lane, n), axis=-1, keepdims=True)
 
@@ -68,8 +69,8 @@ def _group_limit(sel: jax.Array, params: RouteParams, lane: jax.Array) -> jax.Ar
         if params.group_score == "max":
             scores.append(jnp.max(jnp.where(m, sel, neg_inf), axis=-1, keepdims=True))
         else:  # the sum of the group's top two values, as lax.top_k(group, 2) picks them
-            first = lane == _top(key, m, lane, e)
-            second = lane == _top(key, m & ~first, lane, e)
+            first = lane == top_lane(key, m, lane, e)
+            second = lane == top_lane(key, m & ~first, lane, e)
             scores.append(_sum2(_at(sel, first), _at(sel, second)))
     keys = [order_key(v) for v in scores]
     taken = [jnp.zeros(keys[0].shape, bool) for _ in range(g)]
@@ -116,7 +117,7 @@ def route_block(
     ids = jnp.zeros((bt, k), jnp.int32)
     scale = None if expert_scale is None else jnp.zeros((bt, k), jnp.float32)
     for j in range(k):
-        idx = _top(key, avail, lane, e)
+        idx = top_lane(key, avail, lane, e)
         hit = lane == idx
         avail = avail & ~hit
         w = jnp.where(slot == j, _at(source, hit).astype(jnp.float32), w)
