@@ -218,9 +218,10 @@ def _slots_pay(req: select.Request) -> bool:
 # expert on every token and gathering each assignment's row took 0.06-0.16 ms from T*E*D*F = 2**17 to
 # 2**20, the sorted schedule 0.11-0.20 ms and a sort + ragged_dot original 0.08-0.28 ms; from 2**21 the
 # sorted schedule wins (0.22 against 0.25 ms, 0.31 against 0.54 ms at 2**23). End to end at the tiny
-# real-model size (benchmarks/real_models.py, jax 0.12.0.1, 2026-12-07): five routed paths ran at
-# 0.71-0.87x of their original with the sorted schedule; the thirteen with dense_gather at 0.81-2.93x
-# (median; the A/A control 0.95-1.05x; the machine's load 2-3).
+# real-model size (benchmarks/real_models.py, jax 0.12.0.1): five routed paths ran at 0.71-0.87x of
+# their original with the sorted schedule (2026-12-07); the thirteen with dense_gather at 1.01-3.34x
+# (2026-12-08, its expert work ordered after the router: see dense_gather's docstring; median, the A/A
+# control 0.91-1.05x).
 DENSE_GATHER_WORK = 2**21
 
 
