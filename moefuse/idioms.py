@@ -393,7 +393,8 @@ def take_rows_along(view: View, atom: Any) -> tuple[Any, Any, int] | None:
 
 def indices_below(view: View, atom: Any, n: int) -> bool:
     """Whether `atom` holds indices known to lie in [0, n): top_k ids of at most n candidates, an
-    argmax / argmin over at most n, an iota up to n, or layouts and concatenations of those."""
+    argmax / argmin over at most n, an iota up to n, or layouts, reversals, sorts (an argsort's
+    permuted iota) and concatenations of those."""
     atom = view.canon(atom)
     eqn = view.producer(atom)
     if eqn is None:
@@ -405,8 +406,10 @@ def indices_below(view: View, atom: Any, n: int) -> bool:
         return all(_shape(eqn.invars[0])[a] <= n for a in eqn.params["axes"])
     if name == "iota":
         return eqn.params["shape"][eqn.params["dimension"]] <= n
-    if name in ("broadcast_in_dim", "reshape", "squeeze", "expand_dims", "slice", "transpose"):
+    if name in ("broadcast_in_dim", "reshape", "squeeze", "expand_dims", "slice", "transpose", "rev"):
         return indices_below(view, eqn.invars[0], n)
+    if name == "sort":  # each output is its operand's values permuted (an argsort's payload: an iota)
+        return indices_below(view, eqn.invars[view.out_index(atom)], n)
     if name == "concatenate":
         return all(indices_below(view, v, n) for v in eqn.invars)
     return False
@@ -614,6 +617,35 @@ def argsort(view: View, atom: Any) -> tuple[Any, int] | None:
     ):
         return None
     return keys, axis
+
+
+def descending_argsort(view: View, atom: Any) -> tuple[Any, int] | None:
+    """(keys, axis) if atom is the permutation that stably sorts keys descending along axis, ties to
+    the lower index, as `jnp.argsort(keys, descending=True)` spells it: the stable ascending argsort of
+    the reversed keys (payload the reversed iota), reversed back."""
+    eqn = view.producer(atom)
+    if eqn is None or eqn.primitive.name != "rev" or len(eqn.params["dimensions"]) != 1:
+        return None
+    (axis,) = eqn.params["dimensions"]
+    sort = view.producer(eqn.invars[0])
+    if (
+        sort is None
+        or sort.primitive.name != "sort"
+        or not sort.params.get("is_stable")
+        or sort.params.get("num_keys") != 1
+        or len(sort.invars) != 2
+        or view.out_index(eqn.invars[0]) != 1
+        or sort.params["dimension"] != axis
+    ):
+        return None
+    keys, payload = (view.producer(v) for v in sort.invars)
+    for rev in (keys, payload):
+        if rev is None or rev.primitive.name != "rev" or tuple(rev.params["dimensions"]) != (axis,):
+            return None
+    iota = view.canon(payload.invars[0])
+    if view.op(iota) != "iota" or view.params(iota)["dimension"] != axis:
+        return None
+    return view.canon(keys.invars[0]), axis
 
 
 def inverse_permutation(view: View, atom: Any) -> Any | None:

@@ -384,7 +384,7 @@ class View:
         if name == "sort" and self.out_index(atom) >= eqn.params.get("num_keys", 1):
             # a payload of sort (argsort's iota) keeps its values
             return self.is_nonneg_index(eqn.invars[self.out_index(atom)])
-        if name in ("broadcast_in_dim", "reshape", "squeeze", "expand_dims", "slice", "transpose"):
+        if name in ("broadcast_in_dim", "reshape", "squeeze", "expand_dims", "slice", "transpose", "rev"):
             return self.is_nonneg_index(eqn.invars[0])
         if name == "div":
             n = self.scalar(eqn.invars[1])

@@ -1,7 +1,8 @@
 """Router pattern: score -> (group-limited) top-k -> weights, fused into `route`.
 
-Anchors on `top_k` over the last axis (or a stable `argsort(-p)[..., :k]`) and reads backwards
-(what was selected on) and forwards (how the weights were made). Recognised families:
+Anchors on `top_k` over the last axis (or the slice `[..., :k]` of a stable `argsort(-p)` or
+`argsort(p, descending=True)`) and reads backwards (what was selected on) and forwards (how the
+weights were made). Recognised families:
 
   1. softmax -> top-k (-> renormalise)                   Mixtral, Qwen3-MoE, Switch
   2. top-k on logits -> softmax over the k               Gemma-style, GPT-OSS
@@ -46,8 +47,8 @@ SUPPORTED = (
         OP,
         "softmax → top-k (→ renorm)",
         "inline / custom_jvp / exp∘log_softmax / exp(x - logsumexp) softmax; `lax.top_k` or stable "
-        "`argsort(-p)[:, :k]`; `/ sum` (+eps), `/ max(sum, eps)` or `/ norm(w, 1)` renorm; "
-        "logits from anywhere",
+        "`argsort(-p)[:, :k]` / `argsort(p, descending=True)[:, :k]`; `/ sum` (+eps), `/ max(sum, eps)` "
+        "or `/ norm(w, 1)` renorm; logits from anywhere",
         "k, num_experts, renorm",
     ),
     (OP, "top-k → softmax over k", "`lax.top_k(logits)` then softmax of the values", "k, num_experts"),
@@ -144,34 +145,36 @@ class _Selection:
 
 
 def _argsort_top_k(view: View, eqn: C.JaxprEqn) -> _Selection | None:
-    """`argsort(-p)[..., :k]` with a stable sort along the last axis: the ids of lax.top_k(p, k), ties
-    to the lower index, as a stable ascending sort of -p keeps them (NaN aside: see _read_router)."""
-    if eqn.primitive.name != "sort" or len(eqn.invars) != 2 or not eqn.params.get("is_stable"):
+    """eqn = perm[..., :k] of perm = `argsort(-p)` or `argsort(p, descending=True)`, a stable sort along
+    the last axis: the ids of lax.top_k(p, k), ties to the lower index, as a stable sort keeps them (NaN
+    and signed zeros aside: see _read_router). The anchor is this slice (the user's line)."""
+    if eqn.primitive.name != "slice" or len(eqn.invars) != 1:
         return None
-    perm = eqn.outvars[1]
-    got = idioms.argsort(view, perm)
-    if (
-        got is None
-        or got[1] != len(_shape(perm)) - 1
-        or view.op(got[0]) != "neg"
-        or _used(view, eqn.outvars[0])
-    ):
+    sliced = view.canon(eqn.invars[0])
+    got = idioms.argsort(view, sliced)
+    if got is not None and view.op(got[0]) == "neg":
+        scores, chain = view.args(got[0])[0], [sliced]
+    else:  # jnp's descending argsort: the sort's payload reversed back
+        got = idioms.descending_argsort(view, sliced)
+        if got is None:
+            return None
+        scores, chain = got[0], [view.canon(view.producer(sliced).invars[0]), sliced]
+    perm = chain[0]  # the sort's payload: each step to the slice read by the next one only
+    if got[1] != len(_shape(perm)) - 1 or _used(view, view.producer(perm).outvars[0]):
         return None
-    users = view.users(perm)
-    if len(users) != 1 or users[0].primitive.name != "slice" or view.is_output(perm):
+    if any(len(view.users(v)) != 1 or view.is_output(v) for v in chain):
         return None
-    sl = users[0]
     shape = _shape(perm)
     want = [(0, n) for n in shape[:-1]]
-    got_bounds = list(zip(sl.params["start_indices"], sl.params["limit_indices"]))
-    if any(st != 1 for st in sl.params.get("strides") or ()) or got_bounds[:-1] != want or got_bounds[-1][0]:
+    bounds = list(zip(eqn.params["start_indices"], eqn.params["limit_indices"]))
+    if any(st != 1 for st in eqn.params.get("strides") or ()) or bounds[:-1] != want or bounds[-1][0]:
         return None
-    return _Selection(view.args(got[0])[0], None, sl.outvars[0], got_bounds[-1][1], by_sort=True)
+    return _Selection(scores, None, eqn.outvars[0], bounds[-1][1], by_sort=True)
 
 
 def _selection(view: View, anchor: int) -> _Selection:
     eqn = view.jaxpr.eqns[anchor]
-    if eqn.primitive.name == "sort":
+    if eqn.primitive.name == "slice":
         return _argsort_top_k(view, eqn)
     rank = len(_shape(eqn.invars[0]))
     axis = eqn.params.get("axis", rank - 1)
@@ -224,8 +227,9 @@ def _read_router(view: View, anchor: int) -> _Found:
     found.bias, found.group, found.selection = bias, group, pick
     if pick.by_sort and (found.score != "softmax" or bias is not None or group is not None):
         raise _Reject(
-            "top-k spelled argsort(-scores): a sort puts NaN last where top_k puts it first, so ids are "
-            "the same only for softmax scores (a row is NaN everywhere or nowhere)"
+            "top-k spelled as an argsort: a sort ranks NaNs and the two zeros unlike top_k (which puts "
+            "+0 before -0 and -NaN last), so ids are the same only for softmax scores (never -0, a row "
+            "NaN everywhere or nowhere)"
         )
     _check_logits(view, found.logits)
     _read_weights(view, found, vals, ids)

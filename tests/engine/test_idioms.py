@@ -244,6 +244,38 @@ def test_indices_below_knows_top_k_argmax_and_iota_bounds():
     assert not idioms.indices_below(view, shifted, 9) and not idioms.indices_below(view, recast, 8)
 
 
+def test_an_argsort_permutes_an_iota_so_its_indices_are_bounded_and_non_negative():
+    """An argsort (ascending, or descending: reversed around the sort) holds a permutation of
+    arange(n): below n and >= 0; the sorted keys of the same sort are not indices."""
+
+    def fn(p):
+        return jnp.argsort(p, axis=-1), jnp.argsort(p, axis=-1, descending=True)[:, :2], jnp.sort(p, -1)
+
+    closed = inline_jits(jax.make_jaxpr(fn)(jnp.ones((3, 8), jnp.int32)))
+    view = View(closed)
+    up, down, keys = closed.jaxpr.outvars
+    for v in (up, down):
+        assert idioms.indices_below(view, v, 8) and not idioms.indices_below(view, v, 7)
+        assert view.is_nonneg_index(v)
+    assert not idioms.indices_below(view, keys, 8) and not view.is_nonneg_index(keys)
+
+
+def test_descending_argsort_is_read_with_its_axis_and_keys_only_when_reversed_around_a_stable_sort():
+    def fn(p):
+        reversed_ascending = jnp.argsort(p, axis=-1)[:, ::-1]  # ties to the higher index: not descending
+        return jnp.argsort(p, axis=-1, descending=True), jnp.argsort(p, axis=0, descending=True), \
+            reversed_ascending, jnp.argsort(-p, axis=-1)
+
+    closed = inline_jits(jax.make_jaxpr(fn)(X))
+    view = View(closed)
+    (x,) = closed.jaxpr.invars
+    last, first, reversed_ascending, of_negated = closed.jaxpr.outvars
+    assert idioms.descending_argsort(view, last) == (x, 1)
+    assert idioms.descending_argsort(view, first) == (x, 0)
+    assert idioms.descending_argsort(view, reversed_ascending) is None
+    assert idioms.descending_argsort(view, of_negated) is None
+
+
 def test_inverse_permutation_by_argsort_or_by_scatter_of_positions():
     def fn(ids):
         perm = jnp.argsort(ids)

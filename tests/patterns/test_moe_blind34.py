@@ -1,5 +1,6 @@
-"""The third and fourth blind-written MoE zoos (tests/zoo/moe_blocks_blind3.py, moe_blocks_blind4.py,
-written from descriptions of MoE layers without seeing the patterns) against the `moe` pattern.
+"""The third, fourth and fifth blind-written MoE zoos (tests/zoo/moe_blocks_blind3.py, moe_blocks_blind4.py,
+moe_blocks_blind5.py, written from descriptions of MoE layers without seeing the patterns) against the
+`moe` pattern.
 
 Blocks that fuse must fuse whole, with the parameters they were written with, and give the original's
 results (`verify=True`) and gradients. Blocks that do not fuse yet are listed with the reason the Plan
@@ -16,12 +17,13 @@ import moefuse
 from tests.patterns.test_moe_blind2 import assert_moe_site
 from tests.zoo.moe_blocks_blind3 import BLIND3_MOE_BLOCKS
 from tests.zoo.moe_blocks_blind4 import BLIND4_MOE_BLOCKS
+from tests.zoo.moe_blocks_blind5 import BLIND5_MOE_BLOCKS
 
 # slow tier: 1-3 s per block for the plan and verify run, a few more for the gradients; the zoos'
 # self-checks (tests/zoo) run by default
 pytestmark = pytest.mark.slow
 
-BLOCKS = BLIND3_MOE_BLOCKS + BLIND4_MOE_BLOCKS
+BLOCKS = BLIND3_MOE_BLOCKS + BLIND4_MOE_BLOCKS + BLIND5_MOE_BLOCKS
 
 # case name -> the dispatch the Plan reports
 FUSED = {
@@ -61,6 +63,10 @@ FUSED = {
     "argmax_twice_neg_inf_geglu": "dense",
     "sigmoid_gelu_gather_tkd_shared": "gather",
     "keras_argmax_max_top1_dense_bias": "dense",
+    # blind5
+    "remat_argsort_desc_pick_outputs": "dense",
+    "vmap_batch_sigmoid_gather_tk_tkd": "gather",
+    "deepseek_sigmoid_bias_group_max_dense": "dense",
 }
 
 # Fused blocks whose router stays as written, and the reason the Plan shows (None: no route decline).
@@ -73,6 +79,8 @@ ROUTER_NOT_FUSED = {
     "argmax_twice_neg_inf_geglu": None,
     # no top_k: argmax for the id, max of the probabilities for the weight
     "keras_argmax_max_top1_dense_bias": None,
+    # argsort(logits, descending=True)[:, :2]: a sort orders -0.0 / +0.0 and NaNs unlike top_k
+    "remat_argsort_desc_pick_outputs": "ids are the same only for softmax scores",
 }
 
 # Blocks that do not fuse as `moe`, and a reason the Plan shows for one of its declines (None: nothing
@@ -84,6 +92,19 @@ NOT_FUSED = {
     # bf16 top-1 with f32-accumulated gathered projections and y.astype(bf16).astype(f32) before * w:
     # the round trip of the expert output hides the top-1 combine (its gathered einsums are examined)
     "bf16_top1_no_renorm_roundtrip": "no combine of expert outputs by router weights",
+    # blind5 (written 2026-12-08). Weights laid out densely by a mask of the ids, where(mask, p, 0)
+    # renormalised over E: neither the router nor the combine reads that layout yet
+    "onehot_mask_where_gates_bsd_geglu": "no combine of expert outputs by router weights",
+    # softmax(where(mask, logits, -inf)) over all E: the softmax of the chosen logits, laid out densely
+    "masked_softmax_over_chosen_dense_silu": "no combine of expert outputs by router weights",
+    # (token, slot) pairs flattened: x[rows] with W[ids.reshape(-1)], summed back by segment_sum or
+    # zeros.at[rows].add: the flattened pair layout is not read as the [T, k] one
+    "haiku_linear_bias_segment_sum": "no combine of expert outputs by router weights",
+    "qwen2_bf16_pairs_at_add_shared_gate": "no combine of expert outputs by router weights",
+    # top-1 dispatch einsum('ce,cd->ecd', one_hot, x) inside a scan: the masked expert inputs are not read
+    "scan_token_chunks_top1_relu_bias": "no combine of expert outputs by router weights",
+    # Equinox per-token modules under vmap(experts) of vmap(tokens) on where(routed, x, 0)
+    "eqx_stacked_modules_masked_input_geglu": "no combine of expert outputs by router weights",
 }
 
 

@@ -629,6 +629,27 @@ def make_nm_argsort_sigmoid() -> ZooCase:
     )
 
 
+def make_nm_argsort_descending_logits() -> ZooCase:
+    """argsort(logits, descending=True)[:, :k], softmax over the k: a sort ranks -0.0 and +0.0 as equal
+    (and every NaN as the largest), lax.top_k puts +0.0 first (and -NaN last)."""
+    num_tokens, d_model, num_experts, top_k = 16, 32, 8, 2
+    x = normal(251, (num_tokens, d_model))
+    w = normal(252, (d_model, num_experts), scale=d_model**-0.5)
+
+    def fn(x, w):
+        logits = x @ w
+        ids = jnp.argsort(logits, axis=-1, descending=True)[:, :top_k]
+        return jax.nn.softmax(jnp.take_along_axis(logits, ids, axis=-1), axis=-1), ids
+
+    return _case(
+        "nm_argsort_descending_logits",
+        fn,
+        (x, w),
+        "descending argsort of raw logits: a row whose best two are -0.0 and +0.0 orders them by index "
+        "there, +0.0 first in lax.top_k",
+    )
+
+
 NEAR_MISSES = [
     make_nm_lm_topk_sampling,
     make_nm_top_p_sampling,
@@ -658,4 +679,5 @@ NEAR_MISSES = [
     make_nm_topk_sorts_all_then_indexes_activations,
     make_nm_argsort_descending_reversed,
     make_nm_argsort_sigmoid,
+    make_nm_argsort_descending_logits,
 ]

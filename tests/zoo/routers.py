@@ -630,6 +630,28 @@ def make_f1_argsort_ties() -> ZooCase:
     )
 
 
+def make_f1_argsort_descending_ties() -> ZooCase:
+    """Top-k spelled argsort(p, descending=True)[:, :k]; tied experts, weights by take_along_axis."""
+    num_tokens, d_model, num_experts, top_k = 16, 32, 8, 2
+    x = normal(326, (num_tokens, d_model))
+    w = duplicate(normal(327, (d_model, num_experts // 2), scale=d_model**-0.5), axis=1)
+
+    def router(x, w):
+        probs = jax.nn.softmax(x @ w, axis=-1)
+        ids = jnp.argsort(probs, axis=-1, descending=True)[:, :top_k]
+        weights = jnp.take_along_axis(probs, ids, axis=-1)
+        return weights / weights.sum(-1, keepdims=True), ids
+
+    return ZooCase(
+        "f1_argsort_descending_ties",
+        router,
+        (x, w),
+        "F1",
+        router_expect(top_k, num_experts, "softmax", renorm=True),
+        note="exact ties (e, e+4): jnp's descending argsort keeps the lower id first, as lax.top_k does",
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # F2: top-k on raw logits -> softmax over the k values
 # ---------------------------------------------------------------------------------------------
@@ -1533,6 +1555,7 @@ ALL_ROUTERS = [
     make_f1_logsumexp_softmax_l1_renorm,
     make_f1_score_computed_twice,
     make_f1_argsort_ties,
+    make_f1_argsort_descending_ties,
     # F2
     make_f2_gpt_oss,
     make_f2_manual_softmax_lax,
