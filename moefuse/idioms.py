@@ -509,6 +509,25 @@ def repeated_rows(view: View, atom: Any) -> tuple[Any, int] | None:
     return x, ws[1]
 
 
+def pair_rows(view: View, atom: Any) -> int | None:
+    """k if the 1-D atom [T * k] holds i // k at position i: the token of each (token, slot) pair of a
+    [T, k] layout flattened in row-major order (`jnp.arange(T * k) // k`, `jnp.repeat(jnp.arange(T), k)`).
+    """
+    atom = view.canon(atom)
+    if len(_shape(atom)) != 1:
+        return None
+    if view.op(atom) == "div":
+        iota, k = view.args(atom)
+        n = view.scalar(k)
+        if view.op(iota) == "iota" and n is not None and n >= 1 and n == int(n) and _shape(atom)[0] % n == 0:
+            return int(n)
+        return None
+    repeated = repeated_rows(view, atom)
+    if repeated is None or view.op(repeated[0]) != "iota" or len(_shape(repeated[0])) != 1:
+        return None
+    return repeated[1]
+
+
 def segment_ids(view: View, atom: Any) -> Any | None:
     """sizes if atom[i] is the segment row i lies in, for consecutive segments of `sizes` rows
     (for i < sum(sizes), sizes >= 0): `jnp.repeat(jnp.arange(E), sizes, total_repeat_length=N)`.

@@ -261,6 +261,8 @@ def gathered_expert_outputs(view: View, out: Any) -> tuple[ExpertFfn, Any] | Non
 
     Token dims may be several ([B, S, D] tokens with [B, S, K] ids): labelled "T0", "T1", ...
     Biases gathered the same way (`b[ids]`) and gate/up halves of one fused weight are understood.
+    With the layout flattened to (token, slot) pairs (weights gathered by `ids.reshape(-1)`, tokens
+    `x[arange(T * k) // k]`, see `_gathered_pairs`), out is [T * k, D], labelled ("P", "D").
     """
     base, perm = through_transpose(view, out)
     down = _gathered(view, base, up=False)
@@ -282,6 +284,13 @@ def gathered_expert_outputs(view: View, out: Any) -> tuple[ExpertFfn, Any] | Non
         return None
     if u is not None and (g.scale is None) != (u.scale is None):
         return None
+    if any(p.pairs != down.pairs for p in parts):
+        return None
+    if down.pairs:  # out [T * k, D], one row per (token, slot) pair; the ids [T, k]
+        ids = view.reshaped_from(down.ids)
+        if perm != (0, 1) or ids is None or _shape(ids)[0] != _shape(g.act)[0]:
+            return None
+        return _ffn_of_parts(g.act, g, u, down, act, act_params, ("P", "D"), None), ids
     if g.scale is not None and (
         (u is not None and not view.same(u.scale.weights, g.scale.weights))
         or not idioms.from_choice(view, g.scale.weights, down.ids)
@@ -325,6 +334,7 @@ class _Gathered(NamedTuple):
     bias: Bias | None
     bias_rows: Any  # the ids the bias was gathered with, or None
     scale: RowScale | None = None  # up projections of the tokens scaled per slot: x is then unscaled
+    pairs: bool = False  # the [T, k] layout flattened: rows are (token, slot) pairs, ids [T * k]
 
 
 def _gathered(view: View, atom: Any, up: bool) -> _Gathered | None:
@@ -361,6 +371,11 @@ def _gathered(view: View, atom: Any, up: bool) -> _Gathered | None:
         if taken is None or len(_shape(taken[0])) != 3:
             continue
         w, ids = taken
+        if len(_shape(ids)) == 1:  # W[ids.reshape(-1)]: one row per (token, slot) pair
+            pairs = _gathered_pairs(view, a_side, w, ids, (ac, gc, ab, gb), up)
+            if pairs is not None:
+                return pairs
+            continue
         nt = len(_shape(ids)) - 1  # token dims; then the k dim
         per_slot = not up or len(gb) == nt + 1  # the tokens scaled per slot: [..T, K, D]
         batch = tuple(range(nt + 1 if per_slot else nt))
@@ -377,6 +392,29 @@ def _gathered(view: View, atom: Any, up: bool) -> _Gathered | None:
             return _Gathered(scaled[0], w, ids, dims, None, None, None, scale)
         return _Gathered(a_side, w, ids, dims, None, None, None)
     return None
+
+
+def _gathered_pairs(view: View, a_side: Any, w: Any, flat: Any, dn: tuple, up: bool) -> _Gathered | None:
+    """`einsum('nd,ndf->nf', rows, W[flat])` over the (token, slot) pairs of a [T, k] layout flattened
+    row-major: flat = ids.reshape(-1), and for an up projection rows = x[i // k] (`x[arange(T * k) // k]`,
+    `x[repeat(arange(T), k)]` or `repeat(x, k)`), read as x itself; a down projection reads the hidden
+    rows [T * k, F] as they are."""
+    ac, gc, ab, gb = dn
+    if tuple(gb) != (0,) or tuple(ab) != (0,) or len(gc) != 1 or gc[0] not in (1, 2) or tuple(ac) != (1,):
+        return None
+    if len(_shape(a_side)) != 2:
+        return None
+    dims = ("E", "D", "F") if gc[0] == 1 else ("E", "F", "D")
+    if not up:
+        return _Gathered(a_side, w, flat, dims, None, None, None, pairs=True)
+    rows = view.uncast(a_side)
+    taken = idioms.take(view, rows)
+    k = None if taken is None else idioms.pair_rows(view, taken[1])
+    x, k = (taken[0], k) if k is not None else (idioms.repeated_rows(view, rows) or (None, None))
+    ids = view.reshaped_from(flat)
+    if x is None or ids is None or len(_shape(x)) != 2 or _shape(ids) != (_shape(x)[0], k):
+        return None
+    return _Gathered(x, w, flat, dims, None, None, None, pairs=True)
 
 
 def sorted_expert_outputs(view: View, out: Any) -> tuple[ExpertFfn, Any] | None:
@@ -412,10 +450,11 @@ def sorted_token_outputs(view: View, out: Any) -> tuple[ExpertFfn, Any] | None:
     return dataclasses.replace(ffn, labels=("T0", "D")), ids
 
 
-def sorted_scatter_combine(view: View, y: Any) -> tuple[ExpertFfn, Any, Any] | None:
-    """(ffn, ids, weights) for y = zeros[T, D].at[perm // K].add(O_sorted * w.reshape(-1)[perm])."""
+def row_scatter_add(view: View, y: Any) -> tuple[Any, Any] | None:
+    """(rows, updates) if y = zeros[T, D].at[rows].add(updates) with updates [N, D] a product (each
+    update row added to row rows[i]: `.at[rows].add`, `jax.ops.segment_sum`)."""
     eqn = view.producer(y)
-    if eqn is None or eqn.primitive.name not in ("scatter-add", "scatter_add"):
+    if eqn is None or eqn.primitive.name not in ("scatter-add", "scatter_add") or len(_shape(y)) != 2:
         return None
     operand, indices, updates = (view.canon(v) for v in eqn.invars[:3])
     dn = eqn.params["dimension_numbers"]
@@ -427,8 +466,37 @@ def sorted_scatter_combine(view: View, y: Any) -> tuple[ExpertFfn, Any, Any] | N
         return None
     if tuple(dn.scatter_dims_to_operand_dims) != (0,) or view.op(updates) != "mul":
         return None
-    src = idioms.index_array(view, indices)
-    if src is None or view.op(src) != "div":
+    rows = idioms.index_array(view, indices)
+    return None if rows is None else (rows, updates)
+
+
+def pair_scatter_combine(view: View, y: Any) -> tuple[ExpertFfn, Any, Any] | None:
+    """(ffn, ids, weights) for y = zeros[T, D].at[arange(T * k) // k].add(O * w.reshape(-1)[:, None]) (or
+    its `jax.ops.segment_sum`), O the expert outputs of the (token, slot) pairs in row-major order: the
+    weighted sum over each token's k slots."""
+    got = row_scatter_add(view, y)
+    k = None if got is None else idioms.pair_rows(view, got[0])
+    if k is None:
+        return None
+    n = _shape(got[0])[0]
+    for o_side, w_side in itertools.permutations(view.args(got[1])):
+        outs = gathered_expert_outputs(view, view.uncast(o_side))
+        if outs is None or outs[0].labels != ("P", "D") or _shape(outs[1]) != (_shape(y)[0], k):
+            continue
+        c = _row_factor(view, w_side, n)
+        w = None if c is None else view.reshaped_from(c)
+        if w is not None and _shape(w) == _shape(outs[1]):
+            return outs[0], outs[1], w
+    return None
+
+
+def sorted_scatter_combine(view: View, y: Any) -> tuple[ExpertFfn, Any, Any] | None:
+    """(ffn, ids, weights) for y = zeros[T, D].at[perm // K].add(O_sorted * w.reshape(-1)[perm])."""
+    got = row_scatter_add(view, y)
+    if got is None:
+        return None
+    src, updates = got
+    if view.op(src) != "div":
         return None
     for o_side, w_side in (view.args(updates), view.args(updates)[::-1]):
         got = sorted_rows_ffn(view, o_side)

@@ -44,6 +44,8 @@ from moefuse.patterns.experts import (
     dense_expert_outputs,
     gathered_expert_outputs,
     is_ragged_dot,
+    pair_scatter_combine,
+    row_scatter_add,
     sorted_expert_outputs,
     sorted_scatter_combine,
     sorted_token_outputs,
@@ -90,7 +92,9 @@ SUPPORTED = (
         "per-token weight gather",
         "`w[ids]` / `jnp.take` -> `einsum('td,tkdf->tkf')` (also `[B, S, D]` tokens, either operand order, "
         "gathered biases), combine `einsum('tkd,tk->td')` or `sum(y * w[..., None], k)`; or a loop over the "
-        "k slots of `matmul(w1[ids[:, j]], x[..., None])`",
+        "k slots of `matmul(w1[ids[:, j]], x[..., None])`; or the (token, slot) pairs flattened: "
+        "`einsum('nd,ndf->nf', x[arange(T*k) // k], w[ids.reshape(-1)])` summed back by "
+        "`.at[arange(T*k) // k].add(y * w.reshape(-1)[:, None])` or `segment_sum`",
         "num_experts, k, activation",
     ),
     (
@@ -119,8 +123,11 @@ class MoePattern:
             if len(e.outvars) != 1 or len(_shape(e.outvars[0])) < 2:
                 continue
             if e.primitive.name in ("scatter-add", "scatter_add"):
-                upd = view.canon(e.invars[2])
-                if view.op(upd) == "mul" and any(is_ragged_dot(view, a) for a in view.args(upd)):
+                got = row_scatter_add(view, e.outvars[0])
+                if got is not None and (
+                    any(is_ragged_dot(view, a) for a in view.args(got[1]))
+                    or idioms.pair_rows(view, got[0]) is not None
+                ):
                     out.append(i)
             elif e.primitive.name == "add" and _is_loop_sum_root(view, e):
                 out.append(i)
@@ -232,14 +239,16 @@ class MoePattern:
         return _proposal(view, anchor, ffn, weights, ids, _shape(ffn.w_down)[0], dispatch, combine_dtype)
 
     def _match_scatter(self, view: View, anchor: int) -> Proposal | NoMatch:
-        got = sorted_scatter_combine(view, view.jaxpr.eqns[anchor].outvars[0])
+        y = view.jaxpr.eqns[anchor].outvars[0]
+        dispatch, got = "sorted", sorted_scatter_combine(view, y)
+        if got is None:
+            dispatch, got = "gather", pair_scatter_combine(view, y)
         if got is None:
             return NoMatch(anchor, "scatter-add of expert rows not recognised as a weighted MoE combine", OP)
         ffn, ids, weights = got
         if ffn.row_scale is not None:
             return NoMatch(anchor, _BOTH, OP)
-        combine_dtype = view.jaxpr.eqns[anchor].outvars[0].aval.dtype
-        return _proposal(view, anchor, ffn, weights, ids, _shape(ffn.w_down)[0], "sorted", combine_dtype)
+        return _proposal(view, anchor, ffn, weights, ids, _shape(ffn.w_down)[0], dispatch, y.aval.dtype)
 
     def _match_unweighted(self, view: View, anchor: int, sm: _Sum) -> Proposal | NoMatch:
         """The expert outputs summed with weight 1: experts run on rows the router weights scaled."""

@@ -376,3 +376,20 @@ def test_column_sum_of_deeply_shared_terms_is_read_in_linear_time():
     view, (out,) = view_of(_unrolled(term), IDS3, W3)
     got = idioms.column_sum(view, out)
     assert got is not None and got.k == 3
+
+
+def test_pair_rows_is_the_token_of_each_row_major_token_slot_pair():
+    """i // k at position i: `arange(T * k) // k` and `repeat(arange(T), k)` (k read off); not a
+    slot-major pairing (i % T), a shifted one, or a division of something other than an iota."""
+    t, k = 6, 3
+
+    def fn(v):
+        n = jnp.arange(t * k)
+        return n // k, jnp.repeat(jnp.arange(t), k), n % t, (n + 1) // k, v // k
+
+    closed = inline_jits(jax.make_jaxpr(fn)(jnp.arange(t * k)))
+    view = View(closed)
+    floor_div, repeated, slot_major, shifted, of_input = closed.jaxpr.outvars
+    assert idioms.pair_rows(view, floor_div) == k and idioms.pair_rows(view, repeated) == k
+    for v in (slot_major, shifted, of_input):
+        assert idioms.pair_rows(view, v) is None

@@ -67,6 +67,10 @@ FUSED = {
     "remat_argsort_desc_pick_outputs": "dense",
     "vmap_batch_sigmoid_gather_tk_tkd": "gather",
     "deepseek_sigmoid_bias_group_max_dense": "dense",
+    # (token, slot) pairs flattened: x[rows] with W[ids.reshape(-1)], summed back by segment_sum or
+    # zeros.at[rows].add (rows = i // k)
+    "haiku_linear_bias_segment_sum": "gather",
+    "qwen2_bf16_pairs_at_add_shared_gate": "gather",
 }
 
 # Fused blocks whose router stays as written, and the reason the Plan shows (None: no route decline).
@@ -97,10 +101,6 @@ NOT_FUSED = {
     "onehot_mask_where_gates_bsd_geglu": "no combine of expert outputs by router weights",
     # softmax(where(mask, logits, -inf)) over all E: the softmax of the chosen logits, laid out densely
     "masked_softmax_over_chosen_dense_silu": "no combine of expert outputs by router weights",
-    # (token, slot) pairs flattened: x[rows] with W[ids.reshape(-1)], summed back by segment_sum or
-    # zeros.at[rows].add: the flattened pair layout is not read as the [T, k] one
-    "haiku_linear_bias_segment_sum": "no combine of expert outputs by router weights",
-    "qwen2_bf16_pairs_at_add_shared_gate": "no combine of expert outputs by router weights",
     # top-1 dispatch einsum('ce,cd->ecd', one_hot, x) inside a scan: the masked expert inputs are not read
     "scan_token_chunks_top1_relu_bias": "no combine of expert outputs by router weights",
     # Equinox per-token modules under vmap(experts) of vmap(tokens) on where(routed, x, 0)

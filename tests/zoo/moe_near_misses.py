@@ -904,3 +904,63 @@ NEAR_MOE_MISSES += [
     make_nm_moe_loop_bias_along_tokens,
     make_nm_moe_vmap_loop_from_ones,
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# (token, slot) pairs flattened row-major (ids.reshape(-1), tokens x[arange(T * k) // k], summed back
+# by .at[arange(T * k) // k].add): one detail away from that layout
+# ---------------------------------------------------------------------------------------------
+
+
+def _pairs_block(seed, rows_of, combine_rows_of, weights_of):
+    """A top-2 block over flattened (token, slot) pairs: pair i runs expert ids.reshape(-1)[i] on token
+    rows_of(...)[i], is weighted by weights_of(w)[i] and added to token combine_rows_of(...)[i]."""
+    num_tokens, d_model, d_ff, num_experts, top_k = 16, 32, 64, 8, 2
+    x = normal(seed, (num_tokens, d_model))
+    wr = _w(seed + 1, (d_model, num_experts), d_model)
+    w_gate, w_up, w_down = _experts(seed + 2, num_experts, d_model, d_ff)
+    n = num_tokens * top_k
+
+    def fn(x, wr, w_gate, w_up, w_down):
+        w, ids = lax.top_k(jax.nn.softmax(x @ wr, axis=-1), top_k)
+        flat = ids.reshape(-1)
+        xs = x[rows_of(n, top_k, num_tokens)]
+        h = jax.nn.silu(jnp.einsum("nd,ndf->nf", xs, w_gate[flat])) * jnp.einsum("nd,ndf->nf", xs, w_up[flat])
+        y = jnp.einsum("nf,nfd->nd", h, w_down[flat]) * weights_of(w)[:, None]
+        return jnp.zeros_like(x).at[combine_rows_of(n, top_k, num_tokens)].add(y)
+
+    return fn, (x, wr, w_gate, w_up, w_down)
+
+
+def _token_major(n, k, t):
+    return jnp.arange(n) // k
+
+
+def make_nm_moe_pairs_slot_major_tokens() -> ZooCase:
+    """Pair i reads token i % T (a slot-major pairing) but runs the expert of ids.reshape(-1)[i]
+    (token-major): the token and the expert of a pair belong to different choices."""
+    fn, args = _pairs_block(2400, lambda n, k, t: jnp.arange(n) % t, _token_major, lambda w: w.reshape(-1))
+    return _case("nm_moe_pairs_slot_major_tokens", fn, args,
+                 "tokens x[arange(T*k) % T], ids flattened token-major: pair i's token is not its choice's")
+
+
+def make_nm_moe_pairs_added_to_next_token() -> ZooCase:
+    """Each pair's output is added to the next token ((i // k + 1) % T), not its own."""
+    fn, args = _pairs_block(2410, _token_major, lambda n, k, t: (jnp.arange(n) // k + 1) % t,
+                            lambda w: w.reshape(-1))
+    return _case("nm_moe_pairs_added_to_next_token", fn, args,
+                 "the combine adds token t's expert outputs to token t + 1")
+
+
+def make_nm_moe_pairs_weights_rolled() -> ZooCase:
+    """Pair i is weighted by pair i - 1's router weight (jnp.roll of the flattened weights)."""
+    fn, args = _pairs_block(2420, _token_major, _token_major, lambda w: jnp.roll(w.reshape(-1), 1))
+    return _case("nm_moe_pairs_weights_rolled", fn, args,
+                 "the flattened weights are rolled by one: each pair weighted by its neighbour's weight")
+
+
+NEAR_MOE_MISSES += [
+    make_nm_moe_pairs_slot_major_tokens,
+    make_nm_moe_pairs_added_to_next_token,
+    make_nm_moe_pairs_weights_rolled,
+]
