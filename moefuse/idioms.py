@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from typing import Any
 
 import numpy as np
@@ -738,6 +739,70 @@ def bincount(view: View, atom: Any) -> tuple[Any, int] | None:
         got = one_hot(view, view.args(atom)[0])
         return (got[0], n) if got is not None and got[1] == n and len(_shape(got[0])) == 1 else None
     return None
+
+
+def membership(view: View, pred: Any) -> tuple[Any, bool] | None:
+    """(mask, positive): pred is mask != 0 (positive) or mask == 0 (negative), spelled with `ne`, `gt`
+    or `eq` against 0, `not`, a cast to bool, or the bool mask itself."""
+    name = view.op(pred)
+    if name == "not":
+        got = membership(view, view.args(pred)[0])
+        return None if got is None else (got[0], not got[1])
+    if name == "convert_element_type":
+        return view.args(pred)[0], True
+    if name in ("ne", "gt", "eq"):
+        a, b = view.args(pred)
+        if view.scalar(b) == 0.0:
+            return a, name != "eq"
+        return None
+    if pred.aval.dtype == bool:
+        return pred, True
+    return None
+
+
+def chosen_along_last(view: View, gm: Any, n: int) -> Any | None:
+    """ids if gm[.., g] (g < n) is non-zero exactly for the g in ids[.., :] (scatter or one_hot-sum
+    spellings).
+
+    Every spelling below is a count >= 0, so clipping it to [0, c] with c > 0 (`jnp.clip(.., 0, 1)`)
+    keeps which entries are non-zero, which is all a mask condition reads."""
+    name = view.op(gm)
+    if name == "convert_element_type":
+        return chosen_along_last(view, view.args(gm)[0], n)
+    if name in ("min", "max"):
+        a, b = view.args(gm)
+        for bound, inner in ((a, b), (b, a)):
+            c = view.scalar(bound)
+            if c is not None and (c > 0 if name == "min" else c == 0):
+                return chosen_along_last(view, inner, n)
+        return None
+    if name in ("reduce_sum", "reduce_max", "reduce_or"):
+        (oh,) = view.args(gm)
+        if tuple(view.params(gm)["axes"]) != (len(_shape(oh)) - 2,):
+            return None
+        got = one_hot(view, oh)
+        return got[0] if got is not None and got[1] == n else None
+    got = put_along_last_axis(view, gm)
+    if got is not None and view.scalar(got[1]) == 1.0:
+        return got[0]
+    return None
+
+
+def masked_at_choice(view: View, atom: Any, fill: float = 0.0) -> tuple[Any, Any] | None:
+    """(s, ids) if atom = where(mask, s, fill) with the mask true exactly at the distinct ids along the
+    last axis (a scatter of True at them, or their one-hot summed); a fill of 0 must be +0.0."""
+    if view.op(atom) != "select_n" or len(view.args(atom)) != 3:
+        return None
+    pred, on_false, on_true = view.args(atom)
+    member = membership(view, pred)
+    if member is None or _shape(member[0]) != _shape(atom):
+        return None
+    ids = chosen_along_last(view, member[0], _shape(atom)[-1])
+    s, other = (on_true, on_false) if member[1] else (on_false, on_true)
+    got = view.scalar(other)
+    if ids is None or got != fill or math.copysign(1.0, got) != math.copysign(1.0, fill):
+        return None
+    return (s, ids) if distinct_along_last(view, ids) else None
 
 
 def distinct_along_last(view: View, ids: Any) -> bool:

@@ -21,6 +21,7 @@ also weights the outputs is declined.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
@@ -61,7 +62,9 @@ SUPPORTED = (
         "dense experts + combine matrix",
         "`einsum('td,edf->tef')` per projection (any dim order, `[B, S, D]` tokens, fused gate/up split, "
         "biases), `vmap` over experts; combine `[..., E]` by `one_hot(ids) * w` or `where(one_hot, w, 0)` "
-        "summed over k, by einsum with the one-hot, or by a scatter of w",
+        "summed over k, by einsum with the one-hot, by a scatter of w, or by a matrix 0 off the ids: "
+        "`where(one_hot(ids).sum(-2) > 0, p, 0)` (renormalised over E for p a softmax / sigmoid), "
+        "`softmax(where(mask, logits, -inf))`",
         "num_experts, k, activation",
     ),
     (
@@ -193,7 +196,7 @@ class MoePattern:
         if ws is None or (view.scalar(ws[1]) == 1.0 and _scaled_experts(view, sm) is not None):
             return self._match_unweighted(view, anchor, sm)
         o_atom, w_atom, o_sum, o_tok = ws
-        comb = combine_matrix(view, w_atom)
+        comb = combine_matrix(view, w_atom) or masked_combine(view, w_atom)
         if comb is not None:
             weights, ids, num_e = comb
             ffn = dense_expert_outputs(view, o_atom, num_e)
@@ -539,6 +542,47 @@ def combine_matrix(view: View, atom: Any) -> tuple[Any, Any, int] | None:
     return got[1], got[0], num_e
 
 
+@dataclasses.dataclass(frozen=True)
+class DenseWeights:
+    """The router weights as the program combines them: a [..T, E] matrix that is 0 off each token's
+    chosen experts (or NaN across the token's row), so the weighted sum over E reads only its entries at
+    the ids, which the fused op takes as its [..T, k] weights (`jnp.take_along_axis(matrix, ids, -1)`)."""
+
+    matrix: Any
+
+
+def masked_combine(view: View, atom: Any) -> tuple[DenseWeights, Any, int] | None:
+    """(DenseWeights(atom), ids, E) if atom [..T, E] is 0 at every expert outside the distinct ids
+    (a top_k's), or NaN across a row:
+
+    - `where(mask, s, 0)`, the mask true exactly at the ids (`one_hot(ids).sum(-2) > 0`, a scatter of
+      True);
+    - that divided by its own sum over E, for s >= 0 (a softmax, sigmoid or exp: a zero sum makes the
+      whole row 0 / 0);
+    - `softmax(where(mask, logits, -inf))` over E (exp(-inf) = 0; a row of -inf is NaN throughout).
+    """
+    base = view.uncast(atom)
+    rank = len(_shape(base))
+    if rank < 2:
+        return None
+    num_e = _shape(base)[-1]
+    got = idioms.masked_at_choice(view, base)
+    if got is None and view.op(base) == "div":
+        num, den = view.args(base)
+        red = idioms.reduction(view, den, "sum")
+        masked = idioms.masked_at_choice(view, num)
+        if masked is not None and red is not None and view.same(red[0], num) and tuple(red[1]) == (rank - 1,):
+            got = masked if _nonneg_scores(view, masked[0]) else None
+    if got is None and (sm := idioms.softmax(view, base)) is not None and sm.axis == rank - 1:
+        got = idioms.masked_at_choice(view, sm.operand, fill=float("-inf"))
+    return None if got is None else (DenseWeights(atom), got[1], num_e)
+
+
+def _nonneg_scores(view: View, s: Any) -> bool:
+    """Whether s is a softmax, sigmoid or exp (>= 0 or NaN everywhere it is defined)."""
+    return idioms.softmax(view, s) is not None or idioms.sigmoid(view, s) is not None or view.op(s) == "exp"
+
+
 def _proposal(
     view: View,
     anchor: int,
@@ -563,7 +607,10 @@ def _proposal(
     arrays = [_arrays(w) for w in expert_weights]  # a matrix kept per expert is E inputs of the op
     bias_arrays = [_arrays(b.array) for b in biases]  # a bias kept per expert: E inputs too
     choices = isinstance(ids, tuple)  # one [..T] array per choice: the op stacks them along k
+    dense_weights = isinstance(weights, DenseWeights)  # read at the ids in the emit
     w_in_op, ids_in_op = (list(weights), list(ids)) if choices else ([weights], [ids])
+    if dense_weights:
+        w_in_op = [weights.matrix]
     inputs = [ffn.x, *w_in_op, *ids_in_op, *(a for group in arrays + bias_arrays for a in group)]
     scale_dtype = None
     if on_input:  # the op multiplies x * w as jnp does, in their promoted dtype
@@ -601,6 +648,8 @@ def _proposal(
             i = _stacked_choices(rest[len(w_in_op) : n_r]).astype(jnp.int32)  # integer expert ids < E
         else:
             w, i = rest[0], rest[1]
+        if dense_weights:
+            w = jnp.take_along_axis(w, i.astype(jnp.int32), axis=-1)
         given = iter(rest[n_r:])
         ws = [_values_of(given, m, group) for m, group in zip(expert_weights, arrays)]
         bs = [_values_of(given, b.array, group) for b, group in zip(biases, bias_arrays)]
@@ -616,7 +665,10 @@ def _proposal(
     described = plan_params(params, dispatch)
     if any(isinstance(m, PerExpertWeights) for m in [*expert_weights, *(b.array for b in biases)]):
         described[EXPERT_WEIGHTS_PARAM] = "per_expert"
-    routed = Proposal(op=OP, anchor=anchor, inputs=inputs, outputs=[y], params=described, emit=emit)
+    notes = ("the router weights are a [.., E] matrix that is 0 off each token's chosen experts: the op "
+             "reads them at the ids",) if dense_weights else ()
+    routed = Proposal(op=OP, anchor=anchor, inputs=inputs, outputs=[y], params=described, emit=emit,
+                      notes=notes)
     return with_shared_expert(view, routed, ffn.x)
 
 

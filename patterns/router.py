@@ -511,7 +511,7 @@ def _scored_outside(view: View, atom: Any) -> str | None:
         return None
     outer, value = got
     sm = idioms.softmax(outer, value)
-    masked = _masked_at_choice(outer, value)
+    masked = idioms.masked_at_choice(outer, value)
     if sm is not None and sm.axis == len(_shape(value)) - 1:
         kind = "softmax"
     elif idioms.sigmoid(outer, value) is not None:
@@ -522,23 +522,6 @@ def _scored_outside(view: View, atom: Any) -> str | None:
         return None
     file, line, _ = C.eqn_location(outer.producer(value))
     return f"{kind} ({C.relpath(file)}:{line})" if line else kind
-
-
-def _masked_at_choice(view: View, atom: Any) -> tuple[Any, Any] | None:
-    """(s, ids) if atom = where(mask, s, 0) (the fill +0.0) with the mask true exactly at the distinct
-    ids along the last axis (a scatter of True at them, or their one-hot summed)."""
-    if view.op(atom) != "select_n" or len(view.args(atom)) != 3:
-        return None
-    pred, on_false, on_true = view.args(atom)
-    member = _membership(view, pred)
-    if member is None or _shape(member[0]) != _shape(atom):
-        return None
-    ids = _chosen_groups(view, member[0], _shape(atom)[-1])
-    s, fill = (on_true, on_false) if member[1] else (on_false, on_true)
-    zero = view.scalar(fill)
-    if ids is None or zero != 0 or math.copysign(1.0, zero) < 0 or not idioms.distinct_along_last(view, ids):
-        return None
-    return s, ids
 
 
 def _sigmoid_of_topk_operand(view: View, s: Any, ids: Any) -> bool:
@@ -559,7 +542,7 @@ def _dense_sigmoid_at(view: View, ids: Any, logits: Any) -> Any | None:
     for u in _near_users(view, ids, _MASK_OPS, depth=8):
         if u.primitive.name != "select_n" or len(u.outvars) != 1:
             continue
-        masked = _masked_at_choice(view, u.outvars[0])
+        masked = idioms.masked_at_choice(view, u.outvars[0])
         if masked is None or view.canon(masked[1]) is not view.canon(ids):
             continue
         x = idioms.sigmoid(view, masked[0])
@@ -714,7 +697,7 @@ def _group_limited(view: View, sel: Any) -> tuple[Any, int, int, str, float] | N
     if view.op(masked) != "select_n" or len(view.args(masked)) != 3:
         return None
     pred, on_false, on_true = view.args(masked)
-    member = _membership(view, pred)
+    member = idioms.membership(view, pred)
     if member is None:
         return None
     if per_group:
@@ -755,24 +738,6 @@ def _flattened_groups(view: View, grouped: Any, shape: tuple[int, ...]) -> Any |
     return x if _shape(x) == shape else None
 
 
-def _membership(view: View, pred: Any) -> tuple[Any, bool] | None:
-    """(mask, positive): pred is mask != 0 (positive) or mask == 0 (negative)."""
-    name = view.op(pred)
-    if name == "not":
-        got = _membership(view, view.args(pred)[0])
-        return None if got is None else (got[0], not got[1])
-    if name == "convert_element_type":
-        return view.args(pred)[0], True
-    if name in ("ne", "gt", "eq"):
-        a, b = view.args(pred)
-        if view.scalar(b) == 0.0:
-            return a, name != "eq"
-        return None
-    if pred.aval.dtype == bool:
-        return pred, True
-    return None
-
-
 def _expand_groups(view: View, mask: Any, shape: tuple[int, ...]) -> tuple[Any, int, bool] | None:
     """(chosen-group ids, n_group, True) if mask[.., e] says whether expert e's group was chosen."""
     eqn = view.producer(mask)
@@ -790,7 +755,7 @@ def _group_flags(view: View, flags: Any, gshape: tuple[int, ...]) -> tuple[Any, 
     group g, and non-zero (positive) or zero (not positive) exactly for the chosen groups g.
 
     Broadcasts along the experts of a group and size-1 dims are looked through, as are the
-    comparisons with 0 and casts to bool `_membership` reads (each flips or keeps the sense)."""
+    comparisons with 0 and casts to bool `idioms.membership` reads (each flips or keeps the sense)."""
     lead = gshape[:-1]
     positive, atom = True, flags
     for _ in range(8):
@@ -800,39 +765,12 @@ def _group_flags(view: View, flags: Any, gshape: tuple[int, ...]) -> tuple[Any, 
             return None
         if any(dims.get(d) != d for d in range(len(lead))):
             return None
-        if shape == lead and (gi := _chosen_groups(view, base, lead[-1])) is not None:
+        if shape == lead and (gi := idioms.chosen_along_last(view, base, lead[-1])) is not None:
             return gi, lead[-1], positive
-        member = _membership(view, base)
+        member = idioms.membership(view, base)
         if member is None or member[0] is base:
             return None
         atom, positive = member[0], positive == member[1]
-    return None
-
-
-def _chosen_groups(view: View, gm: Any, n_group: int) -> Any | None:
-    """ids if gm[.., g] is non-zero exactly for the groups g in ids (scatter or one_hot-sum spellings).
-
-    Every spelling below is a count >= 0, so clipping it to [0, c] with c > 0 (`jnp.clip(.., 0, 1)`)
-    keeps which entries are non-zero, which is all a mask condition reads."""
-    name = view.op(gm)
-    if name == "convert_element_type":
-        return _chosen_groups(view, view.args(gm)[0], n_group)
-    if name in ("min", "max"):
-        a, b = view.args(gm)
-        for bound, inner in ((a, b), (b, a)):
-            c = view.scalar(bound)
-            if c is not None and (c > 0 if name == "min" else c == 0):
-                return _chosen_groups(view, inner, n_group)
-        return None
-    if name in ("reduce_sum", "reduce_max", "reduce_or"):
-        (oh,) = view.args(gm)
-        if tuple(view.params(gm)["axes"]) != (len(_shape(oh)) - 2,):
-            return None
-        got = idioms.one_hot(view, oh)
-        return got[0] if got is not None and got[1] == n_group else None
-    got = idioms.put_along_last_axis(view, gm)
-    if got is not None and view.scalar(got[1]) == 1.0:
-        return got[0]
     return None
 
 

@@ -393,3 +393,25 @@ def test_pair_rows_is_the_token_of_each_row_major_token_slot_pair():
     assert idioms.pair_rows(view, floor_div) == k and idioms.pair_rows(view, repeated) == k
     for v in (slot_major, shifted, of_input):
         assert idioms.pair_rows(view, v) is None
+
+
+def test_masked_at_choice_reads_a_fill_of_exactly_the_value_asked_at_a_top_k_mask():
+    """where(mask, s, fill) with the mask true exactly at the top-k ids: fill +0.0 by default, -inf when
+    asked; -0.0, another fill, or a mask of ids that may repeat (not a top_k's) are not read."""
+
+    def fn(s, other_ids):
+        _, ids = lax.top_k(s, 2)
+        mask = jax.nn.one_hot(ids, 8).sum(-2) > 0
+        loose = jax.nn.one_hot(other_ids, 8).sum(-2) > 0
+        return (jnp.where(mask, s, 0.0), jnp.where(mask, s, -jnp.inf), jnp.where(mask, s, -0.0),
+                jnp.where(mask, s, -1e9), jnp.where(loose, s, 0.0), ids)
+
+    closed = inline_jits(jax.make_jaxpr(fn)(X, jnp.zeros((4, 2), jnp.int32)))
+    view = View(closed)
+    s = closed.jaxpr.invars[0]
+    zero, neg_inf, neg_zero, finite, loose, ids = closed.jaxpr.outvars
+    assert idioms.masked_at_choice(view, zero) == (s, view.canon(ids))
+    assert idioms.masked_at_choice(view, neg_inf, fill=float("-inf")) == (s, view.canon(ids))
+    assert idioms.masked_at_choice(view, neg_inf) is None
+    for v in (neg_zero, finite, loose):
+        assert idioms.masked_at_choice(view, v) is None

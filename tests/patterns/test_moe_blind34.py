@@ -71,6 +71,10 @@ FUSED = {
     # zeros.at[rows].add (rows = i // k)
     "haiku_linear_bias_segment_sum": "gather",
     "qwen2_bf16_pairs_at_add_shared_gate": "gather",
+    # weights laid out as a [T, E] matrix 0 off the chosen experts: where(mask, p, 0) renormalised over
+    # E, and softmax(where(mask, logits, -inf)) over E
+    "onehot_mask_where_gates_bsd_geglu": "dense",
+    "masked_softmax_over_chosen_dense_silu": "dense",
 }
 
 # Fused blocks whose router stays as written, and the reason the Plan shows (None: no route decline).
@@ -85,6 +89,9 @@ ROUTER_NOT_FUSED = {
     "keras_argmax_max_top1_dense_bias": None,
     # argsort(logits, descending=True)[:, :2]: a sort orders -0.0 / +0.0 and NaNs unlike top_k
     "remat_argsort_desc_pick_outputs": "ids are the same only for softmax scores",
+    # the weights exist only as the masked [T, E] matrix: the router has no [T, k] weights to output
+    "onehot_mask_where_gates_bsd_geglu": "no routing weights",
+    "masked_softmax_over_chosen_dense_silu": "no routing weights",
 }
 
 # Blocks that do not fuse as `moe`, and a reason the Plan shows for one of its declines (None: nothing
@@ -96,11 +103,7 @@ NOT_FUSED = {
     # bf16 top-1 with f32-accumulated gathered projections and y.astype(bf16).astype(f32) before * w:
     # the round trip of the expert output hides the top-1 combine (its gathered einsums are examined)
     "bf16_top1_no_renorm_roundtrip": "no combine of expert outputs by router weights",
-    # blind5 (written 2026-12-08). Weights laid out densely by a mask of the ids, where(mask, p, 0)
-    # renormalised over E: neither the router nor the combine reads that layout yet
-    "onehot_mask_where_gates_bsd_geglu": "no combine of expert outputs by router weights",
-    # softmax(where(mask, logits, -inf)) over all E: the softmax of the chosen logits, laid out densely
-    "masked_softmax_over_chosen_dense_silu": "no combine of expert outputs by router weights",
+    # blind5 (written 2026-12-08)
     # top-1 dispatch einsum('ce,cd->ecd', one_hot, x) inside a scan: the masked expert inputs are not read
     "scan_token_chunks_top1_relu_bias": "no combine of expert outputs by router weights",
     # Equinox per-token modules under vmap(experts) of vmap(tokens) on where(routed, x, 0)

@@ -964,3 +964,63 @@ NEAR_MOE_MISSES += [
     make_nm_moe_pairs_added_to_next_token,
     make_nm_moe_pairs_weights_rolled,
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# router weights laid out as a [T, E] matrix by a mask of the ids: one detail away from a matrix that
+# is 0 off the chosen experts
+# ---------------------------------------------------------------------------------------------
+
+
+def _masked_gates_block(seed, gates_of):
+    """Top-2 of the logits; every expert on every token; combined by gates_of(logits, probs, mask)."""
+    num_tokens, d_model, d_ff, num_experts, top_k = 16, 32, 64, 8, 2
+    x = normal(seed, (num_tokens, d_model))
+    wr = _w(seed + 1, (d_model, num_experts), d_model)
+    w_gate, w_up, w_down = _experts(seed + 2, num_experts, d_model, d_ff)
+
+    def fn(x, wr, w_gate, w_up, w_down):
+        logits = x @ wr
+        _, ids = lax.top_k(logits, top_k)
+        mask = jax.nn.one_hot(ids, num_experts).sum(-2) > 0
+        gates = gates_of(logits, jax.nn.softmax(logits, axis=-1), mask)
+        g = jnp.einsum("td,edf->tef", x, w_gate)
+        u = jnp.einsum("td,edf->tef", x, w_up)
+        y = jnp.einsum("tef,efd->ted", jax.nn.silu(g) * u, w_down)
+        return jnp.einsum("ted,te->td", y, gates)
+
+    return fn, (x, wr, w_gate, w_up, w_down)
+
+
+def _renormalised(m):
+    return m / m.sum(-1, keepdims=True)
+
+
+def make_nm_moe_masked_logits_renormalised() -> ZooCase:
+    """where(mask, logits, 0) / its sum: raw logits may sum to 0 over the chosen experts while not
+    being 0, and then the experts off the choice get 0 / 0 = NaN where the chosen get +-inf."""
+    fn, args = _masked_gates_block(2500, lambda lg, p, m: _renormalised(jnp.where(m, lg, 0.0)))
+    return _case("nm_moe_masked_logits_renormalised", fn, args,
+                 "renormalised masked raw logits: off the choice 0 / sum, not provably 0")
+
+
+def make_nm_moe_masked_softmax_large_negative_fill() -> ZooCase:
+    """softmax(where(mask, logits, -1e9)): the experts off the choice get exp(-1e9 - max), 0 only while
+    the chosen logits stay far above -1e9 (not provable), where a fill of -inf gives exactly 0."""
+    fn, args = _masked_gates_block(2510, lambda lg, p, m: jax.nn.softmax(jnp.where(m, lg, -1e9), axis=-1))
+    return _case("nm_moe_masked_softmax_large_negative_fill", fn, args,
+                 "masked softmax with a finite fill: the experts off the choice are not provably 0")
+
+
+def make_nm_moe_masked_probs_plus_floor() -> ZooCase:
+    """where(mask, p, 0) + 1e-6: every expert off the choice keeps a weight of 1e-6."""
+    fn, args = _masked_gates_block(2520, lambda lg, p, m: jnp.where(m, p, 0.0) + 1e-6)
+    return _case("nm_moe_masked_probs_plus_floor", fn, args,
+                 "a floor added to the masked probabilities: no expert's weight is 0")
+
+
+NEAR_MOE_MISSES += [
+    make_nm_moe_masked_logits_renormalised,
+    make_nm_moe_masked_softmax_large_negative_fill,
+    make_nm_moe_masked_probs_plus_floor,
+]
