@@ -239,7 +239,7 @@ def _scaled_tokens(view: View, atom: Any, toks: list[int], d_dim: int, w_dim: in
     transposed first, as `S.T[:, :, None]`). Each token's row times its weight for each of n slots or
     experts."""
     if view.op(atom) != "mul":
-        return None
+        return _outer_scaled(view, atom, toks, d_dim, w_dim)
     nt = len(toks)
     for a, b in itertools.permutations(view.args(atom)):
         x, x_dims = idioms.unexpand(view, a)
@@ -250,6 +250,24 @@ def _scaled_tokens(view: View, atom: Any, toks: list[int], d_dim: int, w_dim: in
         if len(_shape(w)) != nt + 1:
             continue
         if [w_dims.get(perm.index(j)) for j in range(nt + 1)] == [*toks, w_dim]:
+            return x, w
+    return None
+
+
+def _outer_scaled(view: View, atom: Any, toks: list[int], d_dim: int, w_dim: int) -> tuple[Any, Any] | None:
+    """`_scaled_tokens`'s (x, w) for the same product spelled as an einsum without a contraction
+    (`einsum('te,td->etd', w, x)`: a dot_general batching the token dims), maybe transposed after."""
+    base, perm = through_transpose(view, atom)
+    got = dot(view, base)
+    if got is None or got[2] or got[3]:
+        return None
+    lhs, rhs, _, _, lb, rb = got
+    nt = len(toks)
+    for w, x, wb, xb in ((lhs, rhs, lb, rb), (rhs, lhs, rb, lb)):
+        if len(_shape(w)) != nt + 1 or len(_shape(x)) != nt + 1 or wb != tuple(range(nt)) or xb != wb:
+            continue
+        w_base, d_base = (nt, nt + 1) if w is lhs else (nt + 1, nt)  # batch dims, then lhs's, then rhs's
+        if [perm[t] for t in toks] == list(range(nt)) and (perm[d_dim], perm[w_dim]) == (d_base, w_base):
             return x, w
     return None
 

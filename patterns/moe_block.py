@@ -22,12 +22,14 @@ also weights the outputs is declined.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 from jax import lax
 
+from moefuse import _compat as C
 from moefuse import idioms
 from moefuse.match import NoMatch, Proposal
 from moefuse.patterns.activations import kernel_activation
@@ -64,7 +66,9 @@ SUPPORTED = (
         "biases), `vmap` over experts; combine `[..., E]` by `one_hot(ids) * w` or `where(one_hot, w, 0)` "
         "summed over k, by einsum with the one-hot, by a scatter of w, or by a matrix 0 off the ids: "
         "`where(one_hot(ids).sum(-2) > 0, p, 0)` (renormalised over E for p a softmax / sigmoid), "
-        "`softmax(where(mask, logits, -inf))`",
+        "`softmax(where(mask, logits, -inf))`; the tokens may reach the experts through a dispatch mask "
+        "that is 1 at the combine's experts (`einsum('te,td->etd', one_hot(ids[:, 0], E), x)`, combined "
+        "by `one_hot(ids[:, 0], E) * w`: dispatch=masked)",
         "num_experts, k, activation",
     ),
     (
@@ -209,9 +213,13 @@ class MoePattern:
                 )
             if ffn.labels[o_sum] != "E" or tuple(ffn.labels[d] for d in o_tok) != token_labels(len(o_tok)):
                 return NoMatch(anchor, "the combine does not sum expert outputs over experts per token", OP)
+            dispatch = "dense"
+            if ffn.row_scale is not None and _routing_mask(view, ffn.row_scale.weights, ids, num_e):
+                # x * 1 on each expert's routed tokens, zero rows elsewhere that the combine weighs by 0
+                ffn, dispatch = dataclasses.replace(ffn, row_scale=None), "masked"
             if ffn.row_scale is not None:
                 return NoMatch(anchor, _BOTH, OP)
-            return _proposal(view, anchor, ffn, weights, ids, num_e, "dense", w_atom.aval.dtype)
+            return _proposal(view, anchor, ffn, weights, ids, num_e, dispatch, w_atom.aval.dtype)
         choices = choice_combine(view, w_atom)
         if choices is not None:
             weights, ids, num_e = choices
@@ -492,7 +500,8 @@ def combine_matrix(view: View, atom: Any) -> tuple[Any, Any, int] | None:
     """(weights [..T, k], ids [..T, k], E) if atom [..T, E] is sum_j weights[..t, j] * (ids[..t, j] == e).
 
     Spelled as `sum(one_hot(ids, E) * w[..., None], axis=-2)` or `where(one_hot, w, 0)` summed,
-    `einsum('tk,tke->te', w, one_hot)`, or a scatter of w into zeros at (..t, ids) (`.at[rows, ids].set(w)`).
+    `einsum('tk,tke->te', w, one_hot)`, a scatter of w into zeros at (..t, ids) (`.at[rows, ids].set(w)`),
+    or for k = 1 `one_hot(ids[..., 0], E) * w` (w [..T, 1]).
     """
     atom = view.uncast(atom)
     name = view.op(atom)
@@ -534,6 +543,16 @@ def combine_matrix(view: View, atom: Any) -> tuple[Any, Any, int] | None:
         if w is not view.uncast(w):
             return None
         return (w, oh[0], num_e) if _shape(oh[0]) == _shape(w) else None
+    if name == "mul":  # top-1: one_hot(ids[:, 0], E) * w with w [..T, 1], no sum over the one slot
+        for oh_side, w_side in itertools.permutations(view.args(atom)):
+            oh = idioms.one_hot(view, oh_side)
+            ids = None if oh is None or oh[1] != num_e else view.reshaped_from(oh[0])
+            w, dims = idioms.unexpand(view, w_side)
+            if ids is not None and _shape(ids) == _shape(w) == (*_shape(atom)[:-1], 1) and all(
+                dims.get(i) == i for i in range(nt)
+            ):
+                return view.uncast(w), ids, num_e
+        return None
     got = idioms.put_along_last_axis(view, atom)
     if got is None or not view.is_nonneg_index(got[0]):
         return None
@@ -576,6 +595,19 @@ def masked_combine(view: View, atom: Any) -> tuple[DenseWeights, Any, int] | Non
     if got is None and (sm := idioms.softmax(view, base)) is not None and sm.axis == rank - 1:
         got = idioms.masked_at_choice(view, sm.operand, fill=float("-inf"))
     return None if got is None else (DenseWeights(atom), got[1], num_e)
+
+
+def _routing_mask(view: View, s: Any, ids: Any, num_e: int) -> bool:
+    """Whether s [..T, E] is 1 exactly at each token's experts in ids and 0 elsewhere (`one_hot(ids[:, 0])`
+    for k = 1, `one_hot(ids).sum(-2)` or a scatter of ones for distinct ids): a dispatch mask, so the
+    tokens it scales are each expert's routed tokens as they are (x * 1) and zero rows elsewhere."""
+    if not idioms.distinct_along_last(view, ids) or not isinstance(ids, C.Var):
+        return False
+    base = view.uncast(s)
+    chosen = idioms.chosen_along_last(view, base, num_e)
+    if chosen is None and (oh := idioms.one_hot(view, base)) is not None and oh[1] == num_e:
+        chosen = view.reshaped_from(oh[0])
+    return chosen is not None and view.same(chosen, ids)
 
 
 def _nonneg_scores(view: View, s: Any) -> bool:

@@ -75,6 +75,8 @@ FUSED = {
     # E, and softmax(where(mask, logits, -inf)) over E
     "onehot_mask_where_gates_bsd_geglu": "dense",
     "masked_softmax_over_chosen_dense_silu": "dense",
+    # top-1 dispatch einsum('ce,cd->ecd', one_hot, x) inside a scan, combined by one_hot * w
+    "scan_token_chunks_top1_relu_bias": "masked",
 }
 
 # Fused blocks whose router stays as written, and the reason the Plan shows (None: no route decline).
@@ -104,8 +106,6 @@ NOT_FUSED = {
     # the round trip of the expert output hides the top-1 combine (its gathered einsums are examined)
     "bf16_top1_no_renorm_roundtrip": "no combine of expert outputs by router weights",
     # blind5 (written 2026-12-08)
-    # top-1 dispatch einsum('ce,cd->ecd', one_hot, x) inside a scan: the masked expert inputs are not read
-    "scan_token_chunks_top1_relu_bias": "no combine of expert outputs by router weights",
     # Equinox per-token modules under vmap(experts) of vmap(tokens) on where(routed, x, 0)
     "eqx_stacked_modules_masked_input_geglu": "no combine of expert outputs by router weights",
 }

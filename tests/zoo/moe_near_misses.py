@@ -1024,3 +1024,62 @@ NEAR_MOE_MISSES += [
     make_nm_moe_masked_softmax_large_negative_fill,
     make_nm_moe_masked_probs_plus_floor,
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# every expert on its routed tokens by a one-hot dispatch mask (einsum('te,td->etd', one_hot, x)),
+# combined by one_hot * w: one detail away from a mask that is 1 exactly at the combine's experts
+# ---------------------------------------------------------------------------------------------
+
+
+def _dispatch_mask_block(seed, mask_of):
+    """Top-1; expert e runs on einsum('te,td->etd', mask_of(ids[:, 0], least likely ids, E), x) (ReLU
+    MLP with biases);
+    combined by einsum('etd,te->td', y, one_hot(ids[:, 0]) * w)."""
+    num_tokens, d_model, d_ff, num_experts = 16, 32, 64, 4
+    x = normal(seed, (num_tokens, d_model))
+    wr = _w(seed + 1, (d_model, num_experts), d_model)
+    wi = _w(seed + 2, (num_experts, d_model, d_ff), d_model)
+    bi = normal(seed + 3, (num_experts, d_ff), scale=0.1)
+    wo = _w(seed + 4, (num_experts, d_ff, d_model), d_ff)
+
+    def fn(x, wr, wi, bi, wo):
+        w, ids = lax.top_k(jax.nn.softmax(x @ wr, axis=-1), 1)
+        _, last = lax.top_k(-(x @ wr), 1)  # each token's least likely expert
+        one_hot = jax.nn.one_hot(ids[:, 0], num_experts)
+        expert_in = jnp.einsum("te,td->etd", mask_of(ids[:, 0], last[:, 0], num_experts), x)
+        h = jax.nn.relu(jnp.einsum("etd,edf->etf", expert_in, wi) + bi[:, None, :])
+        y = jnp.einsum("etf,efd->etd", h, wo)
+        return jnp.einsum("etd,te->td", y, one_hot * w)
+
+    return fn, (x, wr, wi, bi, wo)
+
+
+def make_nm_moe_dispatch_mask_doubled() -> ZooCase:
+    """The dispatch mask is 2 * one_hot: each expert runs on 2x, and relu(2x W + b) != relu(x W + b)."""
+    fn, args = _dispatch_mask_block(2600, lambda i, other, e: 2.0 * jax.nn.one_hot(i, e))
+    return _case("nm_moe_dispatch_mask_doubled", fn, args,
+                 "a dispatch mask of 2s: the experts see twice the tokens, not the tokens")
+
+
+def make_nm_moe_dispatch_mask_next_expert() -> ZooCase:
+    """The dispatch mask sends each token to the expert after its chosen one, whose output the combine
+    weighs by 0: only the experts' bias terms, FFN(0), reach the chosen experts' rows."""
+    fn, args = _dispatch_mask_block(2610, lambda i, other, e: jax.nn.one_hot((i + 1) % e, e))
+    return _case("nm_moe_dispatch_mask_next_expert", fn, args,
+                 "tokens dispatched to the next expert, combined from the chosen one")
+
+
+def make_nm_moe_dispatch_mask_of_other_choice() -> ZooCase:
+    """The dispatch mask is the one-hot of another top_k's ids (each token's least likely expert): a
+    valid routing mask, but not of the experts the combine weighs."""
+    fn, args = _dispatch_mask_block(2620, lambda i, other, e: jax.nn.one_hot(other, e))
+    return _case("nm_moe_dispatch_mask_of_other_choice", fn, args,
+                 "tokens dispatched by another choice's one-hot than the one the combine reads")
+
+
+NEAR_MOE_MISSES += [
+    make_nm_moe_dispatch_mask_doubled,
+    make_nm_moe_dispatch_mask_next_expert,
+    make_nm_moe_dispatch_mask_of_other_choice,
+]
