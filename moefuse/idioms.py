@@ -515,8 +515,8 @@ def pair_rows(view: View, atom: Any) -> int | None:
     [T, k] layout flattened in row-major order (`jnp.arange(T * k) // k`, `jnp.repeat(jnp.arange(T), k)`).
     """
     atom = view.canon(atom)
-    if len(_shape(atom)) != 1:
-        return None
+    if len(_shape(atom)) != 1 or not np.issubdtype(atom.aval.dtype, np.integer):
+        return None  # (a float division is not i // k)
     if view.op(atom) == "div":
         iota, k = view.args(atom)
         n = view.scalar(k)

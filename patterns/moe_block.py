@@ -551,7 +551,7 @@ def combine_matrix(view: View, atom: Any) -> tuple[Any, Any, int] | None:
             if ids is not None and _shape(ids) == _shape(w) == (*_shape(atom)[:-1], 1) and all(
                 dims.get(i) == i for i in range(nt)
             ):
-                return view.uncast(w), ids, num_e
+                return w, ids, num_e
         return None
     got = idioms.put_along_last_axis(view, atom)
     if got is None or not view.is_nonneg_index(got[0]):
