@@ -9,8 +9,8 @@ weights were made). Recognised families:
   3. sigmoid (+ selection-only bias) -> top-k -> gather scores -> renorm -> x scale   DeepSeek-V3
   4. 3 with group-limited selection (top-2-sum or max group score)   DeepSeek-V3, Ling-2.6
   5. x per-expert scale gathered by id (Gemma4); router bias on the logits
-  6. top-k on logits -> sigmoid of the chosen logits, laid out as a dense [.., E] matrix by a mask
-     of the ids (`where(mask, sigmoid(logits), 0)`)                                 Llama4
+  6. top-k on logits -> sigmoid (or softmax) of the chosen logits, laid out as a dense [.., E] matrix
+     by a mask of the ids (`where(mask, sigmoid(logits), 0)`, `softmax(where(mask, logits, -inf))`)  Llama4
 
 The logits come from anywhere (a gate matmul, a `shard_map` input, a temperature division, a cast);
 only a product of two activations of the same tokens (attention, token similarity) is not a router.
@@ -70,9 +70,11 @@ SUPPORTED = (
     (OP, "× per-expert scale by id", "`scale[ids]` / `jnp.take`", "expert_scale"),
     (
         OP,
-        "top-k → sigmoid, laid out densely",
+        "top-k → sigmoid or softmax, laid out densely",
         "`_, ids = lax.top_k(logits)`; `where(mask, sigmoid(logits), 0)` with the mask true exactly at the "
-        "ids (a scatter of True, a one-hot sum); a top-k of such a masked matrix taken as given in a body",
+        "ids (a scatter of True, a one-hot sum); the softmax over the chosen logits as "
+        "`softmax(where(mask, logits, -inf))` or `where(mask, softmax(logits), 0)` renormalised over E; "
+        "a top-k of such a masked matrix taken as given in a body",
         "k, num_experts",
     ),
 )
@@ -460,11 +462,12 @@ def _read_weights(view: View, f: _Found, vals: Any, ids: Any) -> None:
     elif gathered:
         f.weights, f.weights_from = view.canon(gathered[0]), "scores"
     elif f.score == "none" and f.bias is None and f.group is None and (
-        dense := _dense_sigmoid_at(view, ids, f.logits)
+        dense := _dense_weights_at(view, ids, f.logits)
     ) is not None:
-        f.order, f.score, f.dense_out = "topk_then_score", "sigmoid", dense
-        f.notes += ("the weights are laid out as a dense [.., E] matrix, 0 off the chosen experts "
-                    "(where(mask of the ids, sigmoid(logits), 0)), as the program does",)
+        f.order, f.score = "topk_then_score", dense[1]
+        f.dense_out = dense[0]
+        f.notes += (f"the weights are laid out as a dense [.., E] matrix, 0 off the chosen experts "
+                    f"({dense[2]}), as the program does",)
     elif _one_hot_gather(view, ids, f.scores):
         raise _Reject(
             "the scores are gathered by a one-hot contraction (sum(one_hot(ids) * s)); "
@@ -536,18 +539,34 @@ _MASK_OPS = _INDEX_LAYOUT_OPS | {"scatter", "eq", "reduce_or", "reduce_max", "re
                                  "min", "max"}
 
 
-def _dense_sigmoid_at(view: View, ids: Any, logits: Any) -> Any | None:
-    """M if M = where(mask, sigmoid(logits), 0) with the mask true exactly at ids (the top-k of logits):
-    the chosen experts' sigmoid scores laid out densely (Llama4)."""
+def _dense_weights_at(view: View, ids: Any, logits: Any) -> tuple[Any, str, str] | None:
+    """(M, score, how) if M is the chosen experts' weights laid out densely, 0 off the ids (the top-k of
+    logits): `where(mask, sigmoid(logits), 0)` (Llama4: score "sigmoid"), or the softmax over the
+    chosen logits (score "softmax") written as `softmax(where(mask, logits, -inf))` over E or as
+    `where(mask, softmax(logits), 0)` renormalised over E; the mask true exactly at the ids."""
     for u in _near_users(view, ids, _MASK_OPS, depth=8):
         if u.primitive.name != "select_n" or len(u.outvars) != 1:
             continue
-        masked = idioms.masked_at_choice(view, u.outvars[0])
-        if masked is None or view.canon(masked[1]) is not view.canon(ids):
-            continue
-        x = idioms.sigmoid(view, masked[0])
-        if x is not None and view.same(x, logits):
-            return view.canon(u.outvars[0])
+        m = view.canon(u.outvars[0])
+        masked = idioms.masked_at_choice(view, m)
+        if masked is not None and view.canon(masked[1]) is view.canon(ids):
+            x = idioms.sigmoid(view, masked[0])
+            if x is not None and view.same(x, logits):
+                return m, "sigmoid", "where(mask of the ids, sigmoid(logits), 0)"
+            sm = idioms.softmax(view, masked[0])
+            last = len(_shape(m)) - 1
+            if sm is not None and sm.axis == last and view.same(sm.operand, logits):
+                for d in view.users(m):  # m / sum(m, -1): the softmax renormalised over the chosen
+                    red = idioms.reduction(view, d.invars[1], "sum") if d.primitive.name == "div" else None
+                    if red is not None and view.canon(d.invars[0]) is m and view.same(red[0], m) \
+                            and tuple(red[1]) == (last,):
+                        return view.canon(d.outvars[0]), "softmax", "where(mask, softmax(logits), 0) / sum"
+        masked = idioms.masked_at_choice(view, m, fill=float("-inf"))
+        if masked is not None and view.canon(masked[1]) is view.canon(ids) and view.same(masked[0], logits):
+            for d in _near_users(view, m, None, depth=6):  # softmax(where(mask, logits, -inf)) over E
+                sm = idioms.softmax(view, d.outvars[0]) if len(d.outvars) == 1 else None
+                if sm is not None and view.canon(sm.operand) is m and sm.axis == len(_shape(m)) - 1:
+                    return view.canon(d.outvars[0]), "softmax", "softmax(where(mask, logits, -inf))"
     return None
 
 

@@ -91,9 +91,6 @@ ROUTER_NOT_FUSED = {
     "keras_argmax_max_top1_dense_bias": None,
     # argsort(logits, descending=True)[:, :2]: a sort orders -0.0 / +0.0 and NaNs unlike top_k
     "remat_argsort_desc_pick_outputs": "ids are the same only for softmax scores",
-    # the weights exist only as the masked [T, E] matrix: the router has no [T, k] weights to output
-    "onehot_mask_where_gates_bsd_geglu": "no routing weights",
-    "masked_softmax_over_chosen_dense_silu": "no routing weights",
 }
 
 # Blocks that do not fuse as `moe`, and a reason the Plan shows for one of its declines (None: nothing

@@ -650,6 +650,36 @@ def make_nm_argsort_descending_logits() -> ZooCase:
     )
 
 
+def _masked_probs_router(seed, gates_of):
+    """Top-2 of the logits; the weights laid out densely by gates_of(logits, mask of the ids)."""
+    num_tokens, d_model, num_experts, top_k = 16, 32, 8, 2
+    x = normal(seed, (num_tokens, d_model))
+    w = normal(seed + 1, (d_model, num_experts), scale=d_model**-0.5)
+
+    def fn(x, w):
+        logits = x @ w
+        _, ids = jax.lax.top_k(logits, top_k)
+        mask = jax.nn.one_hot(ids, num_experts).sum(-2) > 0
+        return gates_of(logits, mask), ids
+
+    return fn, (x, w)
+
+
+def make_nm_dense_masked_softmax_not_renormalised() -> ZooCase:
+    """where(mask, softmax(logits), 0) over the top-2 of the logits, not renormalised: the weights are
+    the full softmax's probabilities at ids chosen on the logits (not a softmax over the chosen two)."""
+    fn, args = _masked_probs_router(253, lambda lg, m: jnp.where(m, jax.nn.softmax(lg, axis=-1), 0.0))
+    return _case("nm_dense_masked_softmax_not_renormalised", fn, args,
+                 "masked full-softmax probabilities without renormalisation: not the softmax over the k")
+
+
+def make_nm_dense_masked_softmax_finite_fill() -> ZooCase:
+    """softmax(where(mask, logits, -1e9)): the experts off the choice get exp(-1e9 - max), not provably 0."""
+    fn, args = _masked_probs_router(255, lambda lg, m: jax.nn.softmax(jnp.where(m, lg, -1e9), axis=-1))
+    return _case("nm_dense_masked_softmax_finite_fill", fn, args,
+                 "a masked softmax with a finite fill: the experts off the choice are not provably 0")
+
+
 NEAR_MISSES = [
     make_nm_lm_topk_sampling,
     make_nm_top_p_sampling,
@@ -680,4 +710,6 @@ NEAR_MISSES = [
     make_nm_argsort_descending_reversed,
     make_nm_argsort_sigmoid,
     make_nm_argsort_descending_logits,
+    make_nm_dense_masked_softmax_not_renormalised,
+    make_nm_dense_masked_softmax_finite_fill,
 ]
