@@ -135,6 +135,17 @@ def reduction(view: View, atom: Any, kind: str) -> tuple[Any, tuple[int, ...]] |
     return operand, axes
 
 
+def renormalised(view: View, atom: Any) -> Any | None:
+    """m if atom = m / sum(m, axis=-1, keepdims=True): each row divided by its own total."""
+    if view.op(atom) != "div":
+        return None
+    num, den = view.args(atom)
+    red = reduction(view, den, "sum")
+    if red is None or not view.same(red[0], num) or tuple(red[1]) != (len(_shape(num)) - 1,):
+        return None
+    return num
+
+
 @dataclasses.dataclass(frozen=True)
 class Softmax:
     operand: Any

@@ -29,7 +29,6 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 from jax import lax
 
-from moefuse import _compat as C
 from moefuse import idioms
 from moefuse.match import NoMatch, Proposal
 from moefuse.patterns.activations import kernel_activation
@@ -586,12 +585,9 @@ def masked_combine(view: View, atom: Any) -> tuple[DenseWeights, Any, int] | Non
         return None
     num_e = _shape(base)[-1]
     got = idioms.masked_at_choice(view, base)
-    if got is None and view.op(base) == "div":
-        num, den = view.args(base)
-        red = idioms.reduction(view, den, "sum")
-        masked = idioms.masked_at_choice(view, num)
-        if masked is not None and red is not None and view.same(red[0], num) and tuple(red[1]) == (rank - 1,):
-            got = masked if _nonneg_scores(view, masked[0]) else None
+    if got is None and (m := idioms.renormalised(view, base)) is not None:
+        masked = idioms.masked_at_choice(view, m)
+        got = masked if masked is not None and _nonneg_scores(view, masked[0]) else None
     if got is None and (sm := idioms.softmax(view, base)) is not None and sm.axis == rank - 1:
         got = idioms.masked_at_choice(view, sm.operand, fill=float("-inf"))
     return None if got is None else (DenseWeights(atom), got[1], num_e)
@@ -601,7 +597,7 @@ def _routing_mask(view: View, s: Any, ids: Any, num_e: int) -> bool:
     """Whether s [..T, E] is 1 exactly at each token's experts in ids and 0 elsewhere (`one_hot(ids[:, 0])`
     for k = 1, `one_hot(ids).sum(-2)` or a scatter of ones for distinct ids): a dispatch mask, so the
     tokens it scales are each expert's routed tokens as they are (x * 1) and zero rows elsewhere."""
-    if not idioms.distinct_along_last(view, ids) or not isinstance(ids, C.Var):
+    if not idioms.distinct_along_last(view, ids):
         return False
     base = view.uncast(s)
     chosen = idioms.chosen_along_last(view, base, num_e)

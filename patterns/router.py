@@ -554,12 +554,9 @@ def _dense_weights_at(view: View, ids: Any, logits: Any) -> tuple[Any, str, str]
             if x is not None and view.same(x, logits):
                 return m, "sigmoid", "where(mask of the ids, sigmoid(logits), 0)"
             sm = idioms.softmax(view, masked[0])
-            last = len(_shape(m)) - 1
-            if sm is not None and sm.axis == last and view.same(sm.operand, logits):
+            if sm is not None and sm.axis == len(_shape(m)) - 1 and view.same(sm.operand, logits):
                 for d in view.users(m):  # m / sum(m, -1): the softmax renormalised over the chosen
-                    red = idioms.reduction(view, d.invars[1], "sum") if d.primitive.name == "div" else None
-                    if red is not None and view.canon(d.invars[0]) is m and view.same(red[0], m) \
-                            and tuple(red[1]) == (last,):
+                    if len(d.outvars) == 1 and idioms.renormalised(view, d.outvars[0]) is m:
                         return view.canon(d.outvars[0]), "softmax", "where(mask, softmax(logits), 0) / sum"
         masked = idioms.masked_at_choice(view, m, fill=float("-inf"))
         if masked is not None and view.canon(masked[1]) is view.canon(ids) and view.same(masked[0], logits):

@@ -415,3 +415,17 @@ def test_masked_at_choice_reads_a_fill_of_exactly_the_value_asked_at_a_top_k_mas
     assert idioms.masked_at_choice(view, neg_inf) is None
     for v in (neg_zero, finite, loose):
         assert idioms.masked_at_choice(view, v) is None
+
+
+def test_renormalised_is_a_row_divided_by_its_own_total_over_the_last_axis():
+    def fn(m, other):
+        return (m / m.sum(-1, keepdims=True), m / m.sum(0, keepdims=True), m / other.sum(-1, keepdims=True),
+                m / (m.sum(-1, keepdims=True) + 1e-9))
+
+    closed = inline_jits(jax.make_jaxpr(fn)(X, X))
+    view = View(closed)
+    m = closed.jaxpr.invars[0]
+    own, over_tokens, other_total, with_eps = closed.jaxpr.outvars
+    assert idioms.renormalised(view, own) is m
+    for v in (over_tokens, other_total, with_eps):
+        assert idioms.renormalised(view, v) is None
